@@ -1,0 +1,43 @@
+"""Crash-safe file writing and hashing, shared by every stage."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+class DiskFullError(OSError):
+    """The disk filled up while writing; whatever was completed before is kept."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, rename. On failure nothing is left behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                err.errno,
+                f"disk full while writing {path}: free space and re-run the same command; "
+                "everything completed before is kept and the stage resumes after it",
+            ) from err
+        raise

