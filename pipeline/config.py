@@ -19,4 +19,6 @@ def to_dataclass(cls: type[T], node: DictConfig | dict) -> T:
     Unknown keys and wrongly typed values raise an error naming the key; the dataclass'
     `__post_init__` then checks the values themselves.
     """
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)  # interpolations may point outside `node`
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), node))

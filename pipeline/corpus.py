@@ -158,7 +158,14 @@ def load_documents(cfg: CorpusConfig):
         if not cfg.path:
             raise CorpusError("corpus.source=files needs corpus.path (a file, glob or directory)")
         fmt, files = _local_files(cfg.path)
-        ds = datasets.load_dataset(fmt, data_files=files, split="train")
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise CorpusError(f"the corpus at {cfg.path!r} is empty: every file has 0 bytes")
+        try:
+            ds = datasets.load_dataset(fmt, data_files=files, split="train")
+        except datasets.exceptions.DatasetGenerationError as err:
+            raise CorpusError(
+                f"could not read the {fmt} corpus files at {cfg.path!r}: {err.__cause__ or err}"
+            ) from err
     elif cfg.source == "hub":
         if not cfg.path:
             raise CorpusError("corpus.source=hub needs corpus.path, a hub dataset id")

@@ -148,6 +148,13 @@ def _check_compatible(directory: Path, planned: Manifest) -> None:
             )
 
 
+def _claim(dirs: dict[str, Path], planned: dict[str, Manifest]) -> None:
+    """Record what this directory is being filled with, before its first shard lands."""
+    for name, directory in dirs.items():
+        if not (directory / STATE_FILE).exists():
+            write_manifest(directory, planned[name], STATE_FILE)
+
+
 def _remove_stale_temporaries(directory: Path, cfg: HarvestConfig) -> None:
     """Delete temporary shard files a killed run of this worker left behind."""
     for tmp in directory.glob(".shard-*.tmp"):
@@ -229,8 +236,6 @@ def harvest_activations(
         _check_compatible(directory, planned[name])
         directory.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(directory, cfg)
-        if not (directory / STATE_FILE).exists():
-            write_manifest(directory, planned[name], STATE_FILE)
 
     windows = pack_windows(
         iter_texts(load_documents(corpus_cfg), corpus_cfg.text_field),
@@ -262,6 +267,7 @@ def harvest_activations(
                 bar.update(tokens.numel())
                 continue
             acts = forward_shard(loaded, hooks, tokens, cfg.batch_size, dtype, bar.update)
+            _claim(dirs, planned)
             for name, directory in dirs.items():
                 writer.submit((name, index), directory / shard_name(index), tokens, acts[name])
     finally:

@@ -326,7 +326,7 @@ class ShardSet:
                 )
 
     def _as_torch(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.from_numpy(np.require(array, requirements=["C", "W"]))
         return tensor.view(torch.bfloat16) if self._torch_dtype == torch.bfloat16 else tensor
 
     def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

