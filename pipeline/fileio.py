@@ -21,15 +21,22 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, rename. On failure nothing is left behind."""
+def atomic_write(path: Path, *chunks: bytes | memoryview) -> str:
+    """Write the chunks to a temporary file beside `path`, fsync, rename; return their sha256.
+
+    Chunks are written (and hashed) straight from memory, so large tensors are never copied into
+    one bytes object. On any failure nothing is left behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    digest = hashlib.sha256()
     try:
         os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            digest.update(view)
+            while view:
+                view = view[os.write(fd, view) :]
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -45,3 +52,4 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
                 "everything completed before is kept and the stage resumes after it",
             ) from err
         raise
+    return digest.hexdigest()

@@ -86,7 +86,7 @@ class HarvestConfig:
     sequences_per_shard: int = 256
     """Windows per shard file; a shard is the unit of crash-safe progress."""
     dtype: str = "auto"
-    """Storage dtype: float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU)."""
+    """Storage dtype: float32 | bfloat16 | float16 | auto (bf16 on GPU, the model's dtype on CPU)."""
     num_workers: int = 1
     """Processes sharing this harvest (shard s belongs to worker s % num_workers)."""
     worker: int = 0
@@ -108,6 +108,13 @@ class HarvestConfig:
             raise HarvestError(
                 f"harvest.tokens={self.tokens} is less than one window of context_length={self.context_length}"
             )
+
+
+def storage_dtype(name: str, loaded: LoadedModel) -> torch.dtype:
+    """`auto` stores bf16 on GPU and, on CPU, the model's own dtype (lossless: bf16 compute stays bf16)."""
+    if name == "auto" and loaded.device.type != "cuda":
+        return loaded.dtype
+    return resolve_dtype(name, loaded.device)
 
 
 def _identity(
@@ -229,7 +236,7 @@ def harvest_activations(
             f"harvest.context_length={cfg.context_length} exceeds the model's limit of {loaded.max_context} "
             "positions; choose harvest.context_length <= that"
         )
-    dtype = resolve_dtype(cfg.dtype, loaded.device)
+    dtype = storage_dtype(cfg.dtype, loaded)
     dirs = {h.name: Path(run_dir) / "activations" / h.name for h in hooks}
     planned = {h.name: _identity(loaded, corpus_cfg, cfg, h.name, dtype) for h in hooks}
     for name, directory in dirs.items():

@@ -14,7 +14,6 @@ at most a stray temporary file, never a truncated shard under a final name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -26,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
 
-from pipeline.fileio import atomic_write_bytes, file_sha256
+from pipeline.fileio import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32"}
 _ST_DTYPES = {
     "F32": (np.float32, torch.float32),
     "BF16": (np.uint16, torch.bfloat16),
@@ -109,7 +108,7 @@ class Manifest:
 
 
 def write_manifest(directory: Path, manifest: Manifest, name: str = MANIFEST) -> None:
-    atomic_write_bytes(directory / name, manifest.to_json().encode())
+    atomic_write(directory / name, manifest.to_json().encode())
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -142,12 +141,23 @@ def merge_worker_manifests(directory: Path) -> Manifest | None:
     return Manifest(**{**first.identity(), "shards": shards})
 
 
-def encode_shard(tokens: torch.Tensor, activations: torch.Tensor) -> bytes:
-    """Serialize one shard; deterministic bytes for equal inputs (no timestamps)."""
-    return safetensors_bytes(
-        {"tokens": tokens.contiguous(), "activations": activations.contiguous()},
-        metadata={"format_version": str(FORMAT_VERSION)},
-    )
+def write_shard(path: Path, tokens: torch.Tensor, activations: torch.Tensor) -> ShardRecord:
+    """Write one shard as a safetensors file straight from the tensors' memory; deterministic bytes."""
+    tensors = {"activations": activations.contiguous(), "tokens": tokens.contiguous()}
+    header, offset = {"__metadata__": {"format_version": str(FORMAT_VERSION)}}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _ST_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data buffer to 8 bytes
+    buffers = [t.view(torch.uint8).numpy() if t.numel() else b"" for t in tensors.values()]
+    sha = atomic_write(path, struct.pack("<Q", len(text)), text, *buffers)
+    return ShardRecord(path.name, tokens.shape[0], sha)
 
 
 class ShardWriter:
@@ -169,11 +179,7 @@ class ShardWriter:
             key, path, tokens, activations = job
             if self._error is None:
                 try:
-                    payload = encode_shard(tokens, activations)
-                    atomic_write_bytes(path, payload)
-                    self.records[key] = ShardRecord(
-                        path.name, tokens.shape[0], hashlib.sha256(payload).hexdigest()
-                    )
+                    self.records[key] = write_shard(path, tokens, activations)
                 except BaseException as err:  # handed to the main thread
                     self._error = err
             self._queue.task_done()

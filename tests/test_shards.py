@@ -1,10 +1,11 @@
 import errno
+import hashlib
 
 import pytest
 import torch
 
 from pipeline import fileio
-from pipeline.fileio import DiskFullError, atomic_write_bytes
+from pipeline.fileio import DiskFullError, atomic_write
 from pipeline.shards import (
     Manifest,
     ShardError,
@@ -14,6 +15,7 @@ from pipeline.shards import (
     shard_name,
     worker_manifest_name,
     write_manifest,
+    write_shard,
 )
 
 CTX, D = 8, 4
@@ -54,6 +56,19 @@ def _write_set(directory, n_seq=(3, 3, 2), dtype=torch.float32):
     records = [writer.records[("h", i)] for i in range(len(n_seq))]
     write_manifest(directory, _manifest(dtype=str(dtype).removeprefix("torch."), shards=records))
     return ShardSet(directory)
+
+
+def test_shards_are_standard_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    acts = torch.randn(2, CTX, D).to(torch.bfloat16)
+    tokens = torch.arange(2 * CTX, dtype=torch.int32).reshape(2, CTX)
+    record = write_shard(tmp_path / "s.safetensors", tokens, acts)
+    loaded = load_file(tmp_path / "s.safetensors")
+    assert torch.equal(loaded["activations"], acts) and torch.equal(loaded["tokens"], tokens)
+    assert record.sha256 == hashlib.sha256((tmp_path / "s.safetensors").read_bytes()).hexdigest()
+    write_shard(tmp_path / "t.safetensors", tokens, acts.clone())
+    assert (tmp_path / "s.safetensors").read_bytes() == (tmp_path / "t.safetensors").read_bytes()
 
 
 def test_roundtrip_and_random_access(tmp_path):
@@ -148,5 +163,5 @@ def test_disk_full_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fileio.os, "write", full_disk)
     with pytest.raises(DiskFullError, match="disk full while writing .*x.bin"):
-        atomic_write_bytes(tmp_path / "x.bin", b"0" * 100_000)
+        atomic_write(tmp_path / "x.bin", b"0" * 100_000)
     assert list(tmp_path.iterdir()) == []
