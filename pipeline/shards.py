@@ -350,6 +350,17 @@ class ShardSet:
             mask = shard_of == shard
             yield shard, mask, (token_indices[mask] - self._starts[shard]).numpy()
 
+    def count_token(self, token: int, start: int = 0, stop: int | None = None) -> int:
+        """How many positions in the global token range [start, stop) hold `token`."""
+        stop = self.n_tokens if stop is None else stop
+        count = 0
+        for shard, tokens in enumerate(self._tokens):
+            lo = int(self._starts[shard])
+            a, b = max(start, lo) - lo, min(stop, lo + tokens.size) - lo
+            if a < b:
+                count += int(np.count_nonzero(tokens.reshape(-1)[a:b] == token))
+        return count
+
     def tokens_at(self, token_indices: torch.Tensor) -> torch.Tensor:
         """Token ids (int64) at global token indices."""
         out = torch.empty(len(token_indices), dtype=torch.int64)
@@ -366,21 +377,27 @@ class ShardSet:
         return out
 
     def token_order(
-        self, seed: int, block_tokens: int = 4096, mix_blocks: int = 256
+        self,
+        seed: int,
+        block_tokens: int = 4096,
+        mix_blocks: int = 256,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Chunks of a pseudo-random permutation of all token indices, with bounded memory.
+        """Chunks of a pseudo-random permutation of the token indices in [start, stop), bounded memory.
 
-        The index space is cut into blocks of `block_tokens`; block order is permuted, then
+        The index range is cut into blocks of `block_tokens`; block order is permuted, then
         `mix_blocks` blocks at a time are merged and permuted token by token. Each chunk is a random
-        sample spread over the whole set, and reads stay local enough for the page cache.
+        sample spread over the whole range, and reads stay local enough for the page cache.
         """
         gen = torch.Generator().manual_seed(seed)
-        n = self.n_tokens
-        blocks = torch.randperm((n + block_tokens - 1) // block_tokens, generator=gen)
+        stop = self.n_tokens if stop is None else stop
+        blocks = torch.randperm((stop - start + block_tokens - 1) // block_tokens, generator=gen)
         for i in range(0, len(blocks), mix_blocks):
-            starts = blocks[i : i + mix_blocks] * block_tokens
-            idx = (starts[:, None] + torch.arange(block_tokens)).flatten()
-            idx = idx[idx < n]
+            idx = (
+                start + blocks[i : i + mix_blocks, None] * block_tokens + torch.arange(block_tokens)
+            ).flatten()
+            idx = idx[idx < stop]
             yield idx[torch.randperm(len(idx), generator=gen)]
 
     def iter_batches(
@@ -391,16 +408,19 @@ class ShardSet:
         start_batch: int = 0,
         block_tokens: int = 4096,
         mix_blocks: int = 256,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """One shuffled epoch of activation batches [batch_size, d_model] in the stored dtype.
 
         Deterministic for `seed`; `start_batch` skips ahead (for resuming). The last incomplete batch
-        is dropped. With `exclude_bos`, positions holding the BOS token are left out.
+        is dropped. With `exclude_bos`, positions holding the BOS token are left out. Only token
+        indices in [start, stop) are used (e.g. a training split).
         """
         bos = self.manifest.bos_token_id
         carry = torch.empty(0, dtype=torch.long)
         produced = 0
-        for chunk in self.token_order(seed, block_tokens, mix_blocks):
+        for chunk in self.token_order(seed, block_tokens, mix_blocks, start, stop):
             if exclude_bos and bos is not None:
                 chunk = chunk[self.tokens_at(chunk) != bos]
             chunk = torch.cat([carry, chunk])

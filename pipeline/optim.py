@@ -1,0 +1,79 @@
+"""Optimizers and learning-rate schedules for SAE training.
+
+Signum here is sign-SGD made schedule-free (Defazio et al. 2024), as sparsify trains with it:
+gradients are taken at y = (1 - beta) z + beta x, the iterate z moves by lr * sign(grad), and x is
+the running average of z, weighted by lr^2 so warm-up steps count less. The parameters hold y
+while training; `eval_params` swaps in the average x, which is what gets saved.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Signum(torch.optim.Optimizer):
+    """Schedule-free sign-SGD; call `eval_params()` before saving (and `train_params()` to go on)."""
+
+    def __init__(self, params, lr: float = 1e-3, beta: float = 0.9):
+        super().__init__(params, {"lr": lr, "beta": beta, "lr_sq_sum": 0.0})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, beta = group["lr"], group["beta"]
+            group["lr_sq_sum"] += lr * lr
+            weight = lr * lr / group["lr_sq_sum"] if group["lr_sq_sum"] > 0 else 1.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["z"] = p.detach().clone()
+                    state["x"] = p.detach().clone()
+                z, x = state["z"], state["x"]
+                z.add_(p.grad.sign(), alpha=-lr)
+                x.lerp_(z, weight)
+                p.copy_(torch.lerp(z, x, beta))
+        return None
+
+    @torch.no_grad()
+    def eval_params(self) -> None:
+        """Put the averaged weights x into the parameters."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "x" in self.state[p]:
+                    p.copy_(self.state[p]["x"])
+
+    @torch.no_grad()
+    def train_params(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if state:
+                    p.copy_(torch.lerp(state["z"], state["x"], group["beta"]))
+
+    @torch.no_grad()
+    def map_states(self, fn) -> None:
+        """Apply an in-place constraint (e.g. decoder unit norm) to the z and x copies too."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                for key in ("z", "x"):
+                    if key in self.state[p]:
+                        fn(p, self.state[p][key])
+
+
+def lr_multiplier(step: int, total: int, warmup: int, decay: str, decay_start: float) -> float:
+    """Linear warm-up over `warmup` steps, then constant until `decay_start * total`, then decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    begin = int(decay_start * total)
+    if decay == "constant" or step < begin or total <= begin:
+        return 1.0
+    progress = (step - begin) / (total - begin)
+    if decay == "linear":
+        return 1.0 - progress
+    if decay == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr decay {decay!r}; expected linear, cosine or constant")

@@ -1,0 +1,16 @@
+"""Sparse autoencoders: `from pipeline.sae import Sae; sae = Sae.load(directory)`.
+
+Architectures register themselves by name (`architecture` in cfg.json): relu, topk, batchtopk,
+jumprelu. `build_sae(cfg, d_in)` makes a fresh one.
+"""
+
+from pipeline.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (registers the architectures)
+from pipeline.sae.base import ForwardOutput, Sae, SaeConfig, TrainOutput, architectures
+
+
+def build_sae(cfg: SaeConfig, d_in: int, meta: dict | None = None) -> Sae:
+    """A freshly initialized SAE of `cfg.architecture` for inputs of width d_in."""
+    return architectures()[cfg.architecture](cfg, d_in, meta)
+
+
+__all__ = ["ForwardOutput", "Sae", "SaeConfig", "TrainOutput", "build_sae"]

@@ -1,0 +1,267 @@
+"""The SAE base class: parameters, encode / decode, initialization, decoder norms, save / load.
+
+    pre   = (x - b_dec) @ W_enc + b_enc          W_enc [d_in, d_sae], b_enc [d_sae]
+    z     = activation(pre)                      per architecture (ReLU, TopK, BatchTopK, JumpReLU)
+    x_hat = z @ W_dec + b_dec                    W_dec [d_sae, d_in], rows of unit norm, b_dec [d_in]
+
+A saved SAE acts on raw model activations: a training-time input scale is folded into the weights
+by `fold_input_scale`. One directory per dictionary: `sae.safetensors` + `cfg.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from pipeline.fileio import atomic_write
+
+FORMAT_VERSION = 1
+_REGISTRY: dict[str, type[Sae]] = {}
+
+
+@dataclass
+class SaeConfig:
+    """Architecture and size of one dictionary, with its architecture-specific loss settings."""
+
+    architecture: str = "topk"
+    """relu | topk | batchtopk | jumprelu."""
+    expansion: int = 16
+    """d_sae = expansion * d_in, unless d_sae is given."""
+    d_sae: int | None = None
+    k: int = 32
+    """Active latents per token (topk, batchtopk: mean over the batch)."""
+    k_aux: int | None = None
+    """AuxK: dead latents used to model the residual (default d_in // 2, Gao et al. 2024)."""
+    aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss."""
+    l1_coefficient: float = 5.0
+    """relu: weight of sum_i |z_i| * ||W_dec,i|| (with inputs normalized to E||x||^2 = d_in)."""
+    l0_coefficient: float = 1.0
+    """jumprelu: weight of the L0 penalty (straight-through estimator)."""
+    jumprelu_bandwidth: float = 0.05
+    """jumprelu: width of the rectangle kernel of the straight-through estimators."""
+    jumprelu_init_threshold: float = 0.05
+    name: str | None = None
+    """Directory name under sae/<hook>/; default like `topk-k32-x16`."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("relu", "topk", "batchtopk", "jumprelu"):
+            raise ValueError(
+                f"unknown SAE architecture {self.architecture!r}; expected relu, topk, batchtopk or jumprelu"
+            )
+        if self.expansion < 1 and self.d_sae is None:
+            raise ValueError(f"sae.expansion must be >= 1, got {self.expansion}")
+        if self.k < 1:
+            raise ValueError(f"sae.k must be >= 1, got {self.k}")
+
+    def width(self, d_in: int) -> int:
+        return self.d_sae or self.expansion * d_in
+
+    def default_name(self) -> str:
+        if self.name:
+            return self.name
+        size = f"x{self.expansion}" if self.d_sae is None else f"d{self.d_sae}"
+        sparsity = f"-k{self.k}" if self.architecture in ("topk", "batchtopk") else ""
+        return f"{self.architecture}{sparsity}-{size}"
+
+
+class ForwardOutput(NamedTuple):
+    x_hat: torch.Tensor
+    """Reconstruction [batch, d_in]."""
+    codes: torch.Tensor
+    """Latent activations [batch, d_sae] (dense)."""
+
+
+class TrainOutput(NamedTuple):
+    x_hat: torch.Tensor
+    """Reconstruction [batch, d_in] of the (normalized) input."""
+    loss: torch.Tensor
+    """The scalar to minimize."""
+    terms: dict[str, torch.Tensor]
+    """Named loss terms, for logging (detached)."""
+    fired: torch.Tensor
+    """Indices of latents active anywhere in the batch (for dead-latent tracking)."""
+    l0: torch.Tensor
+    """Mean active latents per token."""
+
+
+class Sae(nn.Module):
+    """Base class; subclasses set `architecture` and define `activation` and `training_forward`."""
+
+    architecture: ClassVar[str]
+    has_threshold: ClassVar[bool] = False
+
+    def __init_subclass__(cls, architecture: str, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.architecture = architecture
+        _REGISTRY[architecture] = cls
+
+    def __init__(self, cfg: SaeConfig, d_in: int, meta: dict | None = None):
+        super().__init__()
+        if cfg.architecture != self.architecture:
+            raise ValueError(f"{type(self).__name__} built with a {cfg.architecture!r} config")
+        d_sae = cfg.width(d_in)
+        if cfg.architecture in ("topk", "batchtopk") and cfg.k >= d_sae:
+            raise ValueError(f"sae.k={cfg.k} must be smaller than d_sae={d_sae}")
+        self.cfg, self.d_in, self.d_sae = cfg, d_in, d_sae
+        self.meta = dict(meta or {})
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if self.has_threshold:
+            self.register_buffer("threshold", torch.zeros(d_sae))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------ math
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent activations [..., d_sae] of raw activations x [..., d_in]."""
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Reconstruction [..., d_in] from latents [..., d_sae]."""
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        z = self.encode(x)
+        return ForwardOutput(self.decode(z), z)
+
+    def training_forward(
+        self, x: torch.Tensor, dead_mask: torch.Tensor, sparsity_scale: float
+    ) -> TrainOutput:
+        """Loss on a (normalized) batch; `sparsity_scale` in [0, 1] warms the sparsity penalty up."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ init and constraints
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Decoder rows random with unit norm; encoder = decoder transposed; biases zero."""
+        w = torch.randn(self.d_sae, self.d_in, generator=generator)
+        self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def init_from_data(self, sample: torch.Tensor) -> None:
+        """b_dec at the geometric median of a sample [n, d_in] (Weiszfeld iterations from the mean)."""
+        self.b_dec.copy_(geometric_median(sample.float()))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component along each (unit) decoder row before a step."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+            self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on `scale * x` act on raw x (codes shrink by `scale`, W_dec unchanged)."""
+        self.b_enc.div_(scale)
+        self.b_dec.div_(scale)
+        if self.has_threshold:
+            self.threshold.div_(scale)
+
+    # ------------------------------------------------------------ files
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the on-disk contract: W_enc, b_enc, W_dec, b_dec (+ threshold)."""
+        names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if self.has_threshold else [])
+        return {name: getattr(self, name) for name in names}
+
+    @torch.no_grad()
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        expected = set(self.file_tensors())
+        if set(tensors) != expected:
+            raise ValueError(f"SAE file holds tensors {sorted(tensors)}, expected {sorted(expected)}")
+        for name, tensor in tensors.items():
+            target = getattr(self, name)
+            if target.shape != tensor.shape:
+                raise ValueError(
+                    f"SAE tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+
+    def config_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            **asdict(self.cfg),
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "decoder_unit_norm": self.cfg.architecture != "relu",
+            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
+            **self.meta,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `sae.safetensors` and `cfg.json` into `directory` (each atomically)."""
+        directory = Path(directory)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.file_tensors().items()}
+        atomic_write(directory / "sae.safetensors", safetensors_bytes(tensors))
+        atomic_write(directory / "cfg.json", json.dumps(self.config_dict(), indent=2).encode())
+        return directory
+
+    @classmethod
+    def from_config_dict(cls, config: dict) -> Sae:
+        config = dict(config)
+        arch = config.get("architecture")
+        if arch not in _REGISTRY:
+            raise ValueError(f"cfg.json names unknown architecture {arch!r}; known: {sorted(_REGISTRY)}")
+        fields = SaeConfig.__dataclass_fields__
+        sae_cfg = SaeConfig(**{k: v for k, v in config.items() if k in fields})
+        sae_cfg.d_sae = config["d_sae"]
+        meta = {k: v for k, v in config.items() if k not in fields and k not in _DERIVED_KEYS}
+        return _REGISTRY[arch](sae_cfg, config["d_in"], meta)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> Sae:
+        """Load a dictionary saved by this project, SAELens or sparsify (recognised by its files)."""
+        from pipeline.sae.formats import load_any
+
+        return load_any(Path(directory), device)
+
+    @classmethod
+    def _load_native(cls, directory: Path, device) -> Sae:
+        config = json.loads((directory / "cfg.json").read_text())
+        sae = cls.from_config_dict(config)
+        sae.load_file_tensors(load_file(directory / "sae.safetensors"))
+        return sae.to(device)
+
+
+_DERIVED_KEYS = {"format_version", "d_in", "d_sae", "decoder_unit_norm", "dtype"}
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 30, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimizing the sum of Euclidean distances to `points` [n, d]."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1 / (points - median).norm(dim=1).clamp_min(eps)
+        updated = (weights[:, None] * points).sum(0) / weights.sum()
+        if (updated - median).norm() < eps * median.norm().clamp_min(1):
+            return updated
+        median = updated
+    return median
+
+
+def architectures() -> dict[str, type[Sae]]:
+    """Architecture name -> class, for every registered architecture."""
+    return dict(_REGISTRY)

@@ -1,0 +1,59 @@
+"""BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
+
+Training keeps the batch_size * k largest ReLU(pre) over the whole batch, so tokens get a variable
+number of latents (k on average). The loss is TopK's (FVU + AuxK). For inference a single
+threshold replaces the batch selection: the running mean of the smallest selected activation,
+estimated during training and saved as `threshold` (z = pre where pre > threshold, as JumpReLU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.sae.base import Sae, TrainOutput
+from pipeline.sae.topk import auxk_loss
+
+THRESHOLD_MOMENTUM = 0.99
+
+
+class BatchTopKSae(Sae, architecture="batchtopk"):
+    has_threshold = True
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold)
+
+    def training_forward(
+        self, x: torch.Tensor, dead_mask: torch.Tensor, variance: torch.Tensor, sparsity_scale: float = 1.0
+    ) -> TrainOutput:
+        pre = self.pre_acts(x).relu()  # [batch, d_sae]
+        values, flat = pre.flatten().topk(self.cfg.k * len(x), sorted=False)
+        z = torch.zeros_like(pre).flatten().scatter_(0, flat, values).view_as(pre)
+        x_hat = z @ self.W_dec + self.b_dec
+        self._update_threshold(values)
+        fvu = (x_hat - x).pow(2).sum(-1).mean() / variance
+        loss, terms = fvu, {"fvu": fvu.detach()}
+        n_dead = dead_mask.sum()
+        k_aux = self.cfg.k_aux or self.d_in // 2
+        if bool(n_dead > 0) and self.cfg.aux_coefficient > 0:
+            aux_values, aux_idx = pre.masked_fill(~dead_mask, 0).topk(min(k_aux, int(n_dead)), dim=1)
+            e_hat = torch.zeros_like(pre).scatter_(1, aux_idx, aux_values) @ self.W_dec
+            aux = auxk_loss(x, x_hat, e_hat, n_dead, k_aux, variance)
+            loss = loss + self.cfg.aux_coefficient * aux
+            terms["auxk"] = aux.detach()
+        active = z > 0
+        return TrainOutput(
+            x_hat, loss, terms, active.any(0).nonzero().flatten(), active.sum(1).float().mean()
+        )
+
+    @torch.no_grad()
+    def _update_threshold(self, selected: torch.Tensor) -> None:
+        positive = selected[selected > 0]
+        if len(positive):
+            smallest = positive.min().to(self.threshold.dtype)
+            initialized = self.threshold[0] > 0
+            new = torch.where(
+                initialized,
+                THRESHOLD_MOMENTUM * self.threshold + (1 - THRESHOLD_MOMENTUM) * smallest,
+                smallest,
+            )
+            self.threshold.copy_(new.expand_as(self.threshold))

@@ -1,0 +1,51 @@
+"""ReLU SAE with the L1 penalty weighted by decoder norms (Anthropic, "Circuits Updates", April 2024).
+
+    z = ReLU(pre)
+    loss = sum_d (x - x_hat)^2 + l1_coefficient * sum_i z_i * ||W_dec,i||     (mean over tokens)
+Decoder rows are not constrained to unit norm (the penalty keeps the norms in check); they start
+at norm 0.1, the encoder at the decoder's transpose. The L1 weight warms up over training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.sae.base import Sae, TrainOutput
+
+INIT_DECODER_NORM = 0.1
+
+
+class ReluSae(Sae, architecture="relu"):
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre.relu()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        super().reset_parameters(generator)
+        self.W_dec.mul_(INIT_DECODER_NORM)
+        self.W_enc.mul_(INIT_DECODER_NORM)
+
+    def normalize_decoder(self) -> None:
+        """No unit-norm constraint: the norm-weighted L1 penalty keeps decoder norms meaningful."""
+
+    def remove_parallel_decoder_grad(self) -> None:
+        """Decoder norms are free parameters here."""
+
+    def training_forward(
+        self, x: torch.Tensor, dead_mask: torch.Tensor, variance: torch.Tensor, sparsity_scale: float = 1.0
+    ) -> TrainOutput:
+        z = self.encode(x)
+        x_hat = self.decode(z)
+        sq_err = (x_hat - x).pow(2)
+        reconstruction = sq_err.sum(1).mean()
+        sparsity = (z * self.W_dec.norm(dim=1)).sum(1).mean()
+        loss = reconstruction + sparsity_scale * self.cfg.l1_coefficient * sparsity
+        terms = {
+            "mse_sum": reconstruction.detach(),
+            "l1": sparsity.detach(),
+            "fvu": (sq_err.sum(-1).mean() / variance).detach(),
+        }
+        active = z > 0
+        return TrainOutput(
+            x_hat, loss, terms, active.any(0).nonzero().flatten(), active.sum(1).float().mean()
+        )

@@ -1,0 +1,60 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+    z = TopK_k(ReLU(pre))            keep the k largest activations per token
+    loss = FVU(x, x_hat) + aux_coefficient * AuxK
+    AuxK = min(n_dead / k_aux, 1) * ||e - e_hat||^2 / sum ||x - mean x||^2,   e = x - x_hat,
+           e_hat = decoder of the k_aux largest pre-activations among dead latents (no bias)
+Training runs on the sparse kernels of `sparse.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.sae.base import Sae, TrainOutput
+from pipeline.sae.sparse import sparse_decode, topk_encode
+
+
+def topk_activation(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense codes keeping the k largest of ReLU(pre) per row."""
+    values, indices = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, indices, values.clamp_min(0))
+
+
+def auxk_loss(
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    e_hat: torch.Tensor,
+    n_dead: torch.Tensor,
+    k_aux: int,
+    variance: torch.Tensor,
+) -> torch.Tensor:
+    """Gao et al.'s auxiliary loss: dead latents learn to model the main reconstruction's residual."""
+    residual = (x - x_hat).detach()
+    scale = (n_dead.float() / k_aux).clamp(max=1.0)
+    return scale * (e_hat - residual).pow(2).sum(-1).mean() / variance
+
+
+class TopKSae(Sae, architecture="topk"):
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return topk_activation(pre, self.cfg.k)
+
+    def training_forward(
+        self, x: torch.Tensor, dead_mask: torch.Tensor, variance: torch.Tensor, sparsity_scale: float = 1.0
+    ) -> TrainOutput:
+        k_aux = self.cfg.k_aux or self.d_in // 2
+        n_dead = dead_mask.sum()
+        use_aux = bool(n_dead > 0) and self.cfg.aux_coefficient > 0  # one host sync, only to skip work
+        values, indices, aux_values, aux_indices = topk_encode(
+            x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, dead_mask if use_aux else None, k_aux
+        )
+        x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
+        fvu = (x_hat - x).pow(2).sum(-1).mean() / variance
+        loss, terms = fvu, {"fvu": fvu.detach()}
+        if use_aux:
+            e_hat = sparse_decode(aux_values, aux_indices, self.W_dec)
+            aux = auxk_loss(x, x_hat, e_hat, n_dead, k_aux, variance)
+            loss = loss + self.cfg.aux_coefficient * aux
+            terms["auxk"] = aux.detach()
+        active = values > 0
+        return TrainOutput(x_hat, loss, terms, indices[active], active.sum(1).float().mean())
