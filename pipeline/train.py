@@ -371,6 +371,11 @@ def train_saes(
     d_in = shards.d_model
     sae_cfgs = _variant_configs(sae_cfg, list(cfg.variants))
     for c in sae_cfgs:
+        if c.d_in is not None and c.d_in != d_in:
+            raise TrainError(
+                f"the SAE config expects inputs of width {c.d_in}, but the shards in {shards.directory} hold "
+                f"d_model {d_in}; fix sae.d_in (or drop it) or train on other activations"
+            )
         if c.architecture in ("topk", "batchtopk") and c.k >= c.width(d_in):
             raise TrainError(
                 f"sae.k={c.k} must be smaller than d_sae={c.width(d_in)} (expansion {c.expansion} x d_in {d_in})"

@@ -106,3 +106,45 @@ def text_corpus() -> CorpusConfig:
 def write_jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
+
+
+def make_shard_set(
+    directory: Path, n_seq: int = 48, ctx: int = 32, d: int = 16, per_shard: int = 16, seed: int = 0
+):
+    """Synthetic activations (sparse combinations of 48 directions) written as a harvested shard set."""
+    from pipeline.shards import Manifest, ShardWriter, shard_name, write_manifest
+
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.randn(48, d, generator=gen)
+    codes = (
+        (torch.rand(n_seq * ctx, 48, generator=gen) < 0.06) * torch.rand(n_seq * ctx, 48, generator=gen) * 4
+    )
+    acts = (codes @ basis + 0.01 * torch.randn(n_seq * ctx, d, generator=gen)).reshape(n_seq, ctx, d)
+    tokens = torch.randint(2, 300, (n_seq, ctx), generator=gen, dtype=torch.int32)
+    tokens[:, 0] = 0
+    acts[:, 0] = 50.0  # BOS positions are huge outliers, as in real models
+    writer = ShardWriter()
+    for index, start in enumerate(range(0, n_seq, per_shard)):
+        writer.submit(
+            index,
+            directory / shard_name(index),
+            tokens[start : start + per_shard],
+            acts[start : start + per_shard],
+        )
+    writer.close()
+    manifest = Manifest(
+        model_id="synthetic",
+        weights_hash="0" * 64,
+        hook=directory.name,
+        d_model=d,
+        dtype="float32",
+        context_length=ctx,
+        tokenizer_id="t",
+        bos_policy="window",
+        bos_token_id=0,
+        corpus_id="c",
+        sequences_per_shard=per_shard,
+        shards=[writer.records[i] for i in range(len(writer.records))],
+    )
+    write_manifest(directory, manifest)
+    return manifest

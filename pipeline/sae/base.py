@@ -32,6 +32,8 @@ class SaeConfig:
 
     architecture: str = "topk"
     """relu | topk | batchtopk | jumprelu."""
+    d_in: int | None = None
+    """Expected input width, checked against the activations; null takes it from them."""
     expansion: int = 16
     """d_sae = expansion * d_in, unless d_sae is given."""
     d_sae: int | None = None
@@ -107,6 +109,8 @@ class Sae(nn.Module):
         super().__init__()
         if cfg.architecture != self.architecture:
             raise ValueError(f"{type(self).__name__} built with a {cfg.architecture!r} config")
+        if cfg.d_in is not None and cfg.d_in != d_in:
+            raise ValueError(f"this SAE config expects inputs of width {cfg.d_in}, got d_in={d_in}")
         d_sae = cfg.width(d_in)
         if cfg.architecture in ("topk", "batchtopk") and cfg.k >= d_sae:
             raise ValueError(f"sae.k={cfg.k} must be smaller than d_sae={d_sae}")

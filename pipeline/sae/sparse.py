@@ -11,6 +11,8 @@ Both are checked against dense reference implementations in tests/test_sae.py.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -20,9 +22,11 @@ def _transposed_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor
     order = torch.argsort(cols, stable=True)
     crow = torch.zeros(shape[1] + 1, dtype=torch.long, device=cols.device)
     crow[1:] = torch.bincount(cols, minlength=shape[1]).cumsum(0)
-    return torch.sparse_csr_tensor(
-        crow, rows[order], values[order], (shape[1], shape[0]), check_invariants=False
-    )
+    with warnings.catch_warnings():  # "CSR support is in beta": the matmul used here is well supported
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            crow, rows[order], values[order], (shape[1], shape[0]), check_invariants=False
+        )
 
 
 class _TopKEncode(torch.autograd.Function):

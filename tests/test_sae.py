@@ -1,0 +1,181 @@
+import json
+
+import pytest
+import torch
+
+from pipeline.metrics import token_variance
+from pipeline.optim import Signum, lr_multiplier
+from pipeline.sae import Sae, SaeConfig, build_sae
+from pipeline.sae.sparse import sparse_decode, topk_encode
+
+D_IN = 24
+ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
+
+
+def _sae(arch="topk", **kw):
+    torch.manual_seed(0)
+    sae = build_sae(SaeConfig(architecture=arch, expansion=4, k=6, **kw), D_IN)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    return sae
+
+
+def _naive_topk_loss(sae, x, dead, k_aux):
+    """Dense reference: the same loss with autograd through a dense code matrix."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    values, idx = pre.topk(sae.cfg.k, dim=1)
+    z = torch.zeros_like(pre).scatter(1, idx, values.clamp_min(0))
+    x_hat = z @ sae.W_dec + sae.b_dec
+    variance = token_variance(x)
+    loss = (x_hat - x).pow(2).sum(1).mean() / variance
+    aux_pre = pre.masked_fill(~dead, float("-inf"))
+    aux_values, aux_idx = aux_pre.topk(min(k_aux, int(dead.sum())), dim=1)
+    z_aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_values.clamp_min(0))
+    scale = min(int(dead.sum()) / k_aux, 1.0)
+    aux = scale * (z_aux @ sae.W_dec - (x - x_hat).detach()).pow(2).sum(1).mean() / variance
+    return loss + sae.cfg.aux_coefficient * aux, x_hat
+
+
+@pytest.mark.parametrize("n_dead", [0, 5, 60])
+def test_sparse_topk_training_matches_dense_reference(n_dead):
+    sae = _sae()
+    x = torch.randn(64, D_IN)
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    dead[torch.randperm(sae.d_sae)[:n_dead]] = True
+    out = sae.training_forward(x, dead, token_variance(x))
+    out.loss.backward()
+    fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    k_aux = D_IN // 2
+    if n_dead:
+        ref_loss, ref_hat = _naive_topk_loss(sae, x, dead, k_aux)
+    else:
+        ref_loss, ref_hat = (sae.decode(sae.encode(x)) - x).pow(2).sum(1).mean() / token_variance(x), None
+    ref_loss.backward()
+    torch.testing.assert_close(out.loss, ref_loss)
+    if ref_hat is not None:
+        torch.testing.assert_close(out.x_hat, ref_hat)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, msg=name, atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_kernels_against_dense():
+    x, W, b, b_dec = torch.randn(10, 8), torch.randn(8, 30), torch.randn(30), torch.randn(8)
+    values, idx, _, _ = topk_encode(x, b_dec, W, b, 4)
+    pre = (x - b_dec) @ W + b
+    ref_values, _ = pre.topk(4, dim=1)
+    torch.testing.assert_close(values.sort(1).values, ref_values.clamp_min(0).sort(1).values)
+    W_dec = torch.randn(30, 8)
+    z = torch.zeros(10, 30).scatter(1, idx, values)
+    torch.testing.assert_close(sparse_decode(values, idx, W_dec), z @ W_dec)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_encode_decode_follow_the_contract(arch, tmp_path):
+    sae = _sae(arch)
+    x = torch.randn(16, D_IN)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    z = sae.encode(x)
+    if arch == "topk":
+        assert ((z != 0).sum(1) <= 6).all()
+        kept = z != 0
+        torch.testing.assert_close(z[kept], pre[kept])
+    elif arch == "relu":
+        torch.testing.assert_close(z, pre.relu())
+    else:
+        torch.testing.assert_close(z, pre * (pre > sae.threshold))
+    torch.testing.assert_close(sae(x).x_hat, z @ sae.W_dec + sae.b_dec)
+
+    sae.save(tmp_path)
+    config = json.loads((tmp_path / "cfg.json").read_text())
+    assert config["architecture"] == arch and config["d_in"] == D_IN and config["d_sae"] == 4 * D_IN
+    loaded = Sae.load(tmp_path)
+    assert type(loaded) is type(sae)
+    torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat)
+    from safetensors.torch import load_file
+
+    expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | (
+        {"threshold"} if arch in ("batchtopk", "jumprelu") else set()
+    )
+    assert set(load_file(tmp_path / "sae.safetensors")) == expected
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folding_the_input_scale(arch):
+    """An SAE trained on s * x, folded, gives on raw x the reconstruction divided by s."""
+    sae, s = _sae(arch), 3.7
+    if arch == "batchtopk":
+        sae.threshold.fill_(0.2)
+    x = torch.randn(16, D_IN)
+    scaled_hat = sae(x * s).x_hat
+    sae.fold_input_scale(s)
+    torch.testing.assert_close(sae(x).x_hat, scaled_hat / s, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_learns(arch):
+    torch.manual_seed(1)
+    basis = torch.randn(40, D_IN)
+    codes = (torch.rand(2048, 40) < 0.08) * torch.rand(2048, 40) * 3
+    data = codes @ basis
+    sae = _sae(arch, l1_coefficient=0.5, l0_coefficient=0.05)
+    sae.init_from_data(data[:512])
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    first = None
+    for step in range(150):
+        x = data[(step * 256) % 2048 :][:256]
+        out = sae.training_forward(x, dead, token_variance(x), min(1.0, step / 20))
+        out.loss.backward()
+        sae.remove_parallel_decoder_grad()
+        opt.step()
+        opt.zero_grad()
+        sae.normalize_decoder()
+        first = first if first is not None else float(out.terms["fvu"])
+    assert float(out.terms["fvu"]) < 0.5 * first and float(out.terms["fvu"]) < 0.3
+    assert 0 < float(out.l0) < sae.d_sae / 2
+    if arch == "batchtopk":
+        assert float(sae.threshold[0]) > 0
+        assert abs(float(out.l0) - 6) < 1e-4  # k per token on average over the batch
+
+
+def test_decoder_constraints():
+    sae = _sae()
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_decoder_grad()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+    with torch.no_grad():
+        sae.W_dec.mul_(3)
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae))
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="k=200 must be smaller than d_sae=96"):
+        build_sae(SaeConfig(k=200, expansion=4), D_IN)
+    with pytest.raises(ValueError, match="unknown SAE architecture"):
+        SaeConfig(architecture="gated")
+    with pytest.raises(FileNotFoundError, match="holds no cfg.json"):
+        Sae.load("/nonexistent/sae")
+
+
+def test_jumprelu_threshold_gets_gradient_from_the_l0_penalty():
+    sae = _sae("jumprelu", l0_coefficient=1.0, jumprelu_bandwidth=1.0)
+    x = torch.randn(64, D_IN)
+    out = sae.training_forward(x, torch.zeros(sae.d_sae, dtype=torch.bool), token_variance(x))
+    out.loss.backward()
+    assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
+
+
+def test_signum_and_schedule():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Signum([p], lr=0.1)
+    p.grad = torch.tensor([1.0, -2.0, 0.0])
+    opt.step()
+    opt.eval_params()
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.1, 0.1, 0.0]))
+    assert lr_multiplier(0, 100, 10, "linear", 0.5) == pytest.approx(0.1)
+    assert lr_multiplier(40, 100, 10, "linear", 0.5) == 1.0
+    assert lr_multiplier(75, 100, 10, "linear", 0.5) == pytest.approx(0.5)
+    assert lr_multiplier(75, 100, 10, "cosine", 0.5) == pytest.approx(0.5)

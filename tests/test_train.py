@@ -1,0 +1,215 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.sae import Sae, SaeConfig
+from pipeline.shards import ShardError, shard_name
+from pipeline.tracking import WandbConfig
+from pipeline.train import CHECKPOINT_DIR, TrainConfig, TrainError, train_saes
+from tests.conftest import make_shard_set
+
+HOOK = "blocks.1.resid_post"
+REPO = Path(__file__).resolve().parent.parent
+OFF = WandbConfig(mode="disabled")
+
+
+def _cfg(**kw):
+    base = dict(
+        hook=HOOK,
+        batch_size=128,
+        holdout_tokens=256,
+        epochs=10,
+        lr=3e-3,
+        lr_warmup_steps=2,
+        dead_tokens=512,
+        log_every=5,
+        checkpoint_every=0,
+        progress=False,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+SAE = SaeConfig(architecture="topk", expansion=4, k=4)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    make_shard_set(tmp_path / "activations" / HOOK)
+    return tmp_path
+
+
+def _weights(directory: Path) -> dict:
+    return load_file(directory / "sae.safetensors")
+
+
+def test_train_saves_a_loadable_dictionary(run_dir):
+    out = train_saes(_cfg(), SAE, run_dir, OFF)["topk-k4-x4"]
+    assert out == run_dir / "sae" / HOOK / "topk-k4-x4"
+    sae = Sae.load(out)
+    cfg = sae.config_dict()
+    assert cfg["model_id"] == "synthetic" and cfg["hook"] == HOOK and cfg["d_in"] == 16 and cfg["d_sae"] == 64
+    metrics = cfg["metrics"]
+    assert metrics["heldout_tokens"] == 8 * 31  # 8 held-out sequences of 32 tokens minus BOS
+    assert metrics["fvu"] < 0.3 and metrics["l0"] <= 4
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    assert not (run_dir / "sae" / HOOK / CHECKPOINT_DIR).exists()
+
+
+def test_variants_train_together_exactly_as_alone(run_dir, tmp_path_factory):
+    both = train_saes(_cfg(variants=[{"k": 4}, {"k": 8}]), SAE, run_dir, OFF)
+    assert set(both) == {"topk-k4-x4", "topk-k8-x4"}
+    alone_dir = tmp_path_factory.mktemp("alone")
+    make_shard_set(alone_dir / "activations" / HOOK)
+    alone = train_saes(_cfg(), SaeConfig(architecture="topk", expansion=4, k=8), alone_dir, OFF)
+    for name, tensor in _weights(alone["topk-k8-x4"]).items():
+        torch.testing.assert_close(_weights(both["topk-k8-x4"])[name], tensor, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["relu", "batchtopk", "jumprelu"])
+def test_other_architectures_train(run_dir, arch):
+    sae_cfg = SaeConfig(architecture=arch, expansion=4, k=4, l1_coefficient=0.3, l0_coefficient=0.01)
+    out = next(iter(train_saes(_cfg(), sae_cfg, run_dir, OFF).values()))
+    metrics = Sae.load(out).config_dict()["metrics"]
+    assert metrics["fvu"] < 0.6 and 0 < metrics["l0"] < 64
+
+
+def test_signum_optimizer(run_dir):
+    out = train_saes(_cfg(optimizer="signum", lr=2e-2), SAE, run_dir, OFF)["topk-k4-x4"]
+    assert Sae.load(out).config_dict()["metrics"]["fvu"] < 0.5
+
+
+def test_rerun_skips_finished_training(run_dir, caplog):
+    train_saes(_cfg(), SAE, run_dir, OFF)
+    caplog.set_level("INFO")
+    train_saes(_cfg(), SAE, run_dir, OFF)
+    assert "already trained" in caplog.text
+
+
+def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_factory):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pipeline import train
+        from pipeline.sae import SaeConfig
+        from pipeline.tracking import WandbConfig
+        make_step = train._make_step
+        def slow_make_step(*a, **k):
+            step = make_step(*a, **k)
+            def slow(*b):
+                time.sleep(0.05)
+                step(*b)
+            return slow
+        train._make_step = slow_make_step
+        cfg = train.TrainConfig(hook={HOOK!r}, batch_size=128, holdout_tokens=256, epochs=10, lr=3e-3,
+                                lr_warmup_steps=2, dead_tokens=512, log_every=5, checkpoint_every=4, progress=False)
+        train.train_saes(cfg, SaeConfig(architecture="topk", expansion=4, k=4), sys.argv[1], WandbConfig(mode="disabled"))
+    """)
+    state = run_dir / "sae" / HOOK / CHECKPOINT_DIR / "state.json"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=REPO)
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline:
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.02)
+    time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "sae" / HOOK / "topk-k4-x4" / "sae.safetensors").exists()
+
+    resumed = train_saes(_cfg(checkpoint_every=4), SAE, run_dir, OFF)["topk-k4-x4"]
+    fresh_dir = tmp_path_factory.mktemp("fresh")
+    make_shard_set(fresh_dir / "activations" / HOOK)
+    fresh = train_saes(_cfg(checkpoint_every=4), SAE, fresh_dir, OFF)["topk-k4-x4"]
+    for name, tensor in _weights(fresh).items():
+        torch.testing.assert_close(_weights(resumed)[name], tensor, msg=name, rtol=0, atol=0)
+
+
+def test_checkpoint_of_another_config_is_refused(run_dir, monkeypatch):
+    from pipeline import train
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_save_final", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_saes(_cfg(checkpoint_every=3), SAE, run_dir, OFF)
+    monkeypatch.undo()
+    with pytest.raises(TrainError, match="checkpoint of another training configuration"):
+        train_saes(_cfg(checkpoint_every=3, lr=1e-3), SAE, run_dir, OFF)
+
+
+def test_bad_inputs(run_dir, tmp_path):
+    with pytest.raises(TrainError, match="k=64 must be smaller than d_sae=64"):
+        train_saes(_cfg(), SaeConfig(expansion=4, k=64), run_dir, OFF)
+    with pytest.raises(TrainError, match="expects inputs of width 32.*hold d_model 16"):
+        train_saes(_cfg(), SaeConfig(expansion=4, k=4, d_in=32), run_dir, OFF)
+    with pytest.raises(TrainError, match="leaves nothing to train on"):
+        train_saes(_cfg(holdout_tokens=10**6), SAE, run_dir, OFF)
+    with pytest.raises(ShardError, match="does not exist; run the harvest stage"):
+        train_saes(_cfg(hook="blocks.0.resid_pre"), SAE, run_dir, OFF)
+    with pytest.raises(TrainError, match="optimizer"):
+        _cfg(optimizer="sgd")
+
+
+def test_nan_activations_stop_with_the_batch_index(tmp_path):
+    directory = tmp_path / "activations" / HOOK
+    make_shard_set(directory)
+    path = directory / shard_name(0)
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header + 4 * 16 * 5 : header + 4 * 16 * 5 + 4] = bytes.fromhex("0000c07f")  # a NaN at token 5
+    path.write_bytes(bytes(data))
+    import json
+
+    from pipeline.fileio import file_sha256
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = file_sha256(path)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainError, match=r"activation batch \d+ .*contains NaN or Inf"):
+        train_saes(_cfg(), SAE, tmp_path, OFF)
+
+
+def test_two_processes_match_one(run_dir, tmp_path_factory):
+    """torchrun-style data parallelism (gloo on CPU) gives the single-process result."""
+    single = train_saes(_cfg(), SAE, run_dir, OFF)["topk-k4-x4"]
+    ddp_dir = tmp_path_factory.mktemp("ddp")
+    make_shard_set(ddp_dir / "activations" / HOOK)
+    script = textwrap.dedent(f"""
+        import sys
+        from pipeline.sae import SaeConfig
+        from pipeline.tracking import WandbConfig
+        from pipeline.train import TrainConfig, train_saes
+        cfg = TrainConfig(hook={HOOK!r}, batch_size=128, holdout_tokens=256, epochs=10, lr=3e-3, lr_warmup_steps=2,
+                          dead_tokens=512, log_every=5, checkpoint_every=0, progress=False, device="cpu")
+        train_saes(cfg, SaeConfig(architecture="topk", expansion=4, k=4), sys.argv[1], WandbConfig(mode="disabled"))
+    """)
+    script_path = ddp_dir / "job.py"
+    script_path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            str(script_path),
+            str(ddp_dir),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    parallel = ddp_dir / "sae" / HOOK / "topk-k4-x4"
+    for name, tensor in _weights(single).items():
+        torch.testing.assert_close(_weights(parallel)[name], tensor, msg=name, atol=1e-4, rtol=1e-3)
