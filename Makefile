@@ -20,8 +20,9 @@ test-slow:
 run:
 	$(PYTHON) -m pipeline harvest
 
-bench:
+bench: .bench-venv/bin/python
 	$(PYTHON) bench/bench_harvest.py
+	$(PYTHON) bench/bench_train.py --peer-python .bench-venv/bin/python
 
 lint:
 	$(PYTHON) -m ruff check pipeline tests bench
@@ -29,3 +30,8 @@ lint:
 format:
 	$(PYTHON) -m ruff format pipeline tests bench
 	$(PYTHON) -m ruff check --fix pipeline tests bench
+
+# Peers for the training benchmark live in their own venv (sharing this torch), never in the package.
+.bench-venv/bin/python:
+	$(PYTHON) -m venv --system-site-packages .bench-venv
+	.bench-venv/bin/pip install sae-lens eai-sparsify

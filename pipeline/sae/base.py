@@ -211,7 +211,9 @@ class Sae(nn.Module):
             **asdict(self.cfg),
             "d_in": self.d_in,
             "d_sae": self.d_sae,
-            "decoder_unit_norm": self.cfg.architecture != "relu",
+            "decoder_unit_norm": bool(
+                torch.allclose(self.W_dec.detach().norm(dim=1), torch.ones(()), atol=1e-3)
+            ),
             "dtype": str(self.W_enc.dtype).removeprefix("torch."),
             **self.meta,
         }

@@ -1,21 +1,227 @@
-"""Find and read SAE directories: this project's format (SAELens and sparsify come via convert.py)."""
+"""Read and write SAE directories in this project's format, SAELens' and EleutherAI sparsify's.
+
+This project: cfg.json (with `format_version`) + sae.safetensors (W_enc [d_in, d_sae], b_enc, W_dec
+[d_sae, d_in], b_dec, threshold). The other two, from their published code:
+
+SAELens v6: cfg.json + sae_weights.safetensors with the same tensor names; `architecture` is
+standard | topk | jumprelu (a BatchTopK SAE is saved for inference as jumprelu). Encoding:
+    pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
+    standard: ReLU(pre);  topk: ReLU of the k largest (pre * ||W_dec,i|| with rescale_acts_by_decoder_norm);
+    jumprelu: ReLU(pre) * (pre > threshold)
+sparsify: cfg.json (activation, expansion_factor, num_latents, k, ...) + sae.safetensors with
+encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec; encoding
+pre = (x - b_dec) @ encoder.weight^T + encoder.bias, then the k largest of ReLU(pre).
+
+Every difference is folded into the weights on import, so codes and reconstructions are unchanged.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from pipeline.sae.base import Sae
+from pipeline.fileio import atomic_write
+from pipeline.sae.base import Sae, SaeConfig, architectures
+
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+_TL_POINTS = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
+              "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}  # fmt: skip
+
+
+class FormatError(ValueError):
+    """A directory is not a readable SAE, or uses a feature this converter cannot represent."""
+
+
+def detect_format(directory: Path) -> str:
+    """'native', 'saelens' or 'sparsify', from the files in `directory`."""
+    cfg_path = directory / "cfg.json"
+    if not cfg_path.is_file():
+        subdirs = sorted(p.name for p in directory.glob("*/cfg.json")) if directory.is_dir() else []
+        hint = (
+            f"; it has SAE subdirectories {[Path(s).parent.name for s in subdirs]}: pass one of them"
+            if subdirs
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{directory} holds no cfg.json: expected an SAE directory (cfg.json + sae.safetensors), "
+            f"e.g. outputs/<run>/sae/<hook>/<name>{hint}"
+        )
+    if (directory / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    if not (directory / "sae.safetensors").is_file():
+        raise FileNotFoundError(f"{directory} has cfg.json but neither sae.safetensors nor {SAELENS_WEIGHTS}")
+    config = json.loads(cfg_path.read_text())
+    if "format_version" in config and "architecture" in config:
+        return "native"
+    if "expansion_factor" in config or "num_latents" in config:
+        return "sparsify"
+    raise FormatError(f"{directory}/cfg.json is neither this project's, SAELens' nor sparsify's format")
 
 
 def load_any(directory: Path, device: str | torch.device = "cpu") -> Sae:
     """Load the SAE in `directory`, whichever supported format it is in."""
-    if not (directory / "cfg.json").is_file():
-        raise FileNotFoundError(
-            f"{directory} holds no cfg.json: expected an SAE directory (cfg.json + sae.safetensors), "
-            "e.g. outputs/<run>/sae/<hook>/<name>"
-        )
-    if (directory / "sae.safetensors").is_file():
+    fmt = detect_format(directory)
+    if fmt == "native":
         return Sae._load_native(directory, device)
-    raise FileNotFoundError(f"{directory} has cfg.json but no sae.safetensors")
+    reader = read_saelens if fmt == "saelens" else read_sparsify
+    return reader(directory).to(device)
+
+
+def _build(architecture: str, tensors: dict[str, torch.Tensor], k: int, meta: dict) -> Sae:
+    d_sae, d_in = tensors["W_dec"].shape
+    cfg = SaeConfig(
+        architecture=architecture, d_sae=d_sae, k=k if architecture in ("topk", "batchtopk") else 32
+    )
+    sae = architectures()[architecture](cfg, d_in, meta)
+    sae.load_file_tensors({name: t.float() for name, t in tensors.items()})
+    return sae
+
+
+# ---------------------------------------------------------------- SAELens
+
+
+def _tl_hook(hook: str | None) -> str | None:
+    match = re.match(r"^blocks\.(\d+)\.(\w+)$", hook or "")
+    return (
+        f"blocks.{match.group(1)}.{_TL_POINTS[match.group(2)]}"
+        if match and match.group(2) in _TL_POINTS
+        else hook
+    )
+
+
+def _our_hook(tl_hook: str | None) -> str | None:
+    reverse = {v: k for k, v in _TL_POINTS.items()}
+    match = re.match(r"^blocks\.(\d+)\.(\w+)$", tl_hook or "")
+    return (
+        f"blocks.{match.group(1)}.{reverse[match.group(2)]}"
+        if match and match.group(2) in reverse
+        else tl_hook
+    )
+
+
+def read_saelens(directory: Path) -> Sae:
+    """An SAELens (v6, or older standard/topk) directory as a Sae acting on raw activations."""
+    config = json.loads((directory / "cfg.json").read_text())
+    tensors = load_file(directory / SAELENS_WEIGHTS)
+    arch = config.get("architecture")
+    if arch is None:  # SAELens < 6
+        arch = (
+            "topk" if config.get("activation_fn_str", config.get("activation_fn")) == "topk" else "standard"
+        )
+    k = config.get("k") or (config.get("activation_fn_kwargs") or {}).get("k", 32)
+    norm = config.get("normalize_activations", "none")
+    if norm not in ("none", "expected_average_only_in", None):
+        raise FormatError(
+            f"{directory}: normalize_activations={norm!r} is a nonlinear runtime step; it cannot be folded into the weights"
+        )
+    if arch not in ("standard", "topk", "jumprelu"):
+        raise FormatError(
+            f"{directory}: SAELens architecture {arch!r} is not supported (standard, topk, jumprelu are)"
+        )
+    weights = {name: tensors[name].float() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if not config.get("apply_b_dec_to_input", True):
+        # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+        weights["b_enc"] = weights["b_enc"] + weights["b_dec"] @ weights["W_enc"]
+    if arch == "topk" and config.get("rescale_acts_by_decoder_norm", False):
+        norms = weights["W_dec"].norm(dim=1).clamp_min(1e-8)
+        weights["W_enc"], weights["b_enc"], weights["W_dec"] = (
+            weights["W_enc"] * norms,
+            weights["b_enc"] * norms,
+            weights["W_dec"] / norms[:, None],
+        )
+    if arch == "jumprelu":
+        # ReLU(pre) * (pre > t) equals pre * (pre > max(t, 0))
+        weights["threshold"] = tensors["threshold"].float().clamp_min(0)
+    metadata = config.get("metadata") or config
+    meta = {
+        "model_id": metadata.get("model_name"),
+        "hook": _our_hook(metadata.get("hook_name")),
+        "converted_from": "saelens",
+    }
+    ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}[arch]
+    return _build(ours, weights, int(k), meta)
+
+
+def write_saelens(sae: Sae, directory: Path) -> Path:
+    """Write `sae` as an SAELens v6 inference SAE (BatchTopK becomes jumprelu, as SAELens saves it)."""
+    arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[
+        sae.architecture
+    ]
+    config = {
+        "architecture": arch,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": "6.0.0",
+            "sae_lens_training_version": "6.0.0",
+            "model_name": sae.meta.get("model_id"),
+            "hook_name": _tl_hook(sae.meta.get("hook")),
+        },
+    }
+    if arch == "topk":
+        config.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
+    tensors = {name: t.detach().float().contiguous().cpu() for name, t in sae.file_tensors().items()}
+    atomic_write(directory / SAELENS_WEIGHTS, safetensors_bytes(tensors))
+    atomic_write(directory / "cfg.json", json.dumps(config, indent=2).encode())
+    return directory
+
+
+# ---------------------------------------------------------------- sparsify
+
+
+def read_sparsify(directory: Path) -> Sae:
+    """A sparsify SparseCoder directory (TopK, no skip connection) as a Sae."""
+    config = json.loads((directory / "cfg.json").read_text())
+    if config.get("activation", "topk") != "topk":
+        raise FormatError(
+            f"{directory}: sparsify activation {config.get('activation')!r} is not supported (topk is)"
+        )
+    for flag in ("skip_connection", "transcode", "multi_topk"):
+        if config.get(flag):
+            raise FormatError(
+                f"{directory}: sparsify {flag}=true has no equivalent here; only plain TopK SAEs convert"
+            )
+    tensors = load_file(directory / "sae.safetensors")
+    weights = {
+        "W_enc": tensors["encoder.weight"].float().t().contiguous(),
+        "b_enc": tensors["encoder.bias"].float(),
+        "W_dec": tensors["W_dec"].float(),
+        "b_dec": tensors["b_dec"].float(),
+    }
+    return _build("topk", weights, int(config.get("k", 32)), {"converted_from": "sparsify"})
+
+
+def write_sparsify(sae: Sae, directory: Path) -> Path:
+    """Write a TopK `sae` as a sparsify SparseCoder directory."""
+    if sae.architecture != "topk":
+        raise FormatError(f"sparsify stores TopK SAEs only; this one is {sae.architecture!r}")
+    config = {
+        "activation": "topk",
+        "expansion_factor": max(1, sae.d_sae // sae.d_in),
+        "normalize_decoder": True,
+        "num_latents": sae.d_sae,
+        "k": sae.cfg.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": sae.d_in,
+    }
+    tensors = {
+        "encoder.weight": sae.W_enc.detach().float().t().contiguous().cpu(),
+        "encoder.bias": sae.b_enc.detach().float().cpu(),
+        "W_dec": sae.W_dec.detach().float().contiguous().cpu(),
+        "b_dec": sae.b_dec.detach().float().cpu(),
+    }
+    atomic_write(directory / "sae.safetensors", safetensors_bytes(tensors))
+    atomic_write(directory / "cfg.json", json.dumps(config, indent=2).encode())
+    return directory

@@ -1,0 +1,143 @@
+"""TopK SAE training throughput: this project against a plain dense PyTorch step, SAELens and sparsify.
+
+    make bench                 (or: python bench/bench_train.py --peer-python .bench-venv/bin/python)
+
+Same synthetic data, d_in 576, 16x = 9216 latents, k 32, batch 4096, Adam, fp32 and bf16 autocast;
+each library with its default learning rate. Prints tokens/s, ratios, the fraction of this machine's
+measured matmul peak (counting the dense encoder forward, 2 * d_in * d_sae FLOP per token), and the
+held-out FVU after the same number of training tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from synthetic import BATCH, D_IN, D_SAE, K, heldout_fvu, synthetic_activations
+
+from pipeline.metrics import token_variance
+from pipeline.sae import SaeConfig, build_sae
+from pipeline.train import TrainConfig, _Dist, _make_step, _Member
+
+ENCODER_FLOP_PER_TOKEN = 2 * D_IN * D_SAE
+
+
+def matmul_peak(dtype: torch.dtype) -> float:
+    """Measured FLOP/s of the encoder-shaped matmul [4096, 576] x [576, 9216]."""
+    a, b = torch.randn(BATCH, D_IN, dtype=dtype), torch.randn(D_IN, D_SAE, dtype=dtype)
+    a @ b
+    start, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ b
+    return n * BATCH * ENCODER_FLOP_PER_TOKEN / (time.perf_counter() - start)
+
+
+def ours(data, autocast_name):
+    cfg = TrainConfig(autocast=autocast_name, dead_tokens=10**12, grad_clip=None, device="cpu")
+    sae = build_sae(SaeConfig(architecture="topk", expansion=D_SAE // D_IN, k=K), D_IN)
+    sae.init_from_data(data[:BATCH])
+    member = _Member(sae, cfg, lr=2e-3 * (D_SAE / 2**14) ** -0.5)
+    step = _make_step(member, cfg, _Dist(), torch.device("cpu"))
+    return (lambda i, x: step(x, token_variance(x), 1.0)), (lambda x: sae(x).x_hat)
+
+
+def naive(data, autocast_name):
+    """A plain dense PyTorch TopK step: dense codes, dense decoder, autograd everywhere."""
+    sae = build_sae(SaeConfig(architecture="topk", expansion=D_SAE // D_IN, k=K), D_IN)
+    sae.init_from_data(data[:BATCH])
+    opt = torch.optim.Adam(sae.parameters(), lr=2e-3 * (D_SAE / 2**14) ** -0.5)
+    ctx = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast_name == "bfloat16" else nullcontext
+    )
+
+    def step(i, x):
+        with ctx():
+            pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+            values, idx = pre.topk(K, dim=1)
+            z = torch.zeros_like(pre).scatter(1, idx, values.relu())
+            loss = (z @ sae.W_dec + sae.b_dec - x).pow(2).sum(1).mean() / token_variance(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+
+    return step, lambda x: sae(x).x_hat
+
+
+def measure(make, data, heldout, dtype, steps, warmup) -> dict:
+    torch.manual_seed(0)
+    step, reconstruct = make(data, dtype)
+    for i in range(steps):
+        if i == warmup:
+            start = time.perf_counter()
+        step(i, data[i * BATCH : (i + 1) * BATCH])
+    tok_s = BATCH * (steps - warmup) / (time.perf_counter() - start)
+    return {"tokens_per_s": tok_s, "fvu": heldout_fvu(reconstruct, heldout)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps", type=int, default=30, help="training steps per run (the first --warmup untimed)"
+    )
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peer-python", help="python of a venv with sae-lens and eai-sparsify installed")
+    args = parser.parse_args()
+
+    data = synthetic_activations(BATCH * args.steps)
+    heldout = synthetic_activations(8192, seed=1)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        results[("this project", dtype)] = measure(ours, data, heldout, dtype, args.steps, args.warmup)
+        results[("plain dense PyTorch", dtype)] = measure(
+            naive, data, heldout, dtype, args.steps, args.warmup
+        )
+    if args.peer_python:
+        peers = subprocess.run(
+            [
+                args.peer_python,
+                str(Path(__file__).with_name("peers_train.py")),
+                f"--steps={args.steps}",
+                f"--warmup={args.warmup}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        for line in peers.stdout.splitlines():
+            row = json.loads(line)
+            results[(row["impl"], row["dtype"])] = row
+        if peers.returncode:
+            print(f"peer benchmark failed:\n{peers.stderr[-2000:]}", file=sys.stderr)
+
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"TopK d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, Adam, {args.steps} steps ({args.steps - args.warmup} timed)"
+    )
+    print(
+        f"matmul peak: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s"
+    )
+    for dtype in ("float32", "bfloat16"):
+        mine = results[("this project", dtype)]["tokens_per_s"]
+        print(f"\n{dtype:10} {'tokens/s':>10} {'ours/it':>8} {'% peak':>7} {'held-out FVU':>13}")
+        for (impl, d), row in results.items():
+            if d != dtype:
+                continue
+            peak = row["tokens_per_s"] * ENCODER_FLOP_PER_TOKEN / peaks[dtype]
+            print(
+                f"{impl:22} {row['tokens_per_s']:>10,.0f} {mine / row['tokens_per_s']:>8.2f} {100 * peak:>6.0f}% {row['fvu']:>13.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

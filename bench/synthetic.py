@@ -1,0 +1,30 @@
+"""Synthetic SAE training data shared by the training benchmarks: sparse combinations of random
+directions plus noise, so reconstruction quality (FVU) means something."""
+
+from __future__ import annotations
+
+import torch
+
+D_IN, D_SAE, K, BATCH = 576, 9216, 32, 4096
+
+
+def synthetic_activations(n_tokens: int, seed: int = 0, n_features: int = 4096) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.randn(n_features, D_IN, generator=gen)
+    basis /= basis.norm(dim=1, keepdim=True)
+    out = torch.empty(n_tokens, D_IN)
+    for start in range(0, n_tokens, 8192):
+        n = min(8192, n_tokens - start)
+        idx = torch.randint(0, n_features, (n, 24), generator=gen)
+        mags = torch.empty(n, 24).exponential_(generator=gen)
+        out[start : start + n] = torch.einsum("nk,nkd->nd", mags, basis[idx]) + 0.05 * torch.randn(
+            n, D_IN, generator=gen
+        )
+    return out + 0.5  # a mean offset, as real residual streams have
+
+
+def heldout_fvu(reconstruct, data: torch.Tensor) -> float:
+    """Whole-vector FVU of `reconstruct` (fp32 batches -> reconstructions) on `data`."""
+    with torch.no_grad():
+        x_hat = torch.cat([reconstruct(data[i : i + BATCH]) for i in range(0, len(data), BATCH)])
+    return float((data - x_hat).pow(2).sum() / (data - data.mean(0)).pow(2).sum())
