@@ -17,8 +17,10 @@ test:
 test-slow:
 	$(PYTHON) -m pytest -q -m slow
 
+# The main job on the embedded defaults: SmolLM2-135M activations of Python's docs, then a TopK SAE.
 run:
 	$(PYTHON) -m pipeline harvest
+	$(PYTHON) -m pipeline train
 
 bench: .bench-venv/bin/python
 	$(PYTHON) bench/bench_harvest.py

@@ -310,7 +310,8 @@ def _load_checkpoint(directory: Path, members: list[_Member], config_hash: str) 
 def heldout_metrics(
     sae: Sae, shards: ShardSet, start: int, exclude_bos: bool, batch_size: int = 4096
 ) -> dict:
-    """FVU, L0 and the fraction of latents never active on the held-out tokens [start, end)."""
+    """FVU, L0 and the fraction of latents never active on the held-out tokens [start, end)
+    (`dead_fraction_heldout`: stricter than the training-window definition for rare latents)."""
     device = sae.W_enc.device
     sq_err = torch.zeros((), dtype=torch.float64, device=device)
     sum_x = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
@@ -340,7 +341,7 @@ def heldout_metrics(
         "heldout_tokens": n,
         "fvu": float(sq_err / variance),
         "l0": float(active / n),
-        "dead_fraction": float((~fired).float().mean()),
+        "dead_fraction_heldout": float((~fired).float().mean()),
     }
 
 
@@ -556,6 +557,8 @@ def _save_final(
     sae = copy.deepcopy(m.sae)
     sae.fold_input_scale(scale)
     metrics = heldout_metrics(sae, shards, n_train, cfg.exclude_bos)
+    # DESIGN.md's definition: never active over the last `dead_tokens` training tokens
+    metrics["dead_fraction"] = float((m.since_fired >= cfg.dead_tokens).float().mean())
     m.final_metrics = metrics
     sae.meta.update(
         {
@@ -567,11 +570,12 @@ def _save_final(
     )
     sae.save(out)
     log.info(
-        "saved %s: held-out FVU %.4f, L0 %.1f, dead %.2f%% -> %s",
+        "saved %s: held-out FVU %.4f, L0 %.1f, dead %.2f%% (%.2f%% silent on the held-out tokens) -> %s",
         sae.cfg.default_name(),
         metrics.get("fvu", float("nan")),
         metrics.get("l0", float("nan")),
-        100 * metrics.get("dead_fraction", float("nan")),
+        100 * metrics["dead_fraction"],
+        100 * metrics.get("dead_fraction_heldout", float("nan")),
         out,
     )
     return out

@@ -213,3 +213,44 @@ def test_two_processes_match_one(run_dir, tmp_path_factory):
     parallel = ddp_dir / "sae" / HOOK / "topk-k4-x4"
     for name, tensor in _weights(single).items():
         torch.testing.assert_close(_weights(parallel)[name], tensor, msg=name, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("sae_option", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_train_configs_compose(sae_option):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import CONF_DIR, to_dataclass
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"sae={sae_option}", "train.variants=[{k: 16}]"])
+        assert to_dataclass(SaeConfig, cfg.sae).architecture == sae_option
+        assert to_dataclass(TrainConfig, cfg.train).variants == [{"k": 16}]
+        assert to_dataclass(WandbConfig, cfg.wandb).mode == "offline"
+
+
+def test_command_line_with_offline_wandb(run_dir):
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        f"run_dir={run_dir}",
+        f"train.hook={HOOK}",
+        "sae.expansion=4",
+        "sae.k=4",
+        "train.batch_size=128",
+        "train.holdout_tokens=256",
+        "train.epochs=2",
+        "train.log_every=2",
+    ]
+    result = subprocess.run(
+        cmd,
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "sae" / HOOK / "topk-k4-x4" / "cfg.json").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
