@@ -1,7 +1,7 @@
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-slow run bench lint format
+.PHONY: install test test-slow run bench bench-quality lint format
 
 # torch first: `torch==2.13.0` resolves to the local CPU wheel on the dev machines (a normal build elsewhere);
 # installing anything that depends on torch before it would pull a multi-GB CUDA build.
@@ -37,3 +37,7 @@ format:
 .bench-venv/bin/python:
 	$(PYTHON) -m venv --system-site-packages .bench-venv
 	.bench-venv/bin/pip install sae-lens eai-sparsify
+
+# Peers' quality with their defaults on this project's shards and budget (needs `make run` first; ~15 min).
+bench-quality: .bench-venv/bin/python
+	.bench-venv/bin/python bench/peers_quality.py

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import hydra
@@ -90,8 +90,9 @@ class TrainConfig:
     seed: int = 0
     exclude_bos: bool = True
     """Leave BOS positions out (their activations are huge outliers)."""
-    dead_tokens: int = 100_000
-    """A latent not active over this many training tokens counts as dead (and gets AuxK gradient)."""
+    dead_tokens: int | None = None
+    """A latent not active over this many training tokens counts as dead (and gets AuxK gradient);
+    null = max(10,000, 1% of the training tokens): 10k for the default run, 10M for a 1B-token run."""
     log_every: int = 10
     checkpoint_every: int = 100
     """Steps between checkpoints (0: never)."""
@@ -398,6 +399,8 @@ def train_saes(
     if total_steps < 1:
         raise TrainError(f"train.tokens={cfg.tokens} is less than one batch of {cfg.batch_size}")
 
+    if cfg.dead_tokens is None:
+        cfg = replace(cfg, dead_tokens=max(10_000, total_steps * cfg.batch_size // 100))
     config_hash = _config_hash(cfg, sae_cfgs, shards)
     out_dirs = {c.default_name(): run_dir / "sae" / cfg.hook / c.default_name() for c in sae_cfgs}
     if all(_already_trained(d, config_hash) for d in out_dirs.values()):
