@@ -3,7 +3,7 @@
     make bench                 (or: python bench/bench_train.py --peer-python .bench-venv/bin/python)
 
 Same synthetic data, d_in 576, 16x = 9216 latents, k 32, batch 4096, Adam, fp32 and bf16 autocast;
-each library with its default learning rate. Prints tokens/s, ratios, the fraction of this machine's
+each library with its default learning rate (this project: its train-stage recipe). Prints tokens/s, ratios, the fraction of this machine's
 measured matmul peak (counting the dense encoder forward, 2 * d_in * d_sae FLOP per token), and the
 held-out FVU after the same number of training tokens.
 """
@@ -23,6 +23,7 @@ import torch
 from synthetic import BATCH, D_IN, D_SAE, K, heldout_fvu, synthetic_activations
 
 from pipeline.metrics import token_variance
+from pipeline.optim import lr_multiplier
 from pipeline.sae import SaeConfig, build_sae
 from pipeline.train import TrainConfig, _Dist, _make_step, _Member
 
@@ -39,41 +40,63 @@ def matmul_peak(dtype: torch.dtype) -> float:
     return n * BATCH * ENCODER_FLOP_PER_TOKEN / (time.perf_counter() - start)
 
 
-def ours(data, autocast_name):
-    cfg = TrainConfig(autocast=autocast_name, dead_tokens=10**12, grad_clip=None, device="cpu")
+def _recipe(data, steps):
+    """This project's training recipe: inputs scaled to E||x||^2 = d_in, lr warm-up and decay."""
+    scale = float((D_IN / data[:BATCH].pow(2).sum(1).mean()).sqrt())
+    cfg = TrainConfig()
+    lr = cfg.lr_base * (D_SAE / 2**14) ** -0.5
+    return (
+        scale,
+        lambda i: lr * lr_multiplier(i, steps, cfg.lr_warmup_steps, cfg.lr_decay, cfg.lr_decay_start),
+    )
+
+
+def ours(data, autocast_name, steps):
+    cfg = TrainConfig(autocast=autocast_name, dead_tokens=10**12, device="cpu")  # no dead latents, as for the peers
+    scale, lr_at = _recipe(data, steps)
     sae = build_sae(SaeConfig(architecture="topk", expansion=D_SAE // D_IN, k=K), D_IN)
-    sae.init_from_data(data[:BATCH])
-    member = _Member(sae, cfg, lr=2e-3 * (D_SAE / 2**14) ** -0.5)
+    sae.init_from_data(data[:BATCH] * scale)
+    member = _Member(sae, cfg, lr=lr_at(0))
     step = _make_step(member, cfg, _Dist(), torch.device("cpu"))
-    return (lambda i, x: step(x, token_variance(x), 1.0)), (lambda x: sae(x).x_hat)
+
+    def train_step(i, x):
+        member.opt.param_groups[0]["lr"] = lr_at(i)
+        x = x * scale
+        step(x, token_variance(x), 1.0)
+
+    return train_step, lambda x: sae(x * scale).x_hat / scale
 
 
-def naive(data, autocast_name):
-    """A plain dense PyTorch TopK step: dense codes, dense decoder, autograd everywhere."""
+def naive(data, autocast_name, steps):
+    """A plain dense PyTorch TopK step (same recipe): dense codes, dense decoder, autograd everywhere."""
+    scale, lr_at = _recipe(data, steps)
     sae = build_sae(SaeConfig(architecture="topk", expansion=D_SAE // D_IN, k=K), D_IN)
-    sae.init_from_data(data[:BATCH])
-    opt = torch.optim.Adam(sae.parameters(), lr=2e-3 * (D_SAE / 2**14) ** -0.5)
+    sae.init_from_data(data[:BATCH] * scale)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0))
     ctx = (
         (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast_name == "bfloat16" else nullcontext
     )
 
     def step(i, x):
+        opt.param_groups[0]["lr"] = lr_at(i)
+        x = x * scale
         with ctx():
             pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
             values, idx = pre.topk(K, dim=1)
             z = torch.zeros_like(pre).scatter(1, idx, values.relu())
             loss = (z @ sae.W_dec + sae.b_dec - x).pow(2).sum(1).mean() / token_variance(x)
         loss.backward()
+        sae.remove_parallel_decoder_grad()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.normalize_decoder()
 
-    return step, lambda x: sae(x).x_hat
+    return step, lambda x: sae(x * scale).x_hat / scale
 
 
 def measure(make, data, heldout, dtype, steps, warmup) -> dict:
     torch.manual_seed(0)
-    step, reconstruct = make(data, dtype)
+    step, reconstruct = make(data, dtype, steps)
     for i in range(steps):
         if i == warmup:
             start = time.perf_counter()
@@ -114,6 +137,8 @@ def main() -> None:
             check=False,
         )
         for line in peers.stdout.splitlines():
+            if not line.startswith("{"):  # the libraries print notices of their own
+                continue
             row = json.loads(line)
             results[(row["impl"], row["dtype"])] = row
         if peers.returncode:
