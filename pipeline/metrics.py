@@ -38,3 +38,33 @@ def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 def l0(codes: torch.Tensor) -> torch.Tensor:
     """Mean number of non-zero latents per token: [batch, d_sae] -> scalar."""
     return (codes != 0).sum(-1).float().mean()
+
+
+class StreamingReconstructionStats:
+    """The metrics above accumulated over many batches (float64 sums), for held-out evaluation."""
+
+    def __init__(self, d_in: int, d_sae: int, device: torch.device | str = "cpu"):
+        self.n = 0
+        self.sq_err = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros((), dtype=torch.float64, device=device)
+        self.active = torch.zeros((), dtype=torch.float64, device=device)
+        self.fired = torch.zeros(d_sae, dtype=torch.bool, device=device)
+
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
+        self.n += len(x)
+        self.sq_err += (x - x_hat).pow(2).sum().double()
+        self.sum_x += x.sum(0).double()
+        self.sum_sq += x.pow(2).sum().double()
+        self.active += (codes != 0).sum().double()
+        self.fired |= (codes != 0).any(0)
+
+    def fvu(self) -> float:
+        """Whole-vector FVU over everything seen: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+        return float(self.sq_err / (self.sum_sq - self.sum_x.pow(2).sum() / self.n))
+
+    def l0(self) -> float:
+        return float(self.active / self.n)
+
+    def never_fired_fraction(self) -> float:
+        return float((~self.fired).float().mean())

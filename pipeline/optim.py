@@ -54,14 +54,10 @@ class Signum(torch.optim.Optimizer):
                 if state:
                     p.copy_(torch.lerp(state["z"], state["x"], group["beta"]))
 
-    @torch.no_grad()
-    def map_states(self, fn) -> None:
-        """Apply an in-place constraint (e.g. decoder unit norm) to the z and x copies too."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                for key in ("z", "x"):
-                    if key in self.state[p]:
-                        fn(p, self.state[p][key])
+    def copies(self, param: torch.Tensor) -> list[torch.Tensor]:
+        """The iterate z and average x of `param`, for constraints that must hold on them too."""
+        state = self.state.get(param, {})
+        return [state[key] for key in ("z", "x") if key in state]
 
 
 def lr_multiplier(step: int, total: int, warmup: int, decay: str, decay_start: float) -> float:

@@ -38,9 +38,11 @@ from tqdm.auto import tqdm
 
 from pipeline.config import CONF_DIR, to_dataclass
 from pipeline.fileio import atomic_write
+from pipeline.metrics import StreamingReconstructionStats
 from pipeline.models import resolve_device
 from pipeline.optim import Signum, lr_multiplier
 from pipeline.sae import Sae, SaeConfig, build_sae
+from pipeline.sae.base import normalize_rows_
 from pipeline.shards import ShardSet
 from pipeline.tracking import Tracker, WandbConfig
 
@@ -220,15 +222,11 @@ class _Member:
 
     @torch.no_grad()
     def constrain(self) -> None:
+        """Unit-norm decoder rows, also on Signum's iterate and average where the SAE has them."""
         self.sae.normalize_decoder()
         if isinstance(self.opt, Signum) and self.sae.cfg.architecture != "relu":
-            self.opt.map_states(
-                lambda p, copy_: (
-                    copy_.div_(copy_.norm(dim=1, keepdim=True).clamp_min(1e-8))
-                    if p is self.sae.W_dec
-                    else None
-                )
-            )
+            for w in self.opt.copies(self.sae.W_dec):
+                normalize_rows_(w)
 
 
 def _global_variance(x: torch.Tensor, dist: _Dist) -> torch.Tensor:
@@ -314,36 +312,22 @@ def heldout_metrics(
 ) -> dict:
     """FVU, L0 and the fraction of latents never active on the held-out tokens [start, end)
     (`dead_fraction_heldout`: stricter than the training-window definition for rare latents)."""
-    device = sae.W_enc.device
-    sq_err = torch.zeros((), dtype=torch.float64, device=device)
-    sum_x = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
-    sum_sq = torch.zeros((), dtype=torch.float64, device=device)
-    active = torch.zeros((), dtype=torch.float64, device=device)
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
-    n = 0
+    stats = StreamingReconstructionStats(sae.d_in, sae.d_sae, sae.W_enc.device)
     bos = shards.manifest.bos_token_id
     for lo in range(start, shards.n_tokens, batch_size):
         idx = torch.arange(lo, min(lo + batch_size, shards.n_tokens))
         if exclude_bos and bos is not None:
             idx = idx[shards.tokens_at(idx) != bos]
-        if len(idx) == 0:
-            continue
-        x = shards.gather(idx).to(device, torch.float32)
-        x_hat, z = sae(x)
-        sq_err += (x - x_hat).pow(2).sum().double()
-        sum_x += x.sum(0).double()
-        sum_sq += x.pow(2).sum().double()
-        active += (z != 0).sum().double()
-        fired |= (z != 0).any(0)
-        n += len(x)
-    if n == 0:
+        if len(idx):
+            x = shards.gather(idx).to(sae.W_enc.device, torch.float32)
+            stats.update(x, *sae(x))
+    if stats.n == 0:
         return {}
-    variance = sum_sq - sum_x.pow(2).sum() / n
     return {
-        "heldout_tokens": n,
-        "fvu": float(sq_err / variance),
-        "l0": float(active / n),
-        "dead_fraction_heldout": float((~fired).float().mean()),
+        "heldout_tokens": stats.n,
+        "fvu": stats.fvu(),
+        "l0": stats.l0(),
+        "dead_fraction_heldout": stats.never_fired_fraction(),
     }
 
 

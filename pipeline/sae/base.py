@@ -169,7 +169,7 @@ class Sae(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        normalize_rows_(self.W_dec)
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
@@ -255,6 +255,12 @@ class Sae(nn.Module):
 
 
 _DERIVED_KEYS = {"format_version", "d_in", "d_sae", "decoder_unit_norm", "dtype"}
+
+
+@torch.no_grad()
+def normalize_rows_(weight: torch.Tensor) -> torch.Tensor:
+    """Scale every row of `weight` to unit norm, in place."""
+    return weight.div_(weight.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 30, eps: float = 1e-6) -> torch.Tensor:

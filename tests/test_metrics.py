@@ -1,0 +1,31 @@
+import torch
+
+from pipeline.metrics import StreamingReconstructionStats, fvu, fvu_per_dimension, l0, mse, token_variance
+
+
+def test_hand_computed_values():
+    x = torch.tensor([[1.0, 0.0], [3.0, 2.0]])
+    x_hat = torch.tensor([[1.0, 1.0], [3.0, 2.0]])
+    # mean (2, 1); total variance = (1 + 1) + (1 + 1) = 4; squared error = 1
+    assert float(fvu(x, x_hat)) == 0.25
+    assert float(token_variance(x)) == 2.0
+    assert float(mse(x, x_hat)) == 0.25
+    assert float(fvu_per_dimension(x, x_hat)) == (0 / 2 + 1 / 2) / 2
+    assert float(l0(torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]]))) == 1.5
+
+
+def test_mean_predictor_has_fvu_one_and_identity_zero():
+    x = torch.randn(100, 8)
+    assert torch.isclose(fvu(x, x.mean(0).expand_as(x)), torch.tensor(1.0))
+    assert float(fvu(x, x)) == 0.0
+
+
+def test_streaming_equals_one_batch():
+    x, x_hat = torch.randn(300, 8) + 3, torch.randn(300, 8)
+    codes = (torch.rand(300, 20) < 0.1).float()
+    stats = StreamingReconstructionStats(8, 20)
+    for i in range(0, 300, 70):
+        stats.update(x[i : i + 70], x_hat[i : i + 70], codes[i : i + 70])
+    assert abs(stats.fvu() - float(fvu(x, x_hat))) < 1e-5
+    assert abs(stats.l0() - float(l0(codes))) < 1e-6
+    assert stats.never_fired_fraction() == float((codes.sum(0) == 0).float().mean())
