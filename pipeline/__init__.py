@@ -1,6 +1,6 @@
 """Sparse-autoencoder feature extraction for language models.
 
-Stages (each `python -m pipeline <stage> key=value ...`): harvest. See README.md.
+Stages (each `python -m pipeline <stage> key=value ...`): harvest, train. See README.md.
 """
 
 __version__ = "0.1.0"
