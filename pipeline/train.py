@@ -32,12 +32,10 @@ import hydra
 import torch
 import torch.distributed as torch_dist
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
+from pipeline.checkpoints import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
 from pipeline.config import CONF_DIR, to_dataclass
-from pipeline.fileio import atomic_write
 from pipeline.metrics import StreamingReconstructionStats
 from pipeline.models import resolve_device
 from pipeline.optim import Signum, lr_multiplier
@@ -249,9 +247,6 @@ def _average_gradients(sae: Sae, dist: _Dist) -> None:
             p.grad.div_(dist.world)
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
 def _config_hash(cfg: TrainConfig, sae_cfgs: list[SaeConfig], shards: ShardSet) -> str:
     ignored = {"log_every", "checkpoint_every", "progress", "device", "compile"}
     payload = {
@@ -260,47 +255,6 @@ def _config_hash(cfg: TrainConfig, sae_cfgs: list[SaeConfig], shards: ShardSet) 
         "data": [shards.manifest.weights_hash, [s.sha256 for s in shards.manifest.shards]],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _save_checkpoint(directory: Path, members: list[_Member], step: int, state: dict) -> None:
-    tensors = {}
-    for i, m in enumerate(members):
-        for name, t in m.sae.state_dict().items():
-            tensors[f"{i}.sae.{name}"] = t
-        opt_state = m.opt.state_dict()
-        for pid, pstate in opt_state["state"].items():
-            for key, value in pstate.items():
-                tensors[f"{i}.opt.{pid}.{key}"] = torch.as_tensor(value)
-        tensors[f"{i}.since_fired"] = m.since_fired
-        state[f"param_groups.{i}"] = opt_state["param_groups"]
-    payload = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    atomic_write(directory / "state.safetensors", payload)
-    atomic_write(directory / "state.json", json.dumps({**state, "step": step}, indent=2).encode())
-
-
-def _load_checkpoint(directory: Path, members: list[_Member], config_hash: str) -> dict | None:
-    meta_path = directory / "state.json"
-    if not meta_path.exists():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("config_hash") != config_hash:
-        raise TrainError(
-            f"{directory} is a checkpoint of another training configuration (hash {meta.get('config_hash')}, "
-            f"now {config_hash}); delete it to start over, or restore the settings it was made with"
-        )
-    tensors = load_file(directory / "state.safetensors")
-    for i, m in enumerate(members):
-        m.sae.load_state_dict(
-            {k.split(".sae.", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}.sae.")}
-        )
-        opt_state: dict = {"state": {}, "param_groups": meta[f"param_groups.{i}"]}
-        for key, value in tensors.items():
-            if key.startswith(f"{i}.opt."):
-                _, _, pid, name = key.split(".", 3)
-                opt_state["state"].setdefault(int(pid), {})[name] = value
-        m.opt.load_state_dict(opt_state)
-        m.since_fired.copy_(tensors[f"{i}.since_fired"])
-    return meta
 
 
 # ---------------------------------------------------------------- held-out metrics
@@ -410,7 +364,10 @@ def train_saes(
         members.append(_Member(sae, cfg, lr))
 
     ckpt_dir = run_dir / "sae" / cfg.hook / CHECKPOINT_DIR
-    resumed = _load_checkpoint(ckpt_dir, members, config_hash)
+    try:
+        resumed = load_checkpoint(ckpt_dir, members, config_hash)
+    except CheckpointError as err:
+        raise TrainError(str(err)) from err
     start_step = resumed["step"] if resumed else 0
     if resumed:
         log.info("resuming from %s at step %d of %d", ckpt_dir, start_step, total_steps)
@@ -473,7 +430,7 @@ def train_saes(
                 and not last
                 and dist.rank == 0
             ):
-                _save_checkpoint(ckpt_dir, members, step + 1, {"config_hash": config_hash, "scale": scale})
+                save_checkpoint(ckpt_dir, members, step + 1, {"config_hash": config_hash, "scale": scale})
     finally:
         bar.close()
 
@@ -483,7 +440,7 @@ def train_saes(
             name = m.sae.cfg.default_name()
             saved[name] = _save_final(m, shards, cfg, n_train, scale, total_steps, out_dirs[name], device)
             tracker.summary({f"{name}/heldout_{k}": v for k, v in m.final_metrics.items()})
-        _remove_checkpoint(ckpt_dir)
+        remove_checkpoint(ckpt_dir)
     tracker.finish()
     if dist.enabled:
         torch_dist.barrier()
@@ -577,13 +534,6 @@ def _already_trained(directory: Path, config_hash: str) -> bool:
         )
     except (OSError, ValueError):
         return False
-
-
-def _remove_checkpoint(directory: Path) -> None:
-    for name in ("state.safetensors", "state.json"):
-        (directory / name).unlink(missing_ok=True)
-    if directory.exists() and not any(directory.iterdir()):
-        directory.rmdir()
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:

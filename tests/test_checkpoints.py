@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from pipeline.checkpoints import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
+from pipeline.sae import SaeConfig, build_sae
+from pipeline.train import TrainConfig, _Member
+
+
+def _member(seed):
+    torch.manual_seed(seed)
+    return _Member(build_sae(SaeConfig(expansion=2, k=3), 8), TrainConfig(), lr=1e-3)
+
+
+def test_roundtrip_restores_weights_optimizer_and_counters(tmp_path):
+    m = _member(0)
+    m.sae.W_enc.sum().backward()
+    m.opt.step()
+    m.since_fired.fill_(7)
+    save_checkpoint(tmp_path, [m], step=5, state={"config_hash": "abc", "scale": 2.0})
+
+    fresh = _member(1)
+    meta = load_checkpoint(tmp_path, [fresh], "abc")
+    assert meta["step"] == 5 and meta["scale"] == 2.0
+    for (name, a), b in zip(m.sae.state_dict().items(), fresh.sae.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    torch.testing.assert_close(fresh.opt.state[fresh.sae.W_enc]["exp_avg"], m.opt.state[m.sae.W_enc]["exp_avg"])
+    assert int(fresh.since_fired[0]) == 7
+
+    with pytest.raises(CheckpointError, match="another training configuration"):
+        load_checkpoint(tmp_path, [fresh], "other")
+    remove_checkpoint(tmp_path)
+    assert not tmp_path.exists() and load_checkpoint(tmp_path, [fresh], "abc") is None
