@@ -23,7 +23,9 @@ def test_roundtrip_restores_weights_optimizer_and_counters(tmp_path):
     assert meta["step"] == 5 and meta["scale"] == 2.0
     for (name, a), b in zip(m.sae.state_dict().items(), fresh.sae.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
-    torch.testing.assert_close(fresh.opt.state[fresh.sae.W_enc]["exp_avg"], m.opt.state[m.sae.W_enc]["exp_avg"])
+    torch.testing.assert_close(
+        fresh.opt.state[fresh.sae.W_enc]["exp_avg"], m.opt.state[m.sae.W_enc]["exp_avg"]
+    )
     assert int(fresh.since_fired[0]) == 7
 
     with pytest.raises(CheckpointError, match="another training configuration"):

@@ -176,6 +176,22 @@ def test_nan_activations_stop_with_the_batch_index(tmp_path):
         train_saes(_cfg(), SAE, tmp_path, OFF)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_processes_match_one(run_dir, tmp_path_factory):
     """torchrun-style data parallelism (gloo on CPU) gives the single-process result."""
     single = train_saes(_cfg(), SAE, run_dir, OFF)["topk-k4-x4"]
@@ -199,7 +215,8 @@ def test_two_processes_match_one(run_dir, tmp_path_factory):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=29533",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
             str(script_path),
             str(ddp_dir),
         ],
