@@ -280,11 +280,9 @@ class ShardSet:
                 raise ShardError(
                     f"shard {path} has activations of shape {acts.shape}, manifest says {expected}"
                 )
+            self._torch_dtype = acts.torch_dtype
             self._acts.append(_memmap(path, acts))
             self._tokens.append(_memmap(path, infos["tokens"]))
-        self._torch_dtype = read_shard_header(self.directory / self.manifest.shards[0].name)[
-            "activations"
-        ].torch_dtype
         seq_counts = torch.tensor([r.n_sequences for r in self.manifest.shards])
         # first global token index of each shard
         self._starts = (
