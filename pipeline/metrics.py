@@ -40,6 +40,25 @@ def l0(codes: torch.Tensor) -> torch.Tensor:
     return (codes != 0).sum(-1).float().mean()
 
 
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of predicting tokens[:, t+1] from logits[:, t]: [batch, seq-1]."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().long(), reduction="none"
+    ).view(tokens.shape[0], -1)
+
+
+def kl_clean_to_spliced(clean_logits: torch.Tensor, spliced_logits: torch.Tensor) -> torch.Tensor:
+    """KL(clean || spliced) of the next-token distributions per position: [batch, seq]."""
+    clean = clean_logits.float().log_softmax(-1)
+    spliced = spliced_logits.float().log_softmax(-1)
+    return (clean.exp() * (clean - spliced)).sum(-1)
+
+
+def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
+    """(CE_zero - CE_spliced) / (CE_zero - CE_clean): 1 for a perfect reconstruction, 0 for zeros."""
+    return (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+
+
 class StreamingReconstructionStats:
     """The metrics above accumulated over many batches (float64 sums), for held-out evaluation."""
 

@@ -18,6 +18,7 @@ supported architecture (Llama/Mistral/Qwen/Gemma, GPT-2, GPT-NeoX):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -377,3 +379,32 @@ def capture_activations(
     if missing:
         raise HookError(f"hooks {missing} never fired during the forward pass of {type(model).__name__}")
     return captured
+
+
+@contextlib.contextmanager
+def splice_activations(
+    model: nn.Module, hook: HookPoint, replace: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, the activation at `hook` is replaced by `replace(activation)` in every
+    forward pass, and the rest of the model computes on from the replacement (e.g. an SAE's x_hat)."""
+    module, side = resolve_hook(model, hook)
+    if side == "input":
+
+        def pre_hook(_mod, args, kwargs):
+            if args:
+                return (replace(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
+
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+
+        def post_hook(_mod, _args, output):
+            if isinstance(output, tuple):
+                return (replace(output[0]), *output[1:])
+            return replace(output)
+
+        handle = module.register_forward_hook(post_hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -124,3 +124,35 @@ def test_missing_model_sources_say_what_to_do(tmp_path):
         load_model(ModelConfig(package="no_such_model_pkg", gguf_file="x.gguf"))
     with pytest.raises(ModelLoadError, match="no model given"):
         load_model(ModelConfig(path=""))
+
+
+@pytest.mark.parametrize("point", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"])
+def test_splicing_replaces_the_activation_downstream(point):
+    from pipeline.models import splice_activations
+
+    model = make_model("llama", 100)
+    ids = _ids()
+    hook = validate_hooks(model, [f"blocks.1.{point}"])[0]
+    clean = model(ids).logits
+    with splice_activations(model, hook, lambda a: a):
+        torch.testing.assert_close(model(ids).logits, clean)
+    seen = {}
+    with splice_activations(model, hook, lambda a: torch.zeros_like(a)):
+        spliced = model(ids).logits
+        seen.update(capture_activations(model, ids, [hook]))
+    assert not torch.allclose(spliced, clean)
+    assert seen[hook.name].abs().max() == 0  # a capture at the same hook sees the replacement
+    torch.testing.assert_close(model(ids).logits, clean)  # the splice is gone after the block
+
+
+def test_resid_post_splice_equals_running_on_from_the_replacement():
+    """Splicing resid_post of layer 0 with x' gives what layer 1 computes from x'."""
+    from pipeline.models import splice_activations
+
+    model = make_model("gpt2", 100)
+    ids = _ids()
+    pre1 = validate_hooks(model, ["blocks.1.resid_pre"])
+    post0 = validate_hooks(model, ["blocks.0.resid_post"])[0]
+    with splice_activations(model, post0, lambda a: a * 0.5):
+        halved = capture_activations(model, ids, pre1)["blocks.1.resid_pre"]
+    torch.testing.assert_close(halved, 0.5 * capture_activations(model, ids, [post0])[post0.name])
