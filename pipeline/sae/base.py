@@ -95,6 +95,14 @@ class TrainOutput(NamedTuple):
     """Mean active latents per token."""
 
 
+def dense_train_output(
+    x_hat: torch.Tensor, loss: torch.Tensor, terms: dict, codes: torch.Tensor
+) -> TrainOutput:
+    """TrainOutput of an architecture that computes dense codes [batch, d_sae]."""
+    active = codes > 0
+    return TrainOutput(x_hat, loss, terms, active.any(0).nonzero().flatten(), active.sum(1).float().mean())
+
+
 class Sae(nn.Module):
     """Base class; subclasses set `architecture` and define `activation` and `training_forward`."""
 

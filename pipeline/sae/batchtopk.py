@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.sae.base import Sae, TrainOutput
+from pipeline.sae.base import Sae, TrainOutput, dense_train_output
 from pipeline.sae.topk import auxk_loss
 
 THRESHOLD_MOMENTUM = 0.99
@@ -40,10 +40,7 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
             aux = auxk_loss(x, x_hat, e_hat, n_dead, k_aux, variance)
             loss = loss + self.cfg.aux_coefficient * aux
             terms["auxk"] = aux.detach()
-        active = z > 0
-        return TrainOutput(
-            x_hat, loss, terms, active.any(0).nonzero().flatten(), active.sum(1).float().mean()
-        )
+        return dense_train_output(x_hat, loss, terms, z)
 
     @torch.no_grad()
     def _update_threshold(self, selected: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.sae.base import Sae, TrainOutput
+from pipeline.sae.base import Sae, TrainOutput, dense_train_output
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -85,16 +85,12 @@ class JumpReluSae(Sae, architecture="jumprelu"):
         bandwidth = self.cfg.jumprelu_bandwidth
         z = _JumpReLU.apply(pre, threshold, bandwidth)
         x_hat = self.decode(z)
-        sq_err = (x_hat - x).pow(2)
-        reconstruction = sq_err.sum(1).mean()
+        reconstruction = (x_hat - x).pow(2).sum(1).mean()
         l0 = _Step.apply(pre, threshold, bandwidth).sum(1).mean()
         loss = reconstruction + sparsity_scale * self.cfg.l0_coefficient * l0
         terms = {
             "mse_sum": reconstruction.detach(),
             "l0_penalty": l0.detach(),
-            "fvu": (sq_err.sum(-1).mean() / variance).detach(),
+            "fvu": (reconstruction / variance).detach(),
         }
-        active = z > 0
-        return TrainOutput(
-            x_hat, loss, terms, active.any(0).nonzero().flatten(), active.sum(1).float().mean()
-        )
+        return dense_train_output(x_hat, loss, terms, z)

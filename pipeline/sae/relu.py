@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.sae.base import Sae, TrainOutput
+from pipeline.sae.base import Sae, TrainOutput, dense_train_output
 
 INIT_DECODER_NORM = 0.1
 
@@ -36,16 +36,12 @@ class ReluSae(Sae, architecture="relu"):
     ) -> TrainOutput:
         z = self.encode(x)
         x_hat = self.decode(z)
-        sq_err = (x_hat - x).pow(2)
-        reconstruction = sq_err.sum(1).mean()
+        reconstruction = (x_hat - x).pow(2).sum(1).mean()
         sparsity = (z * self.W_dec.norm(dim=1)).sum(1).mean()
         loss = reconstruction + sparsity_scale * self.cfg.l1_coefficient * sparsity
         terms = {
             "mse_sum": reconstruction.detach(),
             "l1": sparsity.detach(),
-            "fvu": (sq_err.sum(-1).mean() / variance).detach(),
+            "fvu": (reconstruction / variance).detach(),
         }
-        active = z > 0
-        return TrainOutput(
-            x_hat, loss, terms, active.any(0).nonzero().flatten(), active.sum(1).float().mean()
-        )
+        return dense_train_output(x_hat, loss, terms, z)
