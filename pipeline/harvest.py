@@ -183,13 +183,14 @@ def _completed_shard(
     if not path.exists():
         return None
     try:
-        acts = read_shard_header(path)["activations"]
+        header = read_shard_header(path)
     except ShardError as err:
         log.warning("%s; rewriting it", err)
         return None
+    acts = header["activations"]
     if acts.shape != (*tokens.shape, d_model) or acts.torch_dtype != dtype:
         return None
-    if not torch.equal(read_shard_tokens(path), tokens):
+    if not torch.equal(read_shard_tokens(path, header), tokens):
         raise HarvestError(
             f"{path} holds other tokens than this corpus now yields for it: the corpus or its packing "
             "changed since it was written. Use another run_dir, or delete that directory to start over."

@@ -154,7 +154,6 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
     kwargs = {"gguf_file": gguf_path.name, "trust_remote_code": False}
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-    model.config.quantization_config = None
     if hasattr(model.config, "_name_or_path"):
         model.config._name_or_path = str(cache)
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -247,9 +247,9 @@ def _memmap(path: Path, info: _TensorInfo) -> np.ndarray:
     return np.memmap(path, dtype=info.np_dtype, mode="r", offset=info.offset, shape=info.shape)
 
 
-def read_shard_tokens(path: Path) -> torch.Tensor:
-    """The int32 [n_seq, context_length] tokens of one shard."""
-    info = read_shard_header(path)["tokens"]
+def read_shard_tokens(path: Path, header: dict[str, _TensorInfo] | None = None) -> torch.Tensor:
+    """The int32 [n_seq, context_length] tokens of one shard (`header`: its already parsed header)."""
+    info = (header or read_shard_header(path))["tokens"]
     return torch.from_numpy(np.array(_memmap(path, info)))
 
 

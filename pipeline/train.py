@@ -222,7 +222,7 @@ class _Member:
     def constrain(self) -> None:
         """Unit-norm decoder rows, also on Signum's iterate and average where the SAE has them."""
         self.sae.normalize_decoder()
-        if isinstance(self.opt, Signum) and self.sae.cfg.architecture != "relu":
+        if isinstance(self.opt, Signum) and self.sae.unit_norm_decoder:
             for w in self.opt.copies(self.sae.W_dec):
                 normalize_rows_(w)
 

@@ -108,6 +108,8 @@ class Sae(nn.Module):
 
     architecture: ClassVar[str]
     has_threshold: ClassVar[bool] = False
+    unit_norm_decoder: ClassVar[bool] = True
+    """Decoder rows are kept at unit norm during training (normalize_decoder, parallel-grad removal)."""
 
     def __init_subclass__(cls, architecture: str, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -177,12 +179,13 @@ class Sae(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        normalize_rows_(self.W_dec)
+        if self.unit_norm_decoder:
+            normalize_rows_(self.W_dec)
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
         """Project out the gradient component along each (unit) decoder row before a step."""
-        if self.W_dec.grad is not None:
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
             parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
             self.W_dec.grad.sub_(parallel * self.W_dec)
 

@@ -16,6 +16,8 @@ INIT_DECODER_NORM = 0.1
 
 
 class ReluSae(Sae, architecture="relu"):
+    unit_norm_decoder = False  # the norm-weighted L1 penalty keeps decoder norms meaningful
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre.relu()
 
@@ -24,12 +26,6 @@ class ReluSae(Sae, architecture="relu"):
         super().reset_parameters(generator)
         self.W_dec.mul_(INIT_DECODER_NORM)
         self.W_enc.mul_(INIT_DECODER_NORM)
-
-    def normalize_decoder(self) -> None:
-        """No unit-norm constraint: the norm-weighted L1 penalty keeps decoder norms meaningful."""
-
-    def remove_parallel_decoder_grad(self) -> None:
-        """Decoder norms are free parameters here."""
 
     def training_forward(
         self, x: torch.Tensor, dead_mask: torch.Tensor, variance: torch.Tensor, sparsity_scale: float = 1.0
