@@ -25,6 +25,7 @@ run:
 bench: .bench-venv/bin/python
 	$(PYTHON) bench/bench_harvest.py
 	$(PYTHON) bench/bench_train.py --peer-python .bench-venv/bin/python
+	$(PYTHON) bench/bench_evaluate.py
 
 lint:
 	$(PYTHON) -m ruff check pipeline tests bench

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-STAGES = {"harvest": "pipeline.harvest", "train": "pipeline.train"}
+STAGES = {"harvest": "pipeline.harvest", "train": "pipeline.train", "evaluate": "pipeline.evaluate"}
 
 
 def main() -> None:

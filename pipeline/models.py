@@ -341,32 +341,33 @@ def base_model(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
+def _watch(module: nn.Module, side: str, name: str, record: Callable[[str, torch.Tensor], None]):
+    """Register a hook that passes the activation (module input or output) to `record`, unchanged."""
+    if side == "input":
+
+        def pre_hook(_mod, args, kwargs):
+            record(name, args[0] if args else kwargs["hidden_states"])
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def post_hook(_mod, _args, output):
+        record(name, _first(output))
+
+    return module.register_forward_hook(post_hook)
+
+
 def capture_activations(
     model: nn.Module, input_ids: torch.Tensor, hooks: list[HookPoint]
 ) -> dict[str, torch.Tensor]:
     """Truncated forward: {hook name: [batch, seq, d_model]}, stopping after the last needed module."""
     captured: dict[str, torch.Tensor] = {}
-    handles = []
 
     def record(name: str, value: torch.Tensor) -> None:
         captured[name] = value
         if len(captured) == len(hooks):
             raise _StopForward
 
-    for hook in hooks:
-        module, side = resolve_hook(model, hook)
-        if side == "input":
-
-            def pre_hook(_mod, args, kwargs, name=hook.name):
-                record(name, args[0] if args else kwargs["hidden_states"])
-
-            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        else:
-
-            def post_hook(_mod, _args, output, name=hook.name):
-                record(name, _first(output))
-
-            handles.append(module.register_forward_hook(post_hook))
+    handles = [_watch(*resolve_hook(model, hook), hook.name, record) for hook in hooks]
     try:
         base_model(model)(input_ids=input_ids, use_cache=False)
     except _StopForward:
@@ -381,11 +382,27 @@ def capture_activations(
 
 
 @contextlib.contextmanager
+def watch_activation(model: nn.Module, hook: HookPoint) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every forward pass appends the activation at `hook` to the yielded list
+    (without stopping the forward, unlike capture_activations)."""
+    seen: list[torch.Tensor] = []
+    handle = _watch(*resolve_hook(model, hook), hook.name, lambda _name, value: seen.append(value))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def splice_activations(
     model: nn.Module, hook: HookPoint, replace: Callable[[torch.Tensor], torch.Tensor]
 ) -> Iterator[None]:
     """Within the block, the activation at `hook` is replaced by `replace(activation)` in every
     forward pass, and the rest of the model computes on from the replacement (e.g. an SAE's x_hat)."""
+    if hook.point == "resid_mid":
+        with _splice_resid_mid(model, hook, replace):
+            yield
+        return
     module, side = resolve_hook(model, hook)
     if side == "input":
 
@@ -407,3 +424,72 @@ def splice_activations(
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def _splice_resid_mid(
+    model: nn.Module, hook: HookPoint, replace: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """resid_mid feeds both the MLP and the residual add after it, so replacing the pre-MLP norm's
+    input alone would leave the residual branch clean. Instead the attention output is rewritten to
+    replace(resid_pre + attn_out) - resid_pre, which makes the stream after the add the replacement."""
+    layer = decoder_layers(model)[hook.layer]
+    attn_module, _ = resolve_hook(model, HookPoint(hook.layer, "attn_out"))
+    resid_pre: list[torch.Tensor] = []
+
+    def take_input(_mod, args, kwargs):
+        resid_pre[:] = [args[0] if args else kwargs["hidden_states"]]
+
+    def rewrite_attention(_mod, _args, output):
+        attn = _first(output)
+        new = replace(resid_pre[0] + attn) - resid_pre[0]
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handles = [
+        layer.register_forward_pre_hook(take_input, with_kwargs=True),
+        attn_module.register_forward_hook(rewrite_attention),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def prefix_layers(hook: HookPoint) -> int:
+    """How many leading decoder layers a splice at `hook` leaves untouched (their outputs are the
+    clean ones, whatever is spliced): all layers before the hook's, and that one too for resid_post."""
+    return hook.layer + 1 if hook.point == "resid_post" else hook.layer
+
+
+@contextlib.contextmanager
+def record_prefix(model: nn.Module, n_layers: int) -> Iterator[list]:
+    """Keep the output of decoder layer `n_layers - 1` of the next forward pass (for `replay_prefix`)."""
+    kept: list = []
+    if n_layers == 0:
+        yield kept
+        return
+    handle = decoder_layers(model)[n_layers - 1].register_forward_hook(
+        lambda _mod, _args, output: kept.append(output)
+    )
+    try:
+        yield kept
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def replay_prefix(model: nn.Module, n_layers: int, recorded: list) -> Iterator[None]:
+    """Skip the first `n_layers` decoder layers in forward passes of the same input ids: each returns
+    the recorded output of the last of them instead of computing (the layers after see exactly the
+    clean stream). Saves their compute in every spliced pass after one clean pass."""
+    layers = decoder_layers(model)[:n_layers]
+    if n_layers and not recorded:
+        raise RuntimeError("replay_prefix needs the output kept by record_prefix in a clean forward")
+    for layer in layers:
+        layer.forward = lambda *args, _out=recorded[-1], **kwargs: _out
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward

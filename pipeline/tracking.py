@@ -61,6 +61,14 @@ class Tracker:
             log.warning("W&B logging failed and is now off (%s)", err)
             self._run = None
 
+    def log_images(self, paths: dict[str, Path]) -> None:
+        """Log PNG files as W&B images under the given keys."""
+        if self._run is None:
+            return
+        import wandb
+
+        self.log({key: wandb.Image(str(path)) for key, path in paths.items()})
+
     def summary(self, metrics: dict) -> None:
         if self._run is not None:
             self._run.summary.update(metrics)

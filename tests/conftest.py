@@ -148,3 +148,24 @@ def make_shard_set(
     )
     write_manifest(directory, manifest)
     return manifest
+
+
+@pytest.fixture(scope="session")
+def trained_llama_dir(tmp_path_factory, tokenizer) -> Path:
+    """The tiny Llama after a few seconds of next-token training on the test corpus, so its clean CE
+    is far below that of an ablated stream (as in a real model, and unlike a random one)."""
+    from pipeline.corpus import pack_windows
+
+    model = make_model("llama", len(tokenizer)).train()
+    windows = torch.stack(list(pack_windows([TEXT.read_text()], tokenizer, 32, "window")))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        batch = windows[torch.randint(len(windows), (16,), generator=gen)].long()
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    path = tmp_path_factory.mktemp("trained-llama")
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

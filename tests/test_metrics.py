@@ -44,3 +44,29 @@ def test_ce_kl_and_recovery_definitions():
     assert ce_loss_recovered(2.0, 2.0, 5.0) == 1.0  # identity splice
     assert ce_loss_recovered(2.0, 5.0, 5.0) == 0.0  # zero splice
     assert ce_loss_recovered(2.0, 3.5, 5.0) == 0.5
+
+
+def test_streaming_extras_against_hand_computed_values():
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    x_hat = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    codes = torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.5, 0.0]])
+    stats = StreamingReconstructionStats(2, 3)
+    stats.update(x, x_hat, codes)
+    assert stats.cossim() == 0.5  # cos = 1 and 0
+    assert abs(stats.l2_ratio() - (1 + 2) / 2) < 1e-12  # ||x_hat|| / ||x|| = 5/5 and 2/1
+    assert stats.l1() == (3 + 0.5) / 2
+    assert stats.mse() == (1 + 4) / 4
+    assert abs(stats.fvu_per_dimension() - float(fvu_per_dimension(x, x_hat))) < 1e-6
+    assert stats.density().tolist() == [0.5, 1.0, 0.0]
+    assert stats.never_fired_fraction() == 1 / 3
+    assert stats.frequent_fraction(0.6) == 1 / 3
+
+
+def test_density_histogram_and_kl_score():
+    from pipeline.metrics import density_histogram, kl_div_score
+
+    density = torch.tensor([0.0, 0.0, 1e-3, 1e-3, 0.5, 1.0])
+    hist = density_histogram(density, bins=4, low=-4.0)
+    assert hist["dead"] == 2 and hist["counts"] == [0, 2, 0, 2]
+    assert hist["log10_density_edges"] == [-4.0, -3.0, -2.0, -1.0, 0.0]
+    assert kl_div_score(0.0, 2.0) == 1.0 and kl_div_score(2.0, 2.0) == 0.0

@@ -156,3 +156,37 @@ def test_resid_post_splice_equals_running_on_from_the_replacement():
     with splice_activations(model, post0, lambda a: a * 0.5):
         halved = capture_activations(model, ids, pre1)["blocks.1.resid_pre"]
     torch.testing.assert_close(halved, 0.5 * capture_activations(model, ids, [post0])[post0.name])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_resid_mid_splice_replaces_the_residual_branch_too(arch):
+    """After a resid_mid splice, resid_post = replacement + what the MLP computes from it."""
+    from pipeline.models import splice_activations
+
+    model = make_model(arch, 100)
+    ids = _ids()
+    mid, post, mlp = validate_hooks(model, ["blocks.1.resid_mid", "blocks.1.resid_post", "blocks.1.mlp_out"])
+    clean_mid = capture_activations(model, ids, [mid])[mid.name]
+    with splice_activations(model, mid, lambda a: a * 0.5):
+        seen = capture_activations(model, ids, [post, mlp])
+    torch.testing.assert_close(seen[post.name], 0.5 * clean_mid + seen[mlp.name])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("point", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"])
+def test_replaying_the_clean_prefix_gives_the_same_spliced_logits(arch, point):
+    from pipeline.models import prefix_layers, record_prefix, replay_prefix, splice_activations
+
+    model = make_model(arch, 100)
+    ids = _ids()
+    hook = validate_hooks(model, [f"blocks.1.{point}"])[0]
+    n = prefix_layers(hook)
+    with record_prefix(model, n) as kept:
+        clean = model(ids).logits
+    with splice_activations(model, hook, lambda a: a.flip(-1)):
+        spliced = model(ids).logits
+        with replay_prefix(model, n, kept):
+            replayed = model(ids).logits
+    assert not torch.allclose(spliced, clean)
+    torch.testing.assert_close(replayed, spliced)
+    torch.testing.assert_close(model(ids).logits, clean)  # layers compute again after the block
