@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from pipeline import metrics as M
 from pipeline.config import CONF_DIR, to_dataclass
+from pipeline.dictionaries import Dictionary, DictionaryError, check_model, find_dictionaries, shards_for
 from pipeline.fileio import atomic_write
 from pipeline.models import (
     HookError,
@@ -52,16 +53,15 @@ from pipeline.models import (
 )
 from pipeline.plots import density_plot, pareto_plot
 from pipeline.sae import Sae
-from pipeline.shards import ShardError, ShardSet
+from pipeline.shards import ShardSet
 from pipeline.tracking import Tracker, WandbConfig
-from pipeline.train import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
 
-class EvaluateError(ValueError):
+class EvaluateError(DictionaryError):
     """The evaluation cannot run as configured; the message says how to fix it."""
 
 
@@ -96,77 +96,7 @@ class EvaluateConfig:
             raise EvaluateError(f"evaluate.tokens={self.tokens}: too few evaluation tokens")
 
 
-@dataclass
-class _Dictionary:
-    name: str
-    directory: Path
-    sae: Sae
-    hook: str
-
-
-# ---------------------------------------------------------------- finding and checking dictionaries
-
-
-def _is_dictionary(path: Path) -> bool:
-    return path.is_dir() and (path / "cfg.json").is_file() and path.name != CHECKPOINT_DIR
-
-
-def find_dictionaries(run_dir: Path, cfg: EvaluateConfig) -> list[_Dictionary]:
-    """The dictionaries to evaluate with the hook each is evaluated at."""
-    sae_root = run_dir / "sae"
-    if cfg.saes:
-        dirs = []
-        for entry in cfg.saes:
-            path = Path(entry)
-            if not _is_dictionary(path):
-                matches = sorted(p for p in sae_root.glob(f"*/{entry}") if _is_dictionary(p))
-                if not matches:
-                    known = sorted(p.name for p in sae_root.glob("*/*") if _is_dictionary(p))
-                    raise EvaluateError(
-                        f"evaluate.saes: {entry!r} is neither an SAE directory nor a dictionary under {sae_root} "
-                        f"(found: {known or 'none'})"
-                    )
-                path = matches[0]
-            dirs.append(path)
-    else:
-        dirs = sorted(p for p in sae_root.glob("*/*") if _is_dictionary(p))
-        if not dirs:
-            raise EvaluateError(
-                f"no dictionaries under {sae_root}; train one first (python -m pipeline train run_dir={run_dir}) "
-                "or name SAE directories with evaluate.saes=[...]"
-            )
-    found = []
-    for directory in dirs:
-        sae = Sae.load(directory)
-        own_hook = sae.meta.get("hook")
-        hook = cfg.hook or own_hook
-        if hook is None:
-            raise EvaluateError(f"{directory}: cfg.json names no hook; set evaluate.hook=blocks.<L>.<point>")
-        if own_hook is not None and own_hook != hook and not cfg.force:
-            raise EvaluateError(
-                f"{directory} was trained at {own_hook}, not at evaluate.hook={hook}; evaluating it elsewhere "
-                "is meaningless unless intended (evaluate.force=true)"
-            )
-        found.append(_Dictionary(directory.name, directory, sae, hook))
-    return found
-
-
-def _check_model(dictionaries: list[_Dictionary], loaded: LoadedModel, force: bool) -> None:
-    for d in dictionaries:
-        if d.sae.d_in != loaded.d_model:
-            raise EvaluateError(
-                f"{d.directory} expects inputs of width d_in={d.sae.d_in}, but {loaded.model_id} has "
-                f"d_model={loaded.d_model}; evaluate it with the model it was trained on (model=...)"
-            )
-        own = d.sae.meta.get("model_id")
-        if own is not None and own != loaded.model_id and not force:
-            raise EvaluateError(
-                f"{d.directory} was trained on {own!r}, but the evaluation model is {loaded.model_id!r}; "
-                "pick its model (model=...), or evaluate.force=true to splice it into this one anyway"
-            )
-
-
-def _held_out_start(shards: ShardSet, dictionaries: list[_Dictionary], holdout_tokens: int) -> int:
+def _held_out_start(shards: ShardSet, dictionaries: list[Dictionary], holdout_tokens: int) -> int:
     """First token no dictionary trained on, on a window boundary."""
     ctx = shards.manifest.context_length
     default = max(0, shards.n_tokens - -(-holdout_tokens // ctx) * ctx)
@@ -193,20 +123,6 @@ def evaluation_windows(shards: ShardSet, start: int, tokens: int | None) -> tupl
 
 
 # ---------------------------------------------------------------- the evaluation pass
-
-
-class _Totals:
-    """Sums over the counted next-token predictions."""
-
-    def __init__(self):
-        self.n = 0
-        self.sums: dict[str, float] = {}
-
-    def add(self, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + float(values[mask].double().sum())
-
-    def mean(self, name: str) -> float:
-        return self.sums[name] / self.n
 
 
 def _ablation_log_probs(
@@ -420,23 +336,6 @@ def evaluate_hook(
 # ---------------------------------------------------------------- the stage
 
 
-def _shards_for(run_dir: Path, hook: str, loaded: LoadedModel) -> ShardSet:
-    try:
-        shards = ShardSet(run_dir / "activations" / hook)
-    except (ShardError, FileNotFoundError) as err:
-        raise EvaluateError(
-            f"no harvested activations for {hook} in {run_dir} ({err}); the evaluation windows and the "
-            f"mean-ablation value come from them: python -m pipeline harvest run_dir={run_dir} "
-            f"harvest.hooks=[{hook}]"
-        ) from err
-    if shards.manifest.tokenizer_id != loaded.tokenizer_id:
-        raise EvaluateError(
-            f"{shards.directory} was tokenized by {shards.manifest.tokenizer_id}, not by the evaluation model's "
-            f"tokenizer {loaded.tokenizer_id}; evaluate with the model the run was harvested with (model=...)"
-        )
-    return shards
-
-
 def _stored_activations(
     shards: ShardSet, loaded: LoadedModel, hook: HookPoint, first: int
 ) -> Callable[[slice], torch.Tensor] | None:
@@ -552,9 +451,9 @@ def evaluate_saes(
     A dictionary whose metrics.json was written with the same weights, model, windows and settings
     is not evaluated again."""
     run_dir = Path(run_dir)
-    dictionaries = find_dictionaries(run_dir, cfg)
+    dictionaries = find_dictionaries(run_dir, cfg.saes, cfg.hook, cfg.force, "evaluate")
     loaded = loaded or load_model(model_cfg)
-    _check_model(dictionaries, loaded, cfg.force)
+    check_model(dictionaries, loaded, cfg.force, "evaluate")
     tracker = Tracker(wandb_cfg or WandbConfig(), run_dir, "evaluate", {"evaluate": asdict(cfg)})
     reports: dict[str, dict] = {}
     for hook_name in sorted({d.hook for d in dictionaries}):
@@ -563,7 +462,7 @@ def evaluate_saes(
             hook = validate_hooks(loaded.model, [hook_name])[0]
         except HookError as err:
             raise EvaluateError(f"cannot evaluate {[str(d.directory) for d in group]}: {err}") from err
-        shards = _shards_for(run_dir, hook_name, loaded)
+        shards = shards_for(run_dir, hook_name, loaded)
         first, count = evaluation_windows(
             shards, _held_out_start(shards, group, cfg.holdout_tokens), cfg.tokens
         )

@@ -357,9 +357,13 @@ def _watch(module: nn.Module, side: str, name: str, record: Callable[[str, torch
 
 
 def capture_activations(
-    model: nn.Module, input_ids: torch.Tensor, hooks: list[HookPoint]
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    hooks: list[HookPoint],
+    inputs_embeds: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Truncated forward: {hook name: [batch, seq, d_model]}, stopping after the last needed module."""
+    """Truncated forward: {hook name: [batch, seq, d_model]}, stopping after the last needed module.
+    `inputs_embeds` [batch, seq, d_model] replaces the token embedding (e.g. to take gradients)."""
     captured: dict[str, torch.Tensor] = {}
 
     def record(name: str, value: torch.Tensor) -> None:
@@ -369,7 +373,7 @@ def capture_activations(
 
     handles = [_watch(*resolve_hook(model, hook), hook.name, record) for hook in hooks]
     try:
-        base_model(model)(input_ids=input_ids, use_cache=False)
+        base_model(model)(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False)
     except _StopForward:
         pass
     finally:

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import metrics as M
-from pipeline.evaluate import EvaluateConfig, EvaluateError, evaluate_hook, evaluate_saes
+from pipeline.dictionaries import DictionaryError
+from pipeline.evaluate import EvaluateConfig, evaluate_hook, evaluate_saes
 from pipeline.harvest import HarvestConfig, harvest_activations
 from pipeline.models import ModelConfig, load_model, splice_activations, validate_hooks
 from pipeline.sae import Sae, SaeConfig
@@ -200,25 +201,27 @@ def test_bad_inputs_are_named(trained_run, model_cfg, loaded, tmp_path):
     def evaluate(**kw):
         return evaluate_saes(model_cfg, _cfg(**kw), trained_run, OFF, loaded=loaded)
 
-    with pytest.raises(EvaluateError, match="trained on 'gpt2'.*evaluate.force=true"):
+    with pytest.raises(DictionaryError, match="trained on 'gpt2'.*evaluate.force=true"):
         evaluate(saes=[saved("other-model", model_id="gpt2")])
     evaluate(saes=[saved("forced", model_id="gpt2")], force=True, tokens=CTX)
-    with pytest.raises(EvaluateError, match="trained at blocks.1.resid_post, not at evaluate.hook=blocks.0"):
+    with pytest.raises(
+        DictionaryError, match="trained at blocks.1.resid_post, not at evaluate.hook=blocks.0"
+    ):
         evaluate(saes=[str(trained_run / "sae" / HOOK / "topk-k8-x4")], hook="blocks.0.resid_post")
-    with pytest.raises(EvaluateError, match="layer 7 is out of range"):
+    with pytest.raises(DictionaryError, match="layer 7 is out of range"):
         evaluate(saes=[saved("deep", hook="blocks.7.resid_post")])
     wide = Sae.from_config_dict({**base.config_dict(), "d_in": 64, "d_sae": 128})
-    with pytest.raises(EvaluateError, match="d_in=64.*d_model=32"):
+    with pytest.raises(DictionaryError, match="d_in=64.*d_model=32"):
         evaluate(saes=[str(wide.save(tmp_path / "wide"))], force=True)
-    with pytest.raises(EvaluateError, match="more than the 256 held-out tokens"):
+    with pytest.raises(DictionaryError, match="more than the 256 held-out tokens"):
         evaluate(tokens=CTX * 9)
-    with pytest.raises(EvaluateError, match="too few evaluation tokens"):
+    with pytest.raises(DictionaryError, match="too few evaluation tokens"):
         EvaluateConfig(tokens=1)
-    with pytest.raises(EvaluateError, match="all of them were used in training"):
+    with pytest.raises(DictionaryError, match="all of them were used in training"):
         evaluate(saes=[saved("all-trained", training_split_tokens=CTX * 40)])
-    with pytest.raises(EvaluateError, match="no harvested activations for blocks.2.resid_post"):
+    with pytest.raises(DictionaryError, match="no harvested activations for blocks.2.resid_post"):
         evaluate(saes=[saved("unharvested", hook="blocks.2.resid_post")])
-    with pytest.raises(EvaluateError, match="neither an SAE directory nor"):
+    with pytest.raises(DictionaryError, match="neither an SAE directory nor"):
         evaluate(saes=["no-such-sae"])
 
 

@@ -1,0 +1,172 @@
+"""Per-feature statistics gathered in one streaming pass over a dictionary's codes.
+
+Memory is bounded by the number of latents, never by the number of tokens:
+  FeatureStats   firing count, activation sum and max, a log2-binned activation histogram
+  TopExamples    the m highest-keyed firing positions per latent with the latent's activation on
+                 their context; key = activation gives the top-activating examples, key = a random
+                 number gives a uniform sample of the latent's firings (Efraimidis-Spirakis)
+  Coactivation   how often two latents fire on the same token, on a sample of tokens
+Batches are whole windows of `ctx` tokens, so a context never crosses the window it came from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def firing_entries(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token row, latent, activation) of every non-zero code of codes [tokens, d_sae]."""
+    rows, latents = (codes > 0).nonzero(as_tuple=True)
+    return rows, latents, codes[rows, latents]
+
+
+class FeatureStats:
+    """Firing count, activation sum / max and an activation histogram per latent."""
+
+    def __init__(self, d_sae: int, device: torch.device | str = "cpu", bins: int = 48):
+        self.tokens = 0
+        self.count = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.max = torch.zeros(d_sae, device=device)
+        self.bins = bins
+        self.histogram = torch.zeros(d_sae, bins, dtype=torch.long, device=device)
+        self.log2_low: float | None = None  # bin edges: log2_low + 0.5 * i (set by the first batch)
+
+    def update(self, n_tokens: int, latents: torch.Tensor, acts: torch.Tensor) -> None:
+        self.tokens += n_tokens
+        self.count += torch.bincount(latents, minlength=len(self.count))
+        self.sum.index_add_(0, latents, acts.double())
+        self.max.scatter_reduce_(0, latents, acts, reduce="amax")
+        if self.log2_low is None and len(acts):
+            self.log2_low = math.ceil(math.log2(float(acts.max()) * 4)) - self.bins / 2
+        if self.log2_low is not None:
+            bins = ((acts.log2() - self.log2_low) * 2).floor().long().clamp(0, self.bins - 1)
+            flat = self.histogram.view(-1)
+            flat += torch.bincount(latents * self.bins + bins, minlength=flat.numel())
+
+    def edges(self) -> list[float]:
+        low = self.log2_low if self.log2_low is not None else 0.0
+        return [2 ** (low + 0.5 * i) for i in range(self.bins + 1)]
+
+
+class TopExamples:
+    """The `m` highest-keyed firings of each latent, kept exactly by merging each batch's candidates
+    (only firings above the latent's current m-th key) with the current best."""
+
+    def __init__(self, d_sae: int, m: int, before: int, after: int, device: torch.device | str = "cpu"):
+        self.m, self.before, self.after = m, before, after
+        self.key = torch.full((d_sae, m), -math.inf, device=device)
+        self.token = torch.full((d_sae, m), -1, dtype=torch.long, device=device)  # global token index
+        self.act = torch.zeros(d_sae, m, device=device)
+        # the latent's activation on tokens [token - before, token + after]; float16 is exact enough to show
+        self.context = torch.zeros(d_sae, m, before + 1 + after, dtype=torch.float16, device=device)
+
+    def update(
+        self,
+        rows: torch.Tensor,
+        latents: torch.Tensor,
+        keys: torch.Tensor,
+        acts: torch.Tensor,
+        codes: torch.Tensor,
+        first_token: int,
+        ctx: int,
+    ) -> None:
+        """Merge this batch's firings (rows of codes [tokens, d_sae], starting at global `first_token`)."""
+        take = keys > self.key[latents, -1]
+        if not take.any():
+            return
+        rows, latents, keys, acts = rows[take], latents[take], keys[take], acts[take]
+        touched = latents.unique()
+        m = self.m
+        # candidates: the touched latents' current entries (source >= 0: flat slot) + the new ones (< 0)
+        old_lat = touched.repeat_interleave(m)
+        old_slot = (touched[:, None] * m + torch.arange(m, device=touched.device)).view(-1)
+        all_lat = torch.cat([old_lat, latents])
+        all_key = torch.cat([self.key.view(-1)[old_slot], keys])
+        source = torch.cat([old_slot, -1 - torch.arange(len(latents), device=latents.device)])
+        order = torch.argsort(all_key, descending=True, stable=True)
+        order = order[torch.argsort(all_lat[order], stable=True)]
+        lat_sorted = all_lat[order]
+        group_start = torch.searchsorted(lat_sorted, lat_sorted, side="left")
+        rank = torch.arange(len(order), device=order.device) - group_start
+        keep = order[rank < m]
+        lat_keep, rank_keep, src = all_lat[keep], rank[rank < m], source[keep]
+
+        new_key = all_key[keep]
+        new_token = torch.empty_like(src)
+        new_act = torch.empty_like(new_key)
+        new_context = torch.empty(
+            len(keep), self.context.shape[-1], dtype=self.context.dtype, device=src.device
+        )
+        old = src >= 0
+        new_token[old] = self.token.view(-1)[src[old]]
+        new_act[old] = self.act.view(-1)[src[old]]
+        new_context[old] = self.context.view(-1, self.context.shape[-1])[src[old]]
+        fresh = -1 - src[~old]
+        new_token[~old] = rows[fresh] + first_token
+        new_act[~old] = acts[fresh]
+        new_context[~old] = self._context(codes, rows[fresh], latents[fresh], ctx).to(self.context.dtype)
+
+        self.key[touched] = -math.inf
+        self.token[touched] = -1
+        self.act[touched] = 0
+        self.context[touched] = 0
+        self.key[lat_keep, rank_keep] = new_key
+        self.token[lat_keep, rank_keep] = new_token
+        self.act[lat_keep, rank_keep] = new_act
+        self.context[lat_keep, rank_keep] = new_context
+
+    def _context(
+        self, codes: torch.Tensor, rows: torch.Tensor, latents: torch.Tensor, ctx: int
+    ) -> torch.Tensor:
+        offsets = torch.arange(-self.before, self.after + 1, device=rows.device)
+        positions = rows[:, None] + offsets  # [n, C]
+        window = rows[:, None] // ctx
+        inside = (positions >= 0) & (positions < len(codes)) & (positions // ctx == window)
+        values = codes[positions.clamp(0, len(codes) - 1), latents[:, None]]
+        return values * inside
+
+
+class Coactivation:
+    """Counts of latent pairs firing on the same token, over the first `max_tokens` tokens seen."""
+
+    def __init__(self, d_sae: int, max_tokens: int, per_token: int = 64):
+        self.d_sae, self.max_tokens, self.per_token = d_sae, max_tokens, per_token
+        self.tokens = 0
+        self.single = torch.zeros(d_sae, dtype=torch.long)
+        self.pairs: list[torch.Tensor] = []
+
+    def update(self, codes: torch.Tensor) -> None:
+        room = self.max_tokens - self.tokens
+        if room <= 0:
+            return
+        codes = codes[:room]
+        self.tokens += len(codes)
+        values, idx = codes.topk(min(self.per_token, codes.shape[1]), dim=-1)  # [tokens, kk]
+        active = values > 0
+        self.single += torch.bincount(idx[active], minlength=self.d_sae).cpu()
+        both = active[:, :, None] & active[:, None, :]
+        both &= ~torch.eye(idx.shape[1], dtype=torch.bool, device=idx.device)
+        keys = idx[:, :, None] * self.d_sae + idx[:, None, :]
+        self.pairs.append(keys[both].cpu())
+
+    def top_partners(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each latent, the n latents most often active with it and P(partner | latent):
+        ([d_sae, n] ids, -1 where none; [d_sae, n] probabilities)."""
+        partners = torch.full((self.d_sae, n), -1, dtype=torch.long)
+        prob = torch.zeros(self.d_sae, n)
+        if not self.pairs:
+            return partners, prob
+        keys, counts = torch.cat(self.pairs).unique(return_counts=True)
+        first, second = keys // self.d_sae, keys % self.d_sae
+        order = torch.argsort(counts, descending=True, stable=True)
+        order = order[torch.argsort(first[order], stable=True)]
+        first_sorted = first[order]
+        rank = torch.arange(len(order)) - torch.searchsorted(first_sorted, first_sorted, side="left")
+        keep = order[rank < n]
+        rows, cols = first[keep], rank[rank < n]
+        partners[rows, cols] = second[keep]
+        prob[rows, cols] = counts[keep].float() / self.single[rows].clamp_min(1).float()
+        return partners, prob
