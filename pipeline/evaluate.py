@@ -36,7 +36,14 @@ from tqdm.auto import tqdm
 
 from pipeline import metrics as M
 from pipeline.config import CONF_DIR, to_dataclass
-from pipeline.dictionaries import Dictionary, DictionaryError, check_model, find_dictionaries, shards_for
+from pipeline.dictionaries import (
+    Dictionary,
+    DictionaryError,
+    check_model,
+    find_dictionaries,
+    shards_for,
+    stored_activations_match,
+)
 from pipeline.fileio import atomic_write
 from pipeline.models import (
     HookError,
@@ -341,12 +348,7 @@ def _stored_activations(
 ) -> Callable[[slice], torch.Tensor] | None:
     """Harvested activations of the evaluation windows, where they are exactly what this model
     computes at the hook (same weights, stored in its compute dtype, a residual-stream hook)."""
-    usable = (
-        hook.point in ("resid_pre", "resid_post")
-        and shards.manifest.weights_hash == loaded.weights_hash
-        and shards.dtype == loaded.dtype
-    )
-    if not usable:
+    if not stored_activations_match(shards, loaded, hook.name):
         return None
     return lambda rows: torch.stack([shards.sequence(first + i)[1] for i in range(rows.start, rows.stop)])
 

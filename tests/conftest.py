@@ -169,3 +169,42 @@ def trained_llama_dir(tmp_path_factory, tokenizer) -> Path:
     model.eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def model_cfg(trained_llama_dir) -> ModelConfig:
+    """The trained tiny Llama in fp32 on the CPU."""
+    return ModelConfig(name="tiny-llama", path=str(trained_llama_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def loaded(model_cfg):
+    from pipeline.models import load_model
+
+    return load_model(model_cfg)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, model_cfg, loaded):
+    """A run directory with 40 harvested windows at two hooks and a TopK dictionary (topk-k8-x4) at
+    blocks.1.resid_post, from the trained tiny Llama (fp32). Stages add their outputs to it."""
+    from pipeline.corpus import CorpusConfig
+    from pipeline.harvest import HarvestConfig, harvest_activations
+    from pipeline.sae import SaeConfig
+    from pipeline.tracking import WandbConfig
+    from pipeline.train import TrainConfig, train_saes
+
+    HOOK, CTX = "blocks.1.resid_post", 32
+    run_dir = tmp_path_factory.mktemp("run")
+    corpus = CorpusConfig(name="test", source="files", path=str(TEXT))
+    harvest_activations(
+        model_cfg,
+        corpus,
+        HarvestConfig(hooks=[HOOK, "blocks.1.mlp_out"], tokens=CTX * 40, context_length=CTX, progress=False),
+        run_dir,
+        loaded=loaded,
+    )
+    train = TrainConfig(hook=HOOK, batch_size=128, holdout_tokens=CTX * 8, epochs=3, progress=False,
+                        checkpoint_every=0, lr=3e-3)  # fmt: skip
+    train_saes(train, SaeConfig(architecture="topk", expansion=4, k=8), run_dir, WandbConfig(mode="disabled"))
+    return run_dir

@@ -10,12 +10,10 @@ from safetensors.torch import load_file
 from pipeline import metrics as M
 from pipeline.dictionaries import DictionaryError
 from pipeline.evaluate import EvaluateConfig, evaluate_hook, evaluate_saes
-from pipeline.harvest import HarvestConfig, harvest_activations
-from pipeline.models import ModelConfig, load_model, splice_activations, validate_hooks
-from pipeline.sae import Sae, SaeConfig
+from pipeline.models import splice_activations, validate_hooks
+from pipeline.sae import Sae
 from pipeline.sae.formats import write_saelens
 from pipeline.tracking import WandbConfig
-from pipeline.train import TrainConfig, train_saes
 
 HOOK = "blocks.1.resid_post"
 CTX = 32
@@ -25,37 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _cfg(**kw) -> EvaluateConfig:
     return EvaluateConfig(**{"progress": False, "batch_size": 3, **kw})
-
-
-@pytest.fixture(scope="module")
-def model_cfg(trained_llama_dir) -> ModelConfig:
-    return ModelConfig(name="tiny-llama", path=str(trained_llama_dir), dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def loaded(model_cfg):
-    return load_model(model_cfg)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, model_cfg, loaded):
-    """A run directory with 40 harvested windows at two hooks and a TopK dictionary at HOOK."""
-    from pipeline.corpus import CorpusConfig
-    from tests.conftest import TEXT
-
-    run_dir = tmp_path_factory.mktemp("run")
-    corpus = CorpusConfig(name="test", source="files", path=str(TEXT))
-    harvest_activations(
-        model_cfg,
-        corpus,
-        HarvestConfig(hooks=[HOOK, "blocks.1.mlp_out"], tokens=CTX * 40, context_length=CTX, progress=False),
-        run_dir,
-        loaded=loaded,
-    )
-    train = TrainConfig(hook=HOOK, batch_size=128, holdout_tokens=CTX * 8, epochs=3, progress=False,
-                        checkpoint_every=0, lr=3e-3)  # fmt: skip
-    train_saes(train, SaeConfig(architecture="topk", expansion=4, k=8), run_dir, OFF)
-    return run_dir
 
 
 def _identity_sae(d: int) -> Sae:

@@ -1,0 +1,74 @@
+"""The static HTML dashboard of a dictionary's features: opens from the file system, no server, no
+network. Data files are JSON wrapped in one JavaScript call each (browsers refuse to fetch local
+files from a page, but load local scripts):
+
+    data/features.js     SAE_DASHBOARD.index({"meta": ..., "features": [summary per feature]});
+    data/chunk-NNN.js    SAE_DASHBOARD.chunk(NNN, [full record of features NNN*CHUNK ...]);
+    data/vocab.js        SAE_DASHBOARD.vocab(["token text by id", ...]);
+features.json holds the same index as plain JSON; `load_features(directory)` reads the records.
+Token texts are only ever inserted as text (textContent), never as markup.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from pipeline.fileio import atomic_write
+
+CHUNK = 256
+STATIC = Path(__file__).with_name("static")
+_WRAPPED = re.compile(r"^SAE_DASHBOARD\.\w+\((?:\d+, )?(.*)\);\s*$", re.S)
+
+
+def _js(call: str, payload, index: int | None = None) -> bytes:
+    args = f"{index}, " if index is not None else ""
+    return f"SAE_DASHBOARD.{call}({args}{json.dumps(payload, ensure_ascii=True, separators=(',', ':'))});\n".encode()
+
+
+def summary(record: dict, vocab: list[str]) -> dict:
+    """The index row of a feature: numbers, promoted tokens, the text around its top example."""
+    top = record["top"][0] if record["top"] else None
+    snippet = ""
+    if top:
+        at = top["position"] - top["start"]
+        snippet = "".join(vocab[i] for i in top["ids"][max(0, at - 8) : at + 2])
+    return {
+        "id": record["id"],
+        "dead": record["dead"],
+        "frequency": record["frequency"],
+        "mean_activation": record["mean_activation"],
+        "max_activation": record["max_activation"],
+        "top_tokens": [vocab[i] for i, _ in record["logits"]["positive"][:5]],
+        "example": snippet,
+        "detail": record["components"] is not None or bool(top and "loss" in top),
+    }
+
+
+def write_dashboard(out: Path, meta: dict, records: list[dict], vocab: list[str]) -> Path:
+    """Write features.json, the data scripts and the pages into `out`; return index.html."""
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    index = {"meta": meta, "features": [summary(r, vocab) for r in records]}
+    for lo in range(0, len(records), CHUNK):
+        atomic_write(
+            data / f"chunk-{lo // CHUNK:03d}.js", _js("chunk", records[lo : lo + CHUNK], lo // CHUNK)
+        )
+    atomic_write(data / "vocab.js", _js("vocab", vocab))
+    atomic_write(data / "features.js", _js("index", index))
+    atomic_write(out / "features.json", json.dumps(index).encode())
+    for page in STATIC.iterdir():
+        shutil.copyfile(page, out / page.name)
+    return out / "index.html"
+
+
+def load_features(directory: str | Path) -> tuple[dict, list[dict]]:
+    """(meta, full records of every feature) of an analyzed dictionary's features directory."""
+    directory = Path(directory)
+    meta = json.loads((directory / "features.json").read_text())["meta"]
+    records = []
+    for path in sorted((directory / "data").glob("chunk-*.js")):
+        records.extend(json.loads(_WRAPPED.match(path.read_text()).group(1)))
+    return meta, records

@@ -1,0 +1,319 @@
+// SAE feature dashboard: works from file:// with no server and no network.
+// Every token text goes into the page as text (textContent), never as markup.
+"use strict";
+
+window.SAE_DASHBOARD = (function () {
+  const state = { vocab: [], index: null, chunks: {}, waiting: {} };
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (key === "text") node.textContent = value;
+      else if (key === "class") node.className = value;
+      else node.setAttribute(key, value);
+    }
+    for (const child of children) if (child) node.appendChild(child);
+    return node;
+  }
+
+  function tokenText(id) {
+    const text = id >= 0 && id < state.vocab.length ? state.vocab[id] : "<" + id + ">";
+    return text.replace(/\n/g, "\u23CE");
+  }
+
+  function fmt(x, digits) {
+    if (x === null || x === undefined) return "";
+    if (x !== 0 && Math.abs(x) < 1e-3) return x.toExponential(2);
+    return Number(x).toFixed(digits === undefined ? 3 : digits);
+  }
+
+  function percent(x) {
+    return x >= 0.01 ? (100 * x).toFixed(2) + "%" : (100 * x).toExponential(1) + "%";
+  }
+
+  function setMeta(meta) {
+    document.getElementById("meta").textContent =
+      `${meta.sae} at ${meta.hook} of ${meta.model_id} — ${meta.d_sae} features (${meta.dead_features} dead), ` +
+      `${meta.tokens.toLocaleString()} tokens of ${meta.corpus_id}`;
+  }
+
+  // ------------------------------------------------------------ index page
+
+  function renderIndex() {
+    const meta = state.index.meta;
+    setMeta(meta);
+    document.getElementById("title").textContent = `Features of ${meta.sae}`;
+    const rows = state.index.features;
+    const body = document.querySelector("#features tbody");
+    const filter = document.getElementById("filter");
+    const hideDead = document.getElementById("hide-dead");
+    const more = document.getElementById("more");
+    let sortKey = "frequency", descending = true, shown = 500;
+
+    function matching() {
+      const needle = filter.value.toLowerCase();
+      return rows.filter((r) => (!hideDead.checked || !r.dead) &&
+        (!needle || r.top_tokens.some((t) => t.toLowerCase().includes(needle)) ||
+         r.example.toLowerCase().includes(needle)));
+    }
+
+    function draw() {
+      const list = matching().sort((a, b) => (descending ? -1 : 1) * (a[sortKey] - b[sortKey]));
+      body.textContent = "";
+      for (const r of list.slice(0, shown)) {
+        const link = el("a", { href: `feature.html#${r.id}`, text: String(r.id) });
+        const tokens = el("td", { class: "snippet", text: r.top_tokens.map((t) => JSON.stringify(t)).join(" ") });
+        body.appendChild(el("tr", { class: r.dead ? "dead" : "" },
+          el("td", {}, link), el("td", { text: percent(r.frequency) }),
+          el("td", { text: fmt(r.mean_activation, 2) }), el("td", { text: fmt(r.max_activation, 2) }),
+          tokens, el("td", { class: "snippet", text: r.example.replace(/\n/g, "\u23CE") })));
+      }
+      document.getElementById("count").textContent = `${list.length} features`;
+      more.hidden = list.length <= shown;
+    }
+
+    for (const th of document.querySelectorAll("th[data-key]")) {
+      th.addEventListener("click", () => {
+        const key = th.getAttribute("data-key");
+        descending = key === sortKey ? !descending : key !== "id";
+        sortKey = key;
+        draw();
+      });
+    }
+    filter.addEventListener("input", draw);
+    hideDead.addEventListener("change", draw);
+    more.addEventListener("click", () => { shown += 1000; draw(); });
+    document.getElementById("goto").addEventListener("change", (e) => {
+      window.location.href = `feature.html#${e.target.value}`;
+    });
+    draw();
+  }
+
+  // ------------------------------------------------------------ charts
+
+  function barChart(counts, labels, options) {
+    const width = 320, height = 110, pad = 18;
+    const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+    svg.setAttribute("width", width);
+    svg.setAttribute("height", height + pad);
+    const peak = Math.max(1, ...counts);
+    const step = width / Math.max(1, counts.length);
+    counts.forEach((count, i) => {
+      const bar = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+      const h = (height * count) / peak;
+      bar.setAttribute("x", i * step);
+      bar.setAttribute("y", height - h);
+      bar.setAttribute("width", Math.max(1, step - 1));
+      bar.setAttribute("height", h);
+      bar.setAttribute("class", options && options.negativeBelow !== undefined && i < options.negativeBelow ? "bar neg" : "bar");
+      const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
+      title.textContent = `${labels[i]}: ${count}`;
+      bar.appendChild(title);
+      svg.appendChild(bar);
+    });
+    for (const [i, anchor] of [[0, "start"], [labels.length - 1, "end"]]) {
+      const text = document.createElementNS("http://www.w3.org/2000/svg", "text");
+      text.setAttribute("x", anchor === "start" ? 0 : width);
+      text.setAttribute("y", height + pad - 4);
+      text.setAttribute("text-anchor", anchor);
+      text.setAttribute("font-size", "10");
+      text.textContent = labels[i];
+      svg.appendChild(text);
+    }
+    return svg;
+  }
+
+  // ------------------------------------------------------------ feature page
+
+  const tooltip = () => document.getElementById("tooltip");
+
+  function showTip(event, lines) {
+    const tip = tooltip();
+    tip.textContent = lines.join("\n");
+    tip.hidden = false;
+    tip.style.left = event.clientX + 12 + "px";
+    tip.style.top = event.clientY + 12 + "px";
+  }
+
+  function exampleLine(example, peak, mode) {
+    const line = el("div", { class: "example" });
+    line.appendChild(el("span", { class: "act", text: fmt(example.activation, 2) }));
+    const at = example.position - example.start;
+    const attributionPeak = example.attribution ? Math.max(1e-9, ...example.attribution.map(Math.abs)) : 1;
+    example.ids.forEach((id, i) => {
+      const act = example.acts[i];
+      const span = el("span", { class: i === at ? "tok max" : "tok", text: tokenText(id) });
+      if (mode === "attribution" && example.attribution) {
+        const a = example.attribution[i] / attributionPeak;
+        span.style.background = a >= 0 ? `rgba(0,102,204,${Math.min(1, a)})` : `rgba(204,51,0,${Math.min(1, -a)})`;
+      } else if (act > 0) {
+        span.style.background = `rgba(255,120,0,${Math.min(1, act / peak).toFixed(3)})`;
+      }
+      span.addEventListener("mousemove", (event) => {
+        const lines = [`token ${JSON.stringify(state.vocab[id] === undefined ? "" : state.vocab[id])}  id ${id}`,
+          `activation ${fmt(act, 3)}`];
+        if (example.loss) lines.push(`loss contribution ${fmt(example.loss[i], 4)} (change in the loss of predicting this token ` +
+          "when the feature is removed; > 0: the feature helped)");
+        if (example.attribution) lines.push(`input attribution ${fmt(example.attribution[i], 4)} (gradient x input)`);
+        showTip(event, lines);
+      });
+      span.addEventListener("mouseleave", () => { tooltip().hidden = true; });
+      line.appendChild(span);
+    });
+    return line;
+  }
+
+  function section(title, ...children) {
+    return el("section", {}, el("h2", { text: title }), ...children);
+  }
+
+  function logitTable(rows, cls) {
+    const table = el("table", { class: "logits" });
+    for (const [id, value] of rows) {
+      table.appendChild(el("tr", {}, el("td", { class: cls, text: JSON.stringify(state.vocab[id] || "") }),
+        el("td", { text: fmt(value, 3) })));
+    }
+    return table;
+  }
+
+  function drawFeature(record) {
+    const meta = state.index.meta;
+    const main = document.getElementById("feature");
+    main.textContent = "";
+    document.getElementById("title").textContent = `Feature ${record.id}` + (record.dead ? " (dead)" : "");
+    document.title = `Feature ${record.id} — ${meta.sae}`;
+    main.appendChild(el("p", { class: "small", text:
+      `frequency ${percent(record.frequency)} (${record.count} of ${meta.tokens} tokens), ` +
+      `mean activation ${fmt(record.mean_activation, 3)}, max ${fmt(record.max_activation, 3)}` }));
+    if (record.dead) {
+      main.appendChild(el("p", { text: "This feature never fired on the analyzed tokens." }));
+    }
+    const peak = Math.max(record.max_activation, 1e-9);
+    const grid = el("div", { class: "grid" });
+    if (record.histogram.length) {
+      const edges = meta.histogram_edges;
+      let lo = record.histogram.findIndex((c) => c > 0), hi = record.histogram.length - 1;
+      while (hi > lo && record.histogram[hi] === 0) hi--;
+      const counts = record.histogram.slice(lo, hi + 1);
+      const labels = counts.map((_, i) => fmt(edges[lo + i], 2));
+      grid.appendChild(section("Activation density (firings by activation)", barChart(counts, labels)));
+    }
+    const logits = record.logits;
+    const bins = logits.histogram.length;
+    const zeroBin = Math.floor(((0 - logits.low) / Math.max(1e-12, logits.high - logits.low)) * bins);
+    const logitLabels = logits.histogram.map((_, i) => fmt(logits.low + ((logits.high - logits.low) * i) / bins, 2));
+    grid.appendChild(section("Logit effects (decoder direction → unembedding)",
+      barChart(logits.histogram, logitLabels, { negativeBelow: zeroBin })));
+    grid.appendChild(section("Top promoted tokens", logitTable(logits.positive, "pos")));
+    grid.appendChild(section("Top suppressed tokens", logitTable(logits.negative, "neg")));
+    const dims = el("table", { class: "logits" });
+    for (const [dim, weight] of record.dimensions) {
+      dims.appendChild(el("tr", {}, el("td", { text: `dim ${dim}` }), el("td", { text: fmt(weight, 3) })));
+    }
+    grid.appendChild(section("Model dimensions of the decoder direction", dims));
+    const co = el("table", { class: "logits" });
+    for (const [other, prob] of record.coactivation) {
+      const summary = state.index.features[other];
+      co.appendChild(el("tr", {}, el("td", {}, el("a", { href: `feature.html#${other}`, text: `#${other}` })),
+        el("td", { title: "P(that feature fires | this one fires)", text: fmt(prob, 3) }),
+        el("td", { class: "snippet", text: summary ? summary.top_tokens.slice(0, 3).map((t) => JSON.stringify(t)).join(" ") : "" })));
+    }
+    grid.appendChild(section("Co-activating features (P(fires | this fires))", co));
+    main.appendChild(grid);
+
+    let mode = "activation";
+    const toggle = el("button", { class: "toggle", text: "colour by input attribution" });
+    const tops = el("div", { id: "top-examples" });
+    const drawTops = () => {
+      tops.textContent = "";
+      for (const example of record.top) tops.appendChild(exampleLine(example, peak, mode));
+    };
+    toggle.addEventListener("click", () => {
+      mode = mode === "activation" ? "attribution" : "activation";
+      toggle.textContent = mode === "activation" ? "colour by input attribution" : "colour by activation";
+      drawTops();
+    });
+    const hasAttribution = record.top.some((e) => e.attribution);
+    const topTitle = el("h2", { text: "Top activations" });
+    if (hasAttribution) topTitle.appendChild(toggle);
+    drawTops();
+    main.appendChild(el("section", {}, topTitle, tops));
+    for (const group of record.quantile_groups) {
+      const box = el("div", {});
+      for (const example of group.examples) box.appendChild(exampleLine(example, peak, "activation"));
+      main.appendChild(section(`Activations ${fmt(group.low, 2)} – ${fmt(group.high, 2)} (random firings)`, box));
+    }
+    if (record.components) drawComponents(main, record);
+  }
+
+  function drawComponents(main, record) {
+    const parts = record.components;
+    const example = record.top[parts.example];
+    const sorted = parts.components.slice().sort((a, b) => Math.abs(b[1]) - Math.abs(a[1]));
+    const table = el("table", { class: "logits" });
+    const peak = Math.max(1e-9, ...sorted.map((c) => Math.abs(c[1])));
+    for (const [name, value] of sorted.slice(0, 15)) {
+      const bar = el("span", {});
+      bar.style.display = "inline-block";
+      bar.style.height = "8px";
+      bar.style.width = `${(120 * Math.abs(value)) / peak}px`;
+      bar.style.background = value >= 0 ? "#3b6ea8" : "#c0392b";
+      table.appendChild(el("tr", {}, el("td", { text: name }), el("td", { text: fmt(value, 3) }), el("td", {}, bar)));
+    }
+    main.appendChild(section(
+      `Component attribution at the top example (pre-activation ${fmt(parts.pre_activation, 3)} = ` +
+      `sum of the parts + constant ${fmt(parts.constant, 3)})`, table));
+    for (const head of parts.head_sources) {
+      const line = el("div", { class: "example" });
+      line.appendChild(el("span", { class: "act", text: head.component }));
+      const headPeak = Math.max(1e-9, ...head.sources.map(Math.abs));
+      head.sources.forEach((value, src) => {
+        const inContext = src - example.start;
+        if (inContext < 0) return;
+        const span = el("span", { class: "tok", text: tokenText(example.ids[inContext]) });
+        span.style.background = value >= 0 ? `rgba(0,102,204,${Math.min(1, value / headPeak)})` : `rgba(204,51,0,${Math.min(1, -value / headPeak)})`;
+        span.addEventListener("mousemove", (event) => showTip(event,
+          [`source position ${src}`, `pattern x (message . encoder direction) = ${fmt(value, 4)}`]));
+        span.addEventListener("mouseleave", () => { tooltip().hidden = true; });
+        line.appendChild(span);
+      });
+      main.appendChild(line);
+    }
+  }
+
+  function loadChunk(n, then) {
+    if (state.chunks[n]) return then(state.chunks[n]);
+    (state.waiting[n] = state.waiting[n] || []).push(then);
+    if (state.waiting[n].length > 1) return;
+    const script = document.createElement("script");
+    script.src = `data/chunk-${String(n).padStart(3, "0")}.js`;
+    script.onerror = () => { document.getElementById("status").textContent = `cannot load ${script.src}`; };
+    document.head.appendChild(script);
+  }
+
+  function renderFeature() {
+    const meta = state.index.meta;
+    setMeta(meta);
+    const show = () => {
+      const id = Math.max(0, Math.min(meta.d_sae - 1, parseInt(window.location.hash.slice(1) || "0", 10) || 0));
+      document.getElementById("prev").href = `#${Math.max(0, id - 1)}`;
+      document.getElementById("next").href = `#${Math.min(meta.d_sae - 1, id + 1)}`;
+      loadChunk(Math.floor(id / meta.chunk_size), (records) => drawFeature(records[id % meta.chunk_size]));
+    };
+    document.getElementById("goto").addEventListener("change", (e) => { window.location.hash = e.target.value; });
+    window.addEventListener("hashchange", show);
+    show();
+  }
+
+  return {
+    vocab(v) { state.vocab = v; },
+    index(data) { state.index = data; },
+    chunk(n, records) {
+      state.chunks[n] = records;
+      for (const then of state.waiting[n] || []) then(records);
+      delete state.waiting[n];
+    },
+    renderIndex,
+    renderFeature,
+  };
+})();

@@ -1,0 +1,178 @@
+import html
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.analyze import AnalyzeConfig, AnalyzeError, analyze_saes, example_html
+from pipeline.dashboard import load_features, write_dashboard
+from pipeline.dictionaries import DictionaryError
+from pipeline.sae import Sae
+from pipeline.shards import ShardSet
+from pipeline.tracking import WandbConfig
+
+HOOK = "blocks.1.resid_post"
+OFF = WandbConfig(mode="disabled")
+
+
+def _cfg(**kw) -> AnalyzeConfig:
+    base = dict(progress=False, top_k=5, samples=8, detail_features=4, detail_examples=2, context_before=6)
+    return AnalyzeConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def analyzed(trained_run, model_cfg, loaded, tmp_path_factory):
+    """The trained dictionary analyzed, plus a copy whose feature 0 can never fire."""
+    sae = Sae.load(trained_run / "sae" / HOOK / "topk-k8-x4")
+    with torch.no_grad():
+        sae.W_enc[:, 0] = 0
+        sae.b_enc[0] = -1e4
+    silent = sae.save(trained_run / "sae" / HOOK / "with-dead")
+    out = analyze_saes(model_cfg, _cfg(), trained_run, OFF, loaded=loaded)
+    return {name.split("/")[-1]: path for name, path in out.items()}, silent
+
+
+def test_features_match_a_brute_force_computation(trained_run, analyzed):
+    meta, records = load_features(analyzed[0]["topk-k8-x4"])
+    sae = Sae.load(trained_run / "sae" / HOOK / "topk-k8-x4")
+    shards = ShardSet(trained_run / "activations" / HOOK)
+    tokens = shards.tokens_at(torch.arange(shards.n_tokens))
+    with torch.no_grad():
+        codes = sae.encode(shards.gather(torch.arange(shards.n_tokens)).float())
+    codes[tokens == shards.manifest.bos_token_id] = 0
+    assert meta["tokens"] == shards.n_tokens and len(records) == sae.d_sae
+    for record in records[:40]:
+        f = record["id"]
+        column = codes[:, f]
+        assert record["count"] == int((column > 0).sum())
+        assert record["max_activation"] == pytest.approx(float(column.max()), abs=1e-3)
+        top = column.topk(min(5, int((column > 0).sum())))
+        assert [e["activation"] for e in record["top"]] == pytest.approx(top.values.tolist(), abs=1e-3)
+        for example in record["top"]:
+            t = example["window"] * 32 + example["position"]
+            assert example["ids"][example["position"] - example["start"]] == int(tokens[t])
+            start = example["window"] * 32 + example["start"]
+            expected = column[start : start + len(example["ids"])]
+            assert example["acts"] == pytest.approx(expected.tolist(), abs=2e-2)
+        for group in record["quantile_groups"]:
+            for example in group["examples"]:
+                assert group["low"] <= example["activation"] <= group["high"]
+
+
+def test_detail_features_get_attributions(analyzed):
+    _, records = load_features(analyzed[0]["topk-k8-x4"])
+    detailed = [r for r in records if r["components"] is not None]
+    assert len(detailed) == 4
+    for record in detailed:
+        parts = record["components"]
+        total = sum(v for _, v in parts["components"]) + parts["constant"]
+        assert total == pytest.approx(parts["pre_activation"], abs=1e-3)
+        assert parts["pre_activation"] == pytest.approx(record["top"][0]["activation"], abs=1e-3)
+        for example in record["top"][:2]:
+            assert len(example["loss"]) == len(example["ids"]) == len(example["attribution"])
+        assert record["logits"]["positive"][0][1] >= record["logits"]["negative"][0][1]
+
+
+def test_a_feature_that_never_fires_is_shown_as_dead(analyzed):
+    meta, records = load_features(analyzed[0]["with-dead"])
+    assert records[0]["dead"] and records[0]["top"] == [] and records[0]["count"] == 0
+    assert meta["dead_features"] >= 1
+    index = json.loads((analyzed[0]["with-dead"] / "features.json").read_text())
+    assert index["features"][0]["dead"]
+
+
+def test_bad_inputs(trained_run, model_cfg, loaded, tmp_path):
+    with pytest.raises(AnalyzeError, match="too few for analyze.top_k=50"):
+        analyze_saes(
+            model_cfg, _cfg(tokens=32, top_k=50, saes=["topk-k8-x4"]), trained_run, OFF, loaded=loaded
+        )
+    sae = Sae.load(trained_run / "sae" / HOOK / "topk-k8-x4")
+    sae.meta["model_id"] = "gpt2"
+    other = str(sae.save(tmp_path / "other"))
+    with pytest.raises(DictionaryError, match="trained on 'gpt2'.*analyze.force=true"):
+        analyze_saes(model_cfg, _cfg(saes=[other]), trained_run, OFF, loaded=loaded)
+    with pytest.raises(DictionaryError, match="not at analyze.hook=blocks.0.resid_post"):
+        analyze_saes(
+            model_cfg, _cfg(saes=["topk-k8-x4"], hook="blocks.0.resid_post"), trained_run, OFF, loaded=loaded
+        )
+    with pytest.raises(AnalyzeError, match="analyze.top_k must be positive"):
+        AnalyzeConfig(top_k=0)
+
+
+MARKUP = '<img src=x onerror="window.__pwned=1">'
+
+
+def _hostile_dashboard(directory: Path) -> Path:
+    """A one-feature dashboard whose tokens contain markup."""
+    vocab = ["<bos>", MARKUP, "<script>window.__pwned=2</script>", " plain", "\u00e9\u4e2d\n"]
+    example = {"window": 0, "position": 2, "start": 0, "activation": 2.0, "ids": [0, 1, 2, 3, 4],
+               "acts": [0.0, 1.0, 2.0, 0.5, 0.0], "loss": [0, 0.1, -0.2, 0, 0], "attribution": [0, 1, -1, 0, 0]}  # fmt: skip
+    record = {
+        "id": 0, "dead": False, "frequency": 0.5, "count": 2, "mean_activation": 1.5, "max_activation": 2.0,
+        "histogram": [1, 1], "top": [example], "quantile_groups": [{"low": 1, "high": 2, "examples": [example]}],
+        "logits": {"positive": [[1, 2.0]], "negative": [[2, -1.0]], "histogram": [1, 2], "low": -1, "high": 2},
+        "dimensions": [[3, 0.5]], "coactivation": [], "components": None,
+    }  # fmt: skip
+    meta = {"sae": "s", "hook": HOOK, "model_id": "m", "corpus_id": "c", "d_sae": 1, "tokens": 4, "dead_features": 0,
+            "chunk_size": 256, "histogram_edges": [0.5, 1, 2], "architecture": "topk", "context_length": 5}  # fmt: skip
+    return write_dashboard(directory, meta, [record], vocab)
+
+
+def test_wandb_html_escapes_tokens():
+    vocab = ["a", MARKUP]
+    record = {"max_activation": 1.0, "top": [{"ids": [0, 1], "acts": [0.5, 1.0]}]}
+    out = example_html(record, vocab)
+    assert MARKUP not in out and html.escape(MARKUP) in out
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("SAE_PIPELINE_SKIP_BROWSER") == "1":
+        pytest.skip("SAE_PIPELINE_SKIP_BROWSER=1 and no chromium")
+    assert found, "chromium is missing: `make install` installs it (apt-get install -y chromium)"
+    return found
+
+
+def _browse(page: str, tmp_path: Path, screenshot: Path | None = None) -> str:
+    args = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000",
+            "--window-size=1200,1600"]  # fmt: skip
+    if screenshot is not None:
+        subprocess.run(
+            [*args, f"--screenshot={screenshot}", page], capture_output=True, timeout=120, check=True
+        )
+    result = subprocess.run(
+        [*args, "--dump-dom", page], capture_output=True, text=True, timeout=120, check=True
+    )
+    return result.stdout
+
+
+@pytest.mark.browser
+def test_dashboard_in_headless_chromium(analyzed, tmp_path):
+    out = analyzed[0]["topk-k8-x4"]
+    index_dom = _browse(f"file://{out / 'index.html'}", tmp_path)
+    assert "feature.html#" in index_dom and "features</span>" in index_dom
+    detailed = next(
+        r["id"] for r in json.loads((out / "features.json").read_text())["features"] if r["detail"]
+    )
+    shot = tmp_path / "feature.png"
+    dom = _browse(f"file://{out / 'feature.html'}#{detailed}", tmp_path, shot)
+    assert f"Feature {detailed}" in dom
+    assert dom.count('class="tok max"') >= 3  # highlighted top examples rendered
+    assert "Component attribution" in dom and "Top promoted tokens" in dom
+    assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
+
+
+@pytest.mark.browser
+def test_token_markup_is_shown_not_injected(tmp_path):
+    page = _hostile_dashboard(tmp_path / "dash").with_name("feature.html")
+    dom = _browse(f"file://{page}#0", tmp_path)
+    assert "<img" not in dom and "<script>window" not in dom
+    assert html.escape(MARKUP, quote=False) in dom  # the token is there, as text
+    index_dom = _browse(f"file://{page.with_name('index.html')}", tmp_path)
+    assert "<img" not in index_dom
