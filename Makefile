@@ -1,7 +1,7 @@
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-slow run bench bench-quality lint format
+.PHONY: install test test-slow run run-full bench bench-quality lint format
 
 # torch first: `torch==2.13.0` resolves to the local CPU wheel on the dev machines (a normal build elsewhere);
 # installing anything that depends on torch before it would pull a multi-GB CUDA build.
@@ -21,14 +21,19 @@ test-slow:
 	$(PYTHON) -m pytest -q -m slow
 
 # The main job on the embedded defaults: SmolLM2-135M activations of Python's docs, then a TopK SAE.
+# The whole pipeline on the embedded model and corpus: the fast demo preset (~3 min on 2 CPU cores) ...
 run:
-	$(PYTHON) -m pipeline harvest
-	$(PYTHON) -m pipeline train
+	$(PYTHON) -m pipeline all experiment=demo
+
+# ... and the full default configuration (the whole corpus, 16x TopK; ~11 min on 2 CPU cores).
+run-full:
+	$(PYTHON) -m pipeline all
 
 bench: .bench-venv/bin/python
 	$(PYTHON) bench/bench_harvest.py
 	$(PYTHON) bench/bench_train.py --peer-python .bench-venv/bin/python
 	$(PYTHON) bench/bench_evaluate.py
+	$(PYTHON) bench/bench_analyze.py
 
 lint:
 	$(PYTHON) -m ruff check pipeline tests bench

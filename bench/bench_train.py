@@ -52,7 +52,9 @@ def _recipe(data, steps):
 
 
 def ours(data, autocast_name, steps):
-    cfg = TrainConfig(autocast=autocast_name, dead_tokens=10**12, device="cpu")  # no dead latents, as for the peers
+    cfg = TrainConfig(
+        autocast=autocast_name, dead_tokens=10**12, device="cpu"
+    )  # no dead latents, as for the peers
     scale, lr_at = _recipe(data, steps)
     sae = build_sae(SaeConfig(architecture="topk", expansion=D_SAE // D_IN, k=K), D_IN)
     sae.init_from_data(data[:BATCH] * scale)

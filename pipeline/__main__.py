@@ -10,6 +10,7 @@ STAGES = {
     "train": "pipeline.train",
     "evaluate": "pipeline.evaluate",
     "analyze": "pipeline.analyze",
+    "all": "pipeline.all_stages",
 }
 
 

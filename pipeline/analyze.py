@@ -17,7 +17,9 @@ dashboard opens from the file system with no server), vocab.js, index.html, feat
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -361,6 +363,26 @@ def example_html(record: dict, vocab: list[str], n: int = 3) -> str:
     return "".join(lines)
 
 
+def _config_hash(sae, loaded: LoadedModel, shards: ShardSet, n_windows: int, cfg: AnalyzeConfig) -> str:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "wandb_features", "saes")}
+    payload = {
+        "sae": sae.digest(),
+        "model": loaded.weights_hash,
+        "shards": [r.sha256 for r in shards.manifest.shards],
+        "windows": n_windows,
+        "settings": settings,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _already_analyzed(out: Path, config_hash: str) -> bool:
+    try:
+        meta = json.loads((out / "features.json").read_text())["meta"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return meta.get("config_hash") == config_hash and (out / "index.html").exists()
+
+
 def analyze_saes(
     model_cfg: ModelConfig,
     cfg: AnalyzeConfig,
@@ -389,6 +411,14 @@ def analyze_saes(
                 "examples per feature; analyze more tokens (harvest more if the shards are short)"
             )
         sae = d.sae.to(loaded.device).eval()
+        out = run_dir / "features" / d.hook / d.name
+        config_hash = _config_hash(sae, loaded, shards, n_windows, cfg)
+        if _already_analyzed(out, config_hash):
+            log.info(
+                "%s/%s: already analyzed with this configuration -> %s", d.hook, d.name, out / "index.html"
+            )
+            out_dirs[f"{d.hook}/{d.name}"] = out
+            continue
         log.info("analyzing %s/%s on %d tokens", d.hook, d.name, n_windows * ctx)
         passed = stream_features(sae, shards, n_windows, cfg, loaded.device)
         records = feature_records(d, passed, loaded, hook, shards, cfg)
@@ -408,6 +438,7 @@ def analyze_saes(
             "detail_features": sum(
                 r["components"] is not None or "loss" in (r["top"] or [{}])[0] for r in records
             ),
+            "config_hash": config_hash,
         }
         out = run_dir / "features" / d.hook / d.name
         write_dashboard(out, meta, records, vocab)

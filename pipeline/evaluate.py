@@ -356,11 +356,8 @@ def _stored_activations(
 def _config_hash(
     sae: Sae, loaded: LoadedModel, shards: ShardSet, window_range: tuple, cfg: EvaluateConfig
 ) -> str:
-    digest = hashlib.sha256()
-    for key, tensor in sorted(sae.file_tensors().items()):
-        digest.update(key.encode() + tensor.detach().float().cpu().contiguous().numpy().tobytes())
     payload = {
-        "sae": digest.hexdigest(),
+        "sae": sae.digest(),
         "model": loaded.weights_hash,
         "shards": [r.sha256 for r in shards.manifest.shards],
         "windows": list(window_range),
@@ -441,6 +438,81 @@ def collect_reports(run_dirs: list[Path]) -> list[dict]:
     return reports
 
 
+def evaluate_group(
+    loaded: LoadedModel,
+    run_dir: Path,
+    hook_name: str,
+    group: list[Dictionary],
+    cfg: EvaluateConfig,
+    reuse: bool = True,
+) -> tuple[dict[str, dict], dict[str, tuple[dict, torch.Tensor]]]:
+    """Evaluate dictionaries at one hook on `run_dir`'s held-out windows: ({name: metrics.json content},
+    {name: (full result, windows)} for those computed now). With `reuse`, a metrics.json of the same
+    configuration is taken instead of computing."""
+    reports: dict[str, dict] = {}
+    try:
+        hook = validate_hooks(loaded.model, [hook_name])[0]
+    except HookError as err:
+        raise EvaluateError(f"cannot evaluate {[str(d.directory) for d in group]}: {err}") from err
+    shards = shards_for(run_dir, hook_name, loaded)
+    first, count = evaluation_windows(shards, _held_out_start(shards, group, cfg.holdout_tokens), cfg.tokens)
+    ctx = shards.manifest.context_length
+    windows = shards.tokens_at(torch.arange(first * ctx, (first + count) * ctx)).view(count, ctx)
+    bos = shards.manifest.bos_token_id if cfg.exclude_bos else None
+    hashes = {d.name: _config_hash(d.sae, loaded, shards, (first, count), cfg) for d in group}
+    todo = []
+    for d in group:
+        previous = _previous(run_dir / "eval" / hook_name / d.name, hashes[d.name]) if reuse else None
+        if previous is None:
+            todo.append(d)
+        else:
+            log.info("%s/%s: already evaluated with this configuration", hook_name, d.name)
+            reports[d.name] = previous
+    if not todo:
+        return reports, {}
+    started = time.perf_counter()
+    results = evaluate_hook(
+        loaded,
+        hook,
+        {d.name: d.sae for d in todo},
+        windows,
+        _mean_activation(shards, first, count, bos),
+        bos,
+        cfg,
+        _stored_activations(shards, loaded, hook, first),
+    )
+    tokens_per_s = windows.numel() / (time.perf_counter() - started)
+    fresh = {}
+    for d in todo:
+        result = results[d.name]
+        report = {
+            "format_version": FORMAT_VERSION,
+            "sae": d.name,
+            "sae_dir": str(d.directory),
+            "architecture": d.sae.cfg.architecture,
+            "d_sae": d.sae.d_sae,
+            "hook": hook_name,
+            "model_id": loaded.model_id,
+            "weights_hash": loaded.weights_hash,
+            "corpus_id": shards.manifest.corpus_id,
+            "eval_windows": {"first": first, "count": count, "context_length": ctx},
+            "eval_tokens": int(windows.numel()),
+            "exclude_bos": cfg.exclude_bos,
+            "tokens_per_s": tokens_per_s,
+            "config_hash": hashes[d.name],
+            "metrics": result["metrics"],
+            "density_histogram": M.density_histogram(
+                result["density"], low=-math.ceil(math.log10(windows.numel()))
+            ),
+            "worst_tokens": _worst_tokens(
+                {**result["per_token"]}, windows, loaded.tokenizer, cfg.worst_tokens
+            ),
+        }
+        reports[d.name] = report
+        fresh[d.name] = (result, windows)
+    return reports, fresh
+
+
 def evaluate_saes(
     model_cfg: ModelConfig,
     cfg: EvaluateConfig,
@@ -460,72 +532,17 @@ def evaluate_saes(
     reports: dict[str, dict] = {}
     for hook_name in sorted({d.hook for d in dictionaries}):
         group = [d for d in dictionaries if d.hook == hook_name]
-        try:
-            hook = validate_hooks(loaded.model, [hook_name])[0]
-        except HookError as err:
-            raise EvaluateError(f"cannot evaluate {[str(d.directory) for d in group]}: {err}") from err
-        shards = shards_for(run_dir, hook_name, loaded)
-        first, count = evaluation_windows(
-            shards, _held_out_start(shards, group, cfg.holdout_tokens), cfg.tokens
-        )
-        ctx = shards.manifest.context_length
-        windows = shards.tokens_at(torch.arange(first * ctx, (first + count) * ctx)).view(count, ctx)
-        bos = shards.manifest.bos_token_id if cfg.exclude_bos else None
-        hashes = {d.name: _config_hash(d.sae, loaded, shards, (first, count), cfg) for d in group}
-        todo = []
-        for d in group:
-            previous = _previous(run_dir / "eval" / hook_name / d.name, hashes[d.name])
-            if previous is None:
-                todo.append(d)
-            else:
-                log.info("%s/%s: already evaluated with this configuration", hook_name, d.name)
-                reports[f"{hook_name}/{d.name}"] = previous
-        if not todo:
-            continue
-        started = time.perf_counter()
-        results = evaluate_hook(
-            loaded,
-            hook,
-            {d.name: d.sae for d in todo},
-            windows,
-            _mean_activation(shards, first, count, bos),
-            bos,
-            cfg,
-            _stored_activations(shards, loaded, hook, first),
-        )
-        tokens_per_s = windows.numel() / (time.perf_counter() - started)
-        for d in todo:
-            result = results[d.name]
-            report = {
-                "format_version": FORMAT_VERSION,
-                "sae": d.name,
-                "sae_dir": str(d.directory),
-                "architecture": d.sae.cfg.architecture,
-                "d_sae": d.sae.d_sae,
-                "hook": hook_name,
-                "model_id": loaded.model_id,
-                "weights_hash": loaded.weights_hash,
-                "corpus_id": shards.manifest.corpus_id,
-                "eval_windows": {"first": first, "count": count, "context_length": ctx},
-                "eval_tokens": int(windows.numel()),
-                "exclude_bos": cfg.exclude_bos,
-                "tokens_per_s": tokens_per_s,
-                "config_hash": hashes[d.name],
-                "metrics": result["metrics"],
-                "density_histogram": M.density_histogram(
-                    result["density"], low=-math.ceil(math.log10(windows.numel()))
-                ),
-                "worst_tokens": _worst_tokens(
-                    {**result["per_token"]}, windows, loaded.tokenizer, cfg.worst_tokens
-                ),
-            }
-            out = run_dir / "eval" / hook_name / d.name
+        group_reports, fresh = evaluate_group(loaded, run_dir, hook_name, group, cfg)
+        for name, report in group_reports.items():
+            reports[f"{hook_name}/{name}"] = report
+        for name, (result, windows) in fresh.items():
+            report = group_reports[name]
+            out = run_dir / "eval" / hook_name / name
             _write_outputs(out, report, result, windows)
-            reports[f"{hook_name}/{d.name}"] = report
-            tracker.summary({f"{hook_name}/{d.name}/{k}": v for k, v in summary_row(report).items()
+            tracker.summary({f"{hook_name}/{name}/{k}": v for k, v in summary_row(report).items()
                              if isinstance(v, float)})  # fmt: skip
-            tracker.log_images({f"{hook_name}/{d.name}/density": out / "density.png"})
-            log.info("evaluated %s/%s -> %s", hook_name, d.name, out)
+            tracker.log_images({f"{hook_name}/{name}/density": out / "density.png"})
+            log.info("evaluated %s/%s -> %s", hook_name, name, out)
 
     all_reports = collect_reports([run_dir, *map(Path, cfg.compare_with)])
     if all_reports:

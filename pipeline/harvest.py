@@ -310,7 +310,11 @@ def _finish(
             log.info("%s: waiting for the other workers; the last to finish writes %s", directory, MANIFEST)
             return manifest
         manifest = merged
-    write_manifest(directory, manifest)
+    existing = directory / MANIFEST
+    if (
+        not existing.exists() or existing.read_text() != manifest.to_json()
+    ):  # a finished re-run changes nothing
+        write_manifest(directory, manifest)
     (directory / STATE_FILE).unlink(missing_ok=True)
     return manifest
 

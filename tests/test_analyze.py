@@ -176,3 +176,10 @@ def test_token_markup_is_shown_not_injected(tmp_path):
     assert html.escape(MARKUP, quote=False) in dom  # the token is there, as text
     index_dom = _browse(f"file://{page.with_name('index.html')}", tmp_path)
     assert "<img" not in index_dom
+
+
+def test_rerun_with_the_same_configuration_is_skipped(trained_run, model_cfg, loaded, analyzed):
+    index = analyzed[0]["topk-k8-x4"] / "features.json"
+    before = index.stat().st_mtime_ns
+    analyze_saes(model_cfg, _cfg(saes=["topk-k8-x4"]), trained_run, OFF, loaded=loaded)
+    assert index.stat().st_mtime_ns == before

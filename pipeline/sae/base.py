@@ -10,6 +10,7 @@ by `fold_input_scale`. One directory per dictionary: `sae.safetensors` + `cfg.js
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -216,6 +217,13 @@ class Sae(nn.Module):
                     f"SAE tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
                 )
             target.copy_(tensor)
+
+    def digest(self) -> str:
+        """sha256 of the saved tensors: identifies these weights (e.g. in the stages' config hashes)."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.file_tensors().items()):
+            digest.update(key.encode() + tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def config_dict(self) -> dict:
         return {

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pipeline.all_stages import run_all
+from pipeline.config import CONF_DIR
+from tests.conftest import TEXT
+
+
+def _config(run_dir: Path, model_dir: Path, *extra: str):
+    overrides = [
+        f"run_dir={run_dir}", "wandb.mode=disabled",
+        "model=hub", f"model.path={model_dir}", "model.dtype=float32", "model.device=cpu",
+        "corpus=files", f"corpus.path={TEXT}",
+        "harvest.hooks=[blocks.1.resid_post]", "harvest.tokens=1280", "harvest.context_length=32",
+        "harvest.progress=false",
+        "train.hook=blocks.1.resid_post", "train.holdout_tokens=256", "train.batch_size=128", "train.progress=false",
+        "sae.expansion=4", "sae.k=8",
+        "evaluate.progress=false", "analyze.top_k=5", "analyze.detail_features=2", "analyze.progress=false",
+        *extra,
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="pipeline", overrides=overrides)
+
+
+def _mtimes(run_dir: Path) -> dict:
+    names = ("manifest.json", "sae.safetensors", "metrics.json", "features.json")
+    return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.name in names}
+
+
+def test_all_stages_run_in_order_and_rerun_skips_finished_work(tmp_path, trained_llama_dir, capsys):
+    run_all(_config(tmp_path, trained_llama_dir))
+    sae_dir = tmp_path / "sae" / "blocks.1.resid_post" / "topk-k8-x4"
+    assert (sae_dir / "sae.safetensors").exists()
+    assert (tmp_path / "eval" / "blocks.1.resid_post" / "topk-k8-x4" / "metrics.json").exists()
+    index = tmp_path / "features" / "blocks.1.resid_post" / "topk-k8-x4" / "index.html"
+    assert index.exists() and str(index) in capsys.readouterr().out
+    before = _mtimes(tmp_path)
+    assert len(before) == 4
+    run_all(_config(tmp_path, trained_llama_dir))
+    assert _mtimes(tmp_path) == before  # nothing redone
+    run_all(_config(tmp_path, trained_llama_dir, "analyze.top_k=4"))  # only the analysis changes
+    after = _mtimes(tmp_path)
+    changed = {p.name for p in after if after[p] != before[p]}
+    assert changed == {"features.json"}
+
+
+def test_the_trained_hook_must_be_harvested(tmp_path, trained_llama_dir):
+    with pytest.raises(ValueError, match="not among harvest.hooks"):
+        run_all(_config(tmp_path, trained_llama_dir, "train.hook=blocks.0.resid_post"))
+
+
+@pytest.mark.parametrize("experiment", ["demo", "smollm2_full", "gpu_pythia160m"])
+def test_experiment_presets_compose(experiment):
+    from pipeline.analyze import AnalyzeConfig
+    from pipeline.config import to_dataclass
+    from pipeline.corpus import CorpusConfig
+    from pipeline.evaluate import EvaluateConfig
+    from pipeline.harvest import HarvestConfig
+    from pipeline.models import ModelConfig
+    from pipeline.sae import SaeConfig
+    from pipeline.train import TrainConfig
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="pipeline", overrides=[f"experiment={experiment}"])
+    for cls, node in ((ModelConfig, cfg.model), (CorpusConfig, cfg.corpus), (HarvestConfig, cfg.harvest),
+                      (TrainConfig, cfg.train), (SaeConfig, cfg.sae), (EvaluateConfig, cfg.evaluate),
+                      (AnalyzeConfig, cfg.analyze)):  # fmt: skip
+        to_dataclass(cls, node)
+    assert cfg.train.hook in cfg.harvest.hooks
