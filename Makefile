@@ -1,7 +1,7 @@
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-slow run run-full bench bench-quality lint format
+.PHONY: install test test-slow run run-full compare-demo bench bench-quality lint format
 
 # torch first: `torch==2.13.0` resolves to the local CPU wheel on the dev machines (a normal build elsewhere);
 # installing anything that depends on torch before it would pull a multi-GB CUDA build.
@@ -28,6 +28,14 @@ run:
 # ... and the full default configuration (the whole corpus, 16x TopK; ~11 min on 2 CPU cores).
 run-full:
 	$(PYTHON) -m pipeline all
+
+# How fine-tuning moves features: the demo run on SmolLM2 (θ0), a brief fine-tune on the standard
+# library's source code (θf), the demo run on θf, and the comparison (~8 min on 2 CPU cores).
+compare-demo:
+	$(PYTHON) -m pipeline all experiment=demo
+	$(PYTHON) -m pipeline finetune experiment=compare_demo
+	$(PYTHON) -m pipeline all experiment=compare_demo
+	$(PYTHON) -m pipeline compare experiment=compare_demo
 
 bench: .bench-venv/bin/python
 	$(PYTHON) bench/bench_harvest.py

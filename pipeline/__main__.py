@@ -11,6 +11,8 @@ STAGES = {
     "evaluate": "pipeline.evaluate",
     "analyze": "pipeline.analyze",
     "all": "pipeline.all_stages",
+    "compare": "pipeline.compare",
+    "finetune": "pipeline.finetune",
 }
 
 

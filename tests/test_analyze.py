@@ -31,8 +31,8 @@ def analyzed(trained_run, model_cfg, loaded, tmp_path_factory):
     with torch.no_grad():
         sae.W_enc[:, 0] = 0
         sae.b_enc[0] = -1e4
-    silent = sae.save(trained_run / "sae" / HOOK / "with-dead")
-    out = analyze_saes(model_cfg, _cfg(), trained_run, OFF, loaded=loaded)
+    silent = sae.save(tmp_path_factory.mktemp("sae") / "with-dead")  # outside the run: other tests see one SAE
+    out = analyze_saes(model_cfg, _cfg(saes=["topk-k8-x4", str(silent)]), trained_run, OFF, loaded=loaded)
     return {name.split("/")[-1]: path for name, path in out.items()}, silent
 
 

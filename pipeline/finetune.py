@@ -1,0 +1,95 @@
+"""Fine-tune a causal LM briefly on a corpus and save it as a local model directory: the θ_f of a
+base-versus-fine-tuned comparison (compare.py; `make compare-demo`).
+
+    python -m pipeline finetune finetune.out=outputs/finetuned-model finetune.steps=30
+
+Next-token loss on packed windows of the corpus, AdamW, bf16 autocast on CPU and GPU. The result
+loads with `model=hub model.path=<out>` in every stage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from pipeline.config import CONF_DIR, to_dataclass
+from pipeline.corpus import CorpusConfig, iter_texts, load_documents, pack_windows
+from pipeline.fileio import atomic_write
+from pipeline.models import ModelConfig, load_model
+
+log = logging.getLogger(__name__)
+
+DONE = "finetune.json"
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to fine-tune."""
+    corpus: CorpusConfig = field(
+        default_factory=lambda: CorpusConfig(name="stdlib_source", source="stdlib_source")
+    )
+    """The text it is fine-tuned on."""
+    out: str = "outputs/finetuned-model"
+    """Directory of the fine-tuned model (config, tokenizer, safetensors weights)."""
+    steps: int = 30
+    batch_size: int = 4
+    context_length: int = 256
+    lr: float = 1e-4
+    seed: int = 0
+    progress: bool = True
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Fine-tune and save; a directory already holding this configuration's result is kept."""
+    out = Path(cfg.out)
+    settings = json.dumps(asdict(cfg), sort_keys=True, default=str)
+    done = out / DONE
+    if done.exists() and done.read_text() == settings:
+        log.info("%s already holds this fine-tuned model", out)
+        return out
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model)
+    model = loaded.model.float().train().requires_grad_(True)
+    windows = pack_windows(
+        iter_texts(load_documents(cfg.corpus), cfg.corpus.text_field),
+        loaded.tokenizer,
+        cfg.context_length,
+        "window",
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    use_bf16 = loaded.device.type == "cuda" or torch.backends.mkldnn.is_available()
+    bar = tqdm(range(cfg.steps), desc="finetune", unit="step", disable=not cfg.progress)
+    for _ in bar:
+        batch = torch.stack(list(itertools.islice(windows, cfg.batch_size))).to(loaded.device, torch.long)
+        with torch.autocast(loaded.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+    model.eval().to(loaded.dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(out)
+    atomic_write(done, settings.encode())
+    log.info("fine-tuned %s for %d steps on %s -> %s", loaded.model_id, cfg.steps, cfg.corpus.name, out)
+    return out
+
+
+def run(cfg: DictConfig) -> Path:
+    """The finetune stage on a composed Hydra config."""
+    return finetune(to_dataclass(FinetuneConfig, cfg.finetune))
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="finetune")
+def main(cfg: DictConfig) -> None:
+    run(cfg)

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from pipeline.compare import CompareConfig, CompareError, classify, compare_dictionaries, match_features
+from pipeline.sae import Sae, SaeConfig, build_sae
+from pipeline.tracking import WandbConfig
+
+HOOK = "blocks.1.resid_post"
+OFF = WandbConfig(mode="disabled")
+
+
+def _sae(seed=0, d=16, expansion=4):
+    sae = build_sae(SaeConfig(architecture="topk", expansion=expansion, k=4), d)
+    sae.reset_parameters(torch.Generator().manual_seed(seed))
+    return sae
+
+
+def test_matching_recovers_a_permutation_and_classifies():
+    base = _sae()
+    other = _sae()
+    perm = torch.randperm(base.d_sae, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        other.W_dec.copy_(base.W_dec[perm] + 0.01 * torch.randn_like(base.W_dec))
+        other.W_enc.copy_(base.W_enc[:, perm])
+        other.W_dec[:8] = torch.randn(8, 16)  # 8 other features replaced by unrelated directions
+    matches = match_features(base, other)
+    inverse = torch.argsort(perm)
+    moved = set(perm[:8].tolist())
+    for f in range(base.d_sae):
+        if f not in moved:
+            assert int(matches["assigned"][f]) == int(inverse[f])
+            assert matches["assigned_cos"][f] > 0.99 and matches["encoder_cos"][f] > 0.99
+    classes = classify(matches, kept=0.8, shifted=0.5)
+    assert int((classes["status"] == 0).sum()) == base.d_sae - 8
+    assert int(classes["status"][list(moved)].ne(0).sum()) == 8
+    assert int(classes["new"].sum()) == int((classes["status"] == 2).sum())
+
+
+def test_a_dictionary_compared_with_itself_is_all_kept(trained_run, model_cfg, tmp_path):
+    cfg = CompareConfig(
+        base=str(trained_run), other=str(trained_run), eval_tokens=64, tokens=None, progress=False
+    )
+    report = compare_dictionaries(cfg, model_cfg, model_cfg, tmp_path, OFF)
+    summary = report["summary"]
+    d_sae = report["base"]["d_sae"]
+    assert summary["kept"] == d_sae and summary["new"] == 0 and summary["vanished"] == 0
+    assert summary["mean_assigned_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert summary["mean_top_example_overlap"] == pytest.approx(1.0)
+    assert summary["median_abs_log10_frequency_change"] == 0
+    transfer = report["transfer"]
+    assert set(transfer) == {
+        f"{d}_dictionary_on_{m}_model" for d in ("base", "other") for m in ("base", "other")
+    }
+    assert transfer["base_dictionary_on_other_model"]["fvu"] == pytest.approx(
+        transfer["base_dictionary_on_base_model"]["fvu"]
+    )
+    out = tmp_path / "compare"
+    assert json.loads((out / "report.json").read_text())["summary"] == summary
+    assert "Most changed base features" in (out / "index.html").read_text()
+    assert (out / "matches.safetensors").exists()
+
+
+def test_a_changed_dictionary(trained_run, model_cfg, tmp_path):
+    """The other side: the same dictionary with half its decoder directions replaced."""
+    sae = Sae.load(trained_run / "sae" / HOOK / "topk-k8-x4")
+    half = sae.d_sae // 2
+    with torch.no_grad():
+        sae.W_dec[:half] = torch.nn.functional.normalize(torch.randn(half, sae.d_in), dim=-1)
+    other = sae.save(tmp_path / "other-sae")
+    cfg = CompareConfig(base=str(trained_run / "sae" / HOOK / "topk-k8-x4"), other=str(other), transfer=False,
+                        tokens=None, progress=False)  # fmt: skip
+    report = compare_dictionaries(cfg, model_cfg, model_cfg, tmp_path, OFF)
+    assert report["summary"]["kept"] == pytest.approx(sae.d_sae - half, abs=2)
+    assert report["summary"]["vanished"] + report["summary"]["shifted"] >= half - 2
+    assert report["most_changed"][0]["decoder_cos"] < 0.5
+    assert "transfer" not in report
+
+
+def test_bad_inputs(trained_run, model_cfg, tmp_path):
+    with pytest.raises(CompareError, match="set compare.base"):
+        CompareConfig(other="x")
+    with pytest.raises(CompareError, match="compare.shifted"):
+        CompareConfig(base="a", other="b", kept=0.5, shifted=0.8)
+    sae = Sae.load(trained_run / "sae" / HOOK / "topk-k8-x4")
+    sae.meta["hook"] = "blocks.0.resid_post"
+    moved = sae.save(tmp_path / "elsewhere")
+    cfg = CompareConfig(base=str(trained_run), other=str(moved), progress=False)
+    with pytest.raises(CompareError, match="different hooks"):
+        compare_dictionaries(cfg, model_cfg, model_cfg, tmp_path, OFF)
+    run = tmp_path / "run"
+    for name in ("a", "b"):
+        sae.save(run / "sae" / HOOK / name)
+    with pytest.raises(CompareError, match="holds 2 dictionaries.*compare.sae"):
+        compare_dictionaries(
+            CompareConfig(base=str(run), other=str(trained_run)), model_cfg, model_cfg, tmp_path, OFF
+        )
