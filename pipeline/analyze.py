@@ -22,6 +22,7 @@ import html
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -253,8 +254,9 @@ def _attach_details(
 
 def feature_records(
     d: Dictionary, passed: _Pass, loaded: LoadedModel, hook, shards: ShardSet, cfg: AnalyzeConfig
-) -> list[dict]:
-    """One JSON-ready record per feature."""
+) -> Iterator[list[dict]]:
+    """JSON-ready records of every feature, CHUNK features at a time (so that only one chunk of
+    records is ever held in memory, whatever the number of features)."""
     sae, stats = d.sae, passed.stats
     n_tokens = stats.tokens
     count = stats.count.cpu()
@@ -270,6 +272,8 @@ def feature_records(
     dims_sign = sae.W_dec.detach().float().gather(1, dims.indices)
     ctx = shards.manifest.context_length
     tokens = shards.tokens_at(torch.arange(passed.n_windows * ctx)).view(passed.n_windows, ctx)
+    detail = set(_detail_features(frequency, cfg.detail_features))
+    bar = tqdm(total=len(detail), desc="attributions", unit="feature", disable=not cfg.progress)
     records = []
     for f in range(sae.d_sae):
         alive = int(count[f]) > 0
@@ -317,12 +321,14 @@ def feature_records(
             ],
             "components": None,
         }
+        if f in detail and record["top"]:
+            _attach_details(record, loaded, hook, sae, shards, tokens, cfg)
+            bar.update(1)
         records.append(record)
-    detail = _detail_features(frequency, cfg.detail_features)
-    for f in tqdm(detail, desc="attributions", unit="feature", disable=not cfg.progress):
-        if records[f]["top"]:
-            _attach_details(records[f], loaded, hook, sae, shards, tokens, cfg)
-    return records
+        if len(records) == CHUNK or f == sae.d_sae - 1:
+            yield records
+            records = []
+    bar.close()
 
 
 def vocabulary(tokenizer) -> list[str]:
@@ -333,20 +339,28 @@ def vocabulary(tokenizer) -> list[str]:
 # ---------------------------------------------------------------- the stage
 
 
-def _wandb_table(tracker: Tracker, records: list[dict], vocab: list[str], n: int, prefix: str) -> None:
+def _wandb_table(
+    tracker: Tracker, records: list[dict], frequency: torch.Tensor, vocab: list[str], prefix: str
+) -> None:
+    """A W&B table of `records` (the most frequent features) and the log10 frequency histogram."""
     if not tracker.active:
         return
     import wandb
 
-    alive = sorted((r for r in records if not r["dead"]), key=lambda r: -r["frequency"])[:n]
     table = wandb.Table(columns=["id", "frequency", "max_activation", "top_promoted_tokens", "top_examples"])
-    for r in alive:
+    for r in sorted(records, key=lambda r: -r["frequency"]):
         promoted = " ".join(repr(vocab[i]) for i, _ in r["logits"]["positive"][:5])
-        table.add_data(
-            r["id"], r["frequency"], r["max_activation"], promoted, wandb.Html(example_html(r, vocab))
-        )
-    frequency = [math.log10(r["frequency"]) for r in records if r["frequency"] > 0]
-    tracker.log({f"{prefix}/features": table, f"{prefix}/log10_frequency": wandb.Histogram(frequency)})
+        html_examples = wandb.Html(example_html(r, vocab))
+        table.add_data(r["id"], r["frequency"], r["max_activation"], promoted, html_examples)
+    histogram = wandb.Histogram(frequency[frequency > 0].log10().tolist())
+    tracker.log({f"{prefix}/features": table, f"{prefix}/log10_frequency": histogram})
+
+
+def _keeping(chunks: Iterator[list[dict]], wanted: set[int], kept: list[dict]) -> Iterator[list[dict]]:
+    """Pass the chunks on, keeping the records of the `wanted` features."""
+    for chunk in chunks:
+        kept.extend(r for r in chunk if r["id"] in wanted)
+        yield chunk
 
 
 def example_html(record: dict, vocab: list[str], n: int = 3) -> str:
@@ -421,7 +435,16 @@ def analyze_saes(
             continue
         log.info("analyzing %s/%s on %d tokens", d.hook, d.name, n_windows * ctx)
         passed = stream_features(sae, shards, n_windows, cfg, loaded.device)
-        records = feature_records(d, passed, loaded, hook, shards, cfg)
+        count = passed.stats.count.cpu()
+        frequency = count.double() / max(passed.stats.tokens, 1)
+        for_wandb = set(
+            torch.argsort(frequency, descending=True)[
+                : min(cfg.wandb_features, int((count > 0).sum()))
+            ].tolist()
+        )
+        table_records: list[dict] = []
+        chunks = _keeping(feature_records(d, passed, loaded, hook, shards, cfg), for_wandb, table_records)
+
         meta = {
             "sae": d.name,
             "sae_dir": str(d.directory),
@@ -434,17 +457,14 @@ def analyze_saes(
             "context_length": ctx,
             "histogram_edges": passed.stats.edges(),
             "chunk_size": CHUNK,
-            "dead_features": sum(r["dead"] for r in records),
-            "detail_features": sum(
-                r["components"] is not None or "loss" in (r["top"] or [{}])[0] for r in records
-            ),
+            "dead_features": int((count == 0).sum()),
+            "detail_features": len(_detail_features(frequency, cfg.detail_features)),
             "config_hash": config_hash,
         }
-        out = run_dir / "features" / d.hook / d.name
-        write_dashboard(out, meta, records, vocab)
-        _wandb_table(tracker, records, vocab, cfg.wandb_features, f"{d.hook}/{d.name}")
+        write_dashboard(out, meta, chunks, vocab)
+        _wandb_table(tracker, table_records, frequency, vocab, f"{d.hook}/{d.name}")
         out_dirs[f"{d.hook}/{d.name}"] = out
-        log.info("%s/%s: %d features (%d dead) -> %s", d.hook, d.name, len(records), meta["dead_features"],
+        log.info("%s/%s: %d features (%d dead) -> %s", d.hook, d.name, sae.d_sae, meta["dead_features"],
                  out / "index.html")  # fmt: skip
     tracker.finish()
     return out_dirs

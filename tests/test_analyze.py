@@ -31,7 +31,9 @@ def analyzed(trained_run, model_cfg, loaded, tmp_path_factory):
     with torch.no_grad():
         sae.W_enc[:, 0] = 0
         sae.b_enc[0] = -1e4
-    silent = sae.save(tmp_path_factory.mktemp("sae") / "with-dead")  # outside the run: other tests see one SAE
+    silent = sae.save(
+        tmp_path_factory.mktemp("sae") / "with-dead"
+    )  # outside the run: other tests see one SAE
     out = analyze_saes(model_cfg, _cfg(saes=["topk-k8-x4", str(silent)]), trained_run, OFF, loaded=loaded)
     return {name.split("/")[-1]: path for name, path in out.items()}, silent
 
@@ -119,7 +121,7 @@ def _hostile_dashboard(directory: Path) -> Path:
     }  # fmt: skip
     meta = {"sae": "s", "hook": HOOK, "model_id": "m", "corpus_id": "c", "d_sae": 1, "tokens": 4, "dead_features": 0,
             "chunk_size": 256, "histogram_edges": [0.5, 1, 2], "architecture": "topk", "context_length": 5}  # fmt: skip
-    return write_dashboard(directory, meta, [record], vocab)
+    return write_dashboard(directory, meta, [[record]], vocab)
 
 
 def test_wandb_html_escapes_tokens():

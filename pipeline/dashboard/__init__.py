@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.fileio import atomic_write
@@ -47,15 +48,16 @@ def summary(record: dict, vocab: list[str]) -> dict:
     }
 
 
-def write_dashboard(out: Path, meta: dict, records: list[dict], vocab: list[str]) -> Path:
-    """Write features.json, the data scripts and the pages into `out`; return index.html."""
+def write_dashboard(out: Path, meta: dict, chunks: Iterable[list[dict]], vocab: list[str]) -> Path:
+    """Write features.json, the data scripts and the pages into `out`; return index.html.
+    `chunks` yields the records of features 0, 1, ... CHUNK at a time (the last may be shorter)."""
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    index = {"meta": meta, "features": [summary(r, vocab) for r in records]}
-    for lo in range(0, len(records), CHUNK):
-        atomic_write(
-            data / f"chunk-{lo // CHUNK:03d}.js", _js("chunk", records[lo : lo + CHUNK], lo // CHUNK)
-        )
+    summaries = []
+    for n, records in enumerate(chunks):
+        atomic_write(data / f"chunk-{n:03d}.js", _js("chunk", records, n))
+        summaries.extend(summary(r, vocab) for r in records)
+    index = {"meta": meta, "features": summaries}
     atomic_write(data / "vocab.js", _js("vocab", vocab))
     atomic_write(data / "features.js", _js("index", index))
     atomic_write(out / "features.json", json.dumps(index).encode())
