@@ -18,6 +18,7 @@ changed features, linked into both runs' dashboards), and logs to W&B.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import logging
@@ -173,7 +174,8 @@ def _drift(sides: dict[str, _Side], cfg: CompareConfig, device) -> dict[str, dic
         out[role] = {
             "frequency": (passed.stats.count.double() / max(passed.stats.tokens, 1)).cpu(),
             "top": passed.top.token.cpu(),
-            "windows": (shards.manifest.corpus_id, shards.manifest.tokenizer_id, ctx, n),
+            # top examples are comparable only where both runs hold the very same token windows
+            "windows": hashlib.sha256(shards.tokens_at(torch.arange(n * ctx)).numpy().tobytes()).hexdigest(),
         }
     return out
 

@@ -75,7 +75,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval().to(loaded.dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
