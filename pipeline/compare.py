@@ -1,8 +1,8 @@
 """Compare stage: how two dictionaries at the same hook differ — the main case being one trained on a
 base model θ₀ and one on a fine-tuned θ_f.
 
-    python -m pipeline compare compare.base=outputs/demo compare.other=outputs/demo-finetuned \
-        other_model=hub other_model.path=outputs/demo-finetuned/model
+    python -m pipeline compare base=outputs/demo other=outputs/demo-finetuned \
+        model@other_model=hub other_model.path=outputs/demo-finetuned/model
 
   matching     decoder cosine similarity between every pair of features; the optimal one-to-one
                assignment (Hungarian) and each feature's best match. A base feature is kept
@@ -76,7 +76,7 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         if not self.base or not self.other:
-            raise CompareError("set compare.base=<run or SAE dir> and compare.other=<run or SAE dir>")
+            raise CompareError("set base=<run or SAE dir> and other=<run or SAE dir> (compare.base / compare.other)")
         if not 0 <= self.shifted <= self.kept <= 1:
             raise CompareError(
                 f"need 0 <= compare.shifted ({self.shifted}) <= compare.kept ({self.kept}) <= 1"

