@@ -23,7 +23,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
@@ -43,6 +43,7 @@ from pipeline.dashboard import CHUNK, write_dashboard
 from pipeline.dictionaries import (
     Dictionary,
     DictionaryError,
+    DictionarySelection,
     check_model,
     find_dictionaries,
     shards_for,
@@ -61,13 +62,9 @@ class AnalyzeError(DictionaryError):
 
 
 @dataclass
-class AnalyzeConfig:
+class AnalyzeConfig(DictionarySelection):
     """What to analyze and how much to keep per feature."""
 
-    saes: list[str] = field(default_factory=list)
-    """SAE directories, or names under <run_dir>/sae/<hook>/; empty = every dictionary of the run."""
-    hook: str | None = None
-    """Analyze at this hook; null = the hook each dictionary's cfg.json names."""
     tokens: int | None = None
     """Tokens of the harvested activations to pass through (whole windows from the start); null = all."""
     top_k: int = 10
@@ -89,8 +86,6 @@ class AnalyzeConfig:
     top_logits: int = 10
     wandb_features: int = 200
     """Rows of the W&B feature table (the most frequent features)."""
-    force: bool = False
-    """Analyze dictionaries trained on another model or hook anyway."""
     seed: int = 0
     progress: bool = True
 
@@ -262,6 +257,7 @@ def feature_records(
     count = stats.count.cpu()
     frequency = count.double() / max(n_tokens, 1)
     mean = (stats.sum.cpu() / count.clamp_min(1)).float()
+    max_act = stats.max.cpu()
     top, samples = passed.top, passed.samples
     top_token, top_act, top_ctx = top.token.cpu(), top.act.cpu(), top.context.float().cpu()
     s_token, s_act, s_ctx = samples.token.cpu(), samples.act.cpu(), samples.context.float().cpu()
@@ -283,7 +279,7 @@ def feature_records(
             "frequency": float(frequency[f]),
             "count": int(count[f]),
             "mean_activation": round(float(mean[f]), 4),
-            "max_activation": round(float(stats.max[f]), 4),
+            "max_activation": round(float(max_act[f]), 4),
             "histogram": histogram[f].tolist() if alive else [],
             "top": [
                 _example(tokens, int(t), float(a), c, cfg)

@@ -37,7 +37,7 @@ from pipeline.config import CONF_DIR, to_dataclass
 from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries, is_dictionary
 from pipeline.evaluate import EvaluateConfig, evaluate_group, summary_row
 from pipeline.fileio import atomic_write
-from pipeline.models import ModelConfig, load_model
+from pipeline.models import ModelConfig, load_model, resolve_device
 from pipeline.shards import ShardSet
 from pipeline.tracking import Tracker, WandbConfig
 
@@ -76,7 +76,9 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         if not self.base or not self.other:
-            raise CompareError("set base=<run or SAE dir> and other=<run or SAE dir> (compare.base / compare.other)")
+            raise CompareError(
+                "set base=<run or SAE dir> and other=<run or SAE dir> (compare.base / compare.other)"
+            )
         if not 0 <= self.shifted <= self.kept <= 1:
             raise CompareError(
                 f"need 0 <= compare.shifted ({self.shifted}) <= compare.kept ({self.kept}) <= 1"
@@ -300,7 +302,7 @@ def compare_dictionaries(
     models = {"base": base_model, "other": other_model}
     if cfg.transfer:
         report["transfer"] = _transfer(sides, models, cfg)
-    drift = _drift(sides, cfg, torch.device("cpu"))
+    drift = _drift(sides, cfg, resolve_device("auto"))
     same_windows = drift is not None and drift["base"]["windows"] == drift["other"]["windows"]
     if drift is not None:
         freq_b, freq_o = drift["base"]["frequency"], drift["other"]["frequency"]

@@ -3,7 +3,7 @@ stages that use trained dictionaries (evaluate, analyze)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.models import LoadedModel
@@ -14,6 +14,18 @@ from pipeline.train import CHECKPOINT_DIR
 
 class DictionaryError(ValueError):
     """A dictionary or its activations do not fit the run; the message says how to fix it."""
+
+
+@dataclass
+class DictionarySelection:
+    """Which dictionaries a stage uses (the shared part of the evaluate and analyze settings)."""
+
+    saes: list[str] = field(default_factory=list)
+    """SAE directories, or names under <run_dir>/sae/<hook>/; empty = every dictionary of the run."""
+    hook: str | None = None
+    """Use them at this hook; null = the hook each dictionary's cfg.json names."""
+    force: bool = False
+    """Use dictionaries trained on another model or at another hook anyway."""
 
 
 @dataclass

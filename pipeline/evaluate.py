@@ -39,6 +39,7 @@ from pipeline.config import CONF_DIR, to_dataclass
 from pipeline.dictionaries import (
     Dictionary,
     DictionaryError,
+    DictionarySelection,
     check_model,
     find_dictionaries,
     shards_for,
@@ -73,13 +74,9 @@ class EvaluateError(DictionaryError):
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(DictionarySelection):
     """Which dictionaries to evaluate, and on how many held-out tokens."""
 
-    saes: list[str] = field(default_factory=list)
-    """SAE directories, or names under <run_dir>/sae/<hook>/; empty = every dictionary of the run."""
-    hook: str | None = None
-    """Evaluate at this hook; null = the hook each dictionary's cfg.json names."""
     tokens: int | None = None
     """Evaluation tokens (whole windows from the start of the held-out split); null = all held-out."""
     holdout_tokens: int = 32768
@@ -88,8 +85,6 @@ class EvaluateConfig:
     """Windows per forward pass (the logits of a batch take batch x context x vocab floats)."""
     exclude_bos: bool = True
     """As in training: BOS positions keep their clean activation and are left out of the metrics."""
-    force: bool = False
-    """Evaluate dictionaries whose cfg.json names another model or hook than the one evaluated."""
     worst_tokens: int = 20
     """How many highest-KL tokens to list in metrics.json."""
     compare_with: list[str] = field(default_factory=list)

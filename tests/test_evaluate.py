@@ -237,3 +237,18 @@ def test_evaluate_config_composes():
         )
     parsed = to_dataclass(EvaluateConfig, cfg.evaluate)
     assert parsed.tokens == 4096 and parsed.saes == ["topk-k32-x16"] and cfg.model.gguf_file
+
+
+def test_pareto_plot_collects_other_runs(trained_run, model_cfg, loaded, tmp_path):
+    """evaluate.compare_with puts another run's dictionaries (e.g. of a sweep) on the same plot."""
+    import shutil
+
+    from pipeline.evaluate import collect_reports
+
+    evaluate_saes(model_cfg, _cfg(tokens=CTX * 2), trained_run, OFF, loaded=loaded)
+    other = tmp_path / "other-run"
+    shutil.copytree(trained_run / "eval", other / "eval")
+    reports = collect_reports([trained_run, other])
+    assert len(reports) == 2 * len(collect_reports([trained_run]))
+    evaluate_saes(model_cfg, _cfg(tokens=CTX * 2, compare_with=[str(other)]), trained_run, OFF, loaded=loaded)
+    assert (trained_run / "eval" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
