@@ -255,13 +255,72 @@ def _html(report: dict, rows: list[dict], out: Path, sides: dict[str, _Side]) ->
             href = _dashboard_link(out, sides[role], feature) if feature >= 0 else None
             text = f"#{feature}" if feature >= 0 else "-"
             links.append(f"<a href='{e(href)}'>{text}</a>" if href else text)
-        freq = row.get("frequency")
+        freq = row["frequency"]
         freq_text = f"{freq[0]:.2e} &rarr; {freq[1]:.2e}" if freq else ""
         overlap = row.get("overlap")
         parts.append(f"<tr><td>{links[0]}</td><td>{e(row['status'])}</td><td>{links[1]}</td><td>{row['decoder_cos']:.3f}</td>"
                      f"<td>{row['encoder_cos']:.3f}</td><td>{freq_text}</td><td>{'' if overlap is None else f'{overlap:.2f}'}</td></tr>")  # fmt: skip
     parts.append("</table></body></html>")
     return "\n".join(parts)
+
+
+STATUS_NAMES = ("kept", "shifted", "vanished")
+ROW_COLUMNS = ("base", "assigned", "status", "decoder_cos", "encoder_cos", "best_other", "best_cos",
+               "frequency", "overlap")  # fmt: skip
+
+
+def _most_changed(
+    matches: dict, classes: dict, drift: dict | None, overlap: torch.Tensor, n: int
+) -> list[dict]:
+    """The n base features with the lowest assigned decoder cosine, one row each (ROW_COLUMNS)."""
+    rows = []
+    for f in torch.argsort(matches["assigned_cos"].nan_to_num(-1.0))[:n].tolist():
+        g = int(matches["assigned"][f])
+        frequency = None
+        if drift is not None and g >= 0:
+            frequency = [float(drift["base"]["frequency"][f]), float(drift["other"]["frequency"][g])]
+        rows.append(
+            {
+                "base": f,
+                "assigned": g,
+                "status": STATUS_NAMES[int(classes["status"][f])],
+                "decoder_cos": float(matches["assigned_cos"][f]),
+                "encoder_cos": float(matches["encoder_cos"][f]),
+                "best_other": int(matches["best"][f]),
+                "best_cos": float(matches["best_cos"][f]),
+                "frequency": frequency,
+                "overlap": None if overlap[f].isnan() else float(overlap[f]),
+            }
+        )
+    return rows
+
+
+def _write(out: Path, report: dict, matches: dict, classes: dict, overlap, drift: dict | None, sides) -> None:
+    """report.json, matches.safetensors (every feature) and index.html."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in matches.items()}
+    tensors["status"] = classes["status"].contiguous()
+    tensors["new"] = classes["new"].to(torch.uint8).contiguous()
+    tensors["top_example_overlap"] = overlap.contiguous()
+    if drift is not None:
+        tensors["frequency_base"] = drift["base"]["frequency"].float().contiguous()
+        tensors["frequency_other"] = drift["other"]["frequency"].float().contiguous()
+    atomic_write(out / "matches.safetensors", save(tensors))
+    atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write(out / "index.html", _html(report, report["most_changed"], out, sides).encode())
+
+
+def _log_wandb(report: dict, cfg: CompareConfig, run_dir, wandb_cfg: WandbConfig | None) -> None:
+    tracker = Tracker(wandb_cfg or WandbConfig(), run_dir, "compare", {"compare": asdict(cfg)})
+    tracker.summary({k: v for k, v in report["summary"].items() if isinstance(v, int | float)})
+    if tracker.active:
+        import wandb
+
+        table = wandb.Table(columns=list(ROW_COLUMNS))
+        for row in report["most_changed"]:
+            table.add_data(*[json.dumps(row[c]) if isinstance(row[c], list) else row[c] for c in ROW_COLUMNS])
+        tracker.log({"most_changed": table})
+    tracker.finish()
 
 
 def compare_dictionaries(
@@ -284,7 +343,6 @@ def compare_dictionaries(
         )
     matches = match_features(base.sae.cpu(), other.sae.cpu())
     classes = classify(matches, cfg.kept, cfg.shifted)
-    status_names = ("kept", "shifted", "vanished")
     has = matches["assigned"] >= 0
     report = {
         "hook": base.hook,
@@ -292,7 +350,7 @@ def compare_dictionaries(
         "other": {"sae": other.name, "dir": str(other.directory), "model_id": other.sae.meta.get("model_id"), "d_sae": other.sae.d_sae},
         "thresholds": {"kept": cfg.kept, "shifted": cfg.shifted},
         "summary": {
-            **{name: int((classes["status"] == i).sum()) for i, name in enumerate(status_names)},
+            **{name: int((classes["status"] == i).sum()) for i, name in enumerate(STATUS_NAMES)},
             "new": int(classes["new"].sum()),
             "mean_assigned_cos": float(matches["assigned_cos"][has].mean()),
             "mean_best_cos": float(matches["best_cos"].mean()),
@@ -318,47 +376,10 @@ def compare_dictionaries(
         report["summary"]["mean_top_example_overlap"] = None
         log.warning("the runs' activations cover different windows: top-example overlap is not computed")
 
-    order = torch.argsort(matches["assigned_cos"].nan_to_num(-1.0))[: cfg.top_changed]
-    rows = []
-    for f in order.tolist():
-        g = int(matches["assigned"][f])
-        row = {
-            "base": f,
-            "assigned": g,
-            "status": status_names[int(classes["status"][f])],
-            "decoder_cos": float(matches["assigned_cos"][f]),
-            "encoder_cos": float(matches["encoder_cos"][f]),
-            "best_other": int(matches["best"][f]),
-            "best_cos": float(matches["best_cos"][f]),
-        }
-        if drift is not None and g >= 0:
-            row["frequency"] = [float(drift["base"]["frequency"][f]), float(drift["other"]["frequency"][g])]
-        row["overlap"] = None if overlap[f].isnan() else float(overlap[f])
-        rows.append(row)
-    report["most_changed"] = rows
-
+    report["most_changed"] = _most_changed(matches, classes, drift, overlap, cfg.top_changed)
     out = Path(run_dir) / "compare"
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in matches.items()}
-    tensors["status"] = classes["status"].contiguous()
-    tensors["new"] = classes["new"].to(torch.uint8).contiguous()
-    tensors["top_example_overlap"] = overlap.contiguous()
-    if drift is not None:
-        tensors["frequency_base"] = drift["base"]["frequency"].float().contiguous()
-        tensors["frequency_other"] = drift["other"]["frequency"].float().contiguous()
-    atomic_write(out / "matches.safetensors", save(tensors))
-    atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
-    atomic_write(out / "index.html", _html(report, rows, out, sides).encode())
-    tracker = Tracker(wandb_cfg or WandbConfig(), run_dir, "compare", {"compare": asdict(cfg)})
-    tracker.summary({k: v for k, v in report["summary"].items() if isinstance(v, int | float)})
-    if tracker.active:
-        import wandb
-
-        table = wandb.Table(columns=list(rows[0]) if rows else ["base"])
-        for row in rows:
-            table.add_data(*[json.dumps(v) if isinstance(v, list) else v for v in row.values()])
-        tracker.log({"most_changed": table})
-    tracker.finish()
+    _write(out, report, matches, classes, overlap, drift, sides)
+    _log_wandb(report, cfg, run_dir, wandb_cfg)
     s = report["summary"]
     log.info("kept %d, shifted %d, vanished %d, new %d (mean assigned decoder cos %.3f) -> %s",
              s["kept"], s["shifted"], s["vanished"], s["new"], s["mean_assigned_cos"], out / "index.html")  # fmt: skip

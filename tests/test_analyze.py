@@ -185,3 +185,18 @@ def test_rerun_with_the_same_configuration_is_skipped(trained_run, model_cfg, lo
     before = index.stat().st_mtime_ns
     analyze_saes(model_cfg, _cfg(saes=["topk-k8-x4"]), trained_run, OFF, loaded=loaded)
     assert index.stat().st_mtime_ns == before
+
+
+def test_wandb_gets_the_feature_table(trained_run, model_cfg, loaded, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "activations", run / "activations")
+    shutil.copytree(trained_run / "sae", run / "sae")
+    analyze_saes(
+        model_cfg, _cfg(detail_features=0, wandb_features=5), run, WandbConfig(mode="offline"), loaded=loaded
+    )
+    tables = list((run / "wandb").glob("offline-run-*/files/media/table/**/*.table.json"))
+    assert tables
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:3] == ["id", "frequency", "max_activation"] and len(table["data"]) == 5

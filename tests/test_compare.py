@@ -71,7 +71,8 @@ def test_a_changed_dictionary(trained_run, model_cfg, tmp_path):
     other = sae.save(tmp_path / "other-sae")
     cfg = CompareConfig(base=str(trained_run / "sae" / HOOK / "topk-k8-x4"), other=str(other), transfer=False,
                         tokens=None, progress=False)  # fmt: skip
-    report = compare_dictionaries(cfg, model_cfg, model_cfg, tmp_path, OFF)
+    report = compare_dictionaries(cfg, model_cfg, model_cfg, tmp_path, WandbConfig(mode="offline"))
+    assert list((tmp_path / "wandb").glob("offline-run-*/files/media/table"))  # the most-changed table
     assert report["summary"]["kept"] == pytest.approx(sae.d_sae - half, abs=2)
     assert report["summary"]["vanished"] + report["summary"]["shifted"] >= half - 2
     assert report["most_changed"][0]["decoder_cos"] < 0.5
