@@ -200,3 +200,22 @@ def test_wandb_gets_the_feature_table(trained_run, model_cfg, loaded, tmp_path):
     assert tables
     table = json.loads(tables[0].read_text())
     assert table["columns"][:3] == ["id", "frequency", "max_activation"] and len(table["data"]) == 5
+
+
+def test_a_dictionary_at_an_mlp_output(trained_run, model_cfg, loaded, tmp_path):
+    """Off the residual stream: loss contributions and input attributions, no component split."""
+    import shutil
+
+    from pipeline.sae import SaeConfig
+    from pipeline.train import TrainConfig, train_saes
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "activations", run / "activations")
+    train = TrainConfig(hook="blocks.1.mlp_out", batch_size=128, holdout_tokens=256, epochs=2, progress=False,
+                        checkpoint_every=0, lr=3e-3)  # fmt: skip
+    train_saes(train, SaeConfig(architecture="topk", expansion=4, k=8), run, OFF)
+    out = analyze_saes(model_cfg, _cfg(detail_features=2), run, OFF, loaded=loaded)
+    _, records = load_features(out["blocks.1.mlp_out/topk-k8-x4"])
+    detailed = [r for r in records if r["top"] and "loss" in r["top"][0]]
+    assert len(detailed) == 2
+    assert all(r["components"] is None for r in records)
