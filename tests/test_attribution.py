@@ -32,7 +32,7 @@ def test_components_add_up_to_the_pre_activation(arch, point):
     w, b = encoder_terms(sae, 5)
     tokens = _tokens()[0]
     out = component_attribution(model, hook, tokens, position=9, w=w, b=b)
-    x = capture_activations(model, tokens[None], [hook])[hook.name][0, 9]
+    x = capture_activations(model, tokens[None], [hook])[hook.name][0, 9].detach()
     assert out["pre_activation"] == pytest.approx(float(x @ w + b), abs=1e-5)
     total = sum(v for _, v in out["components"]) + out["constant"]
     assert total == pytest.approx(out["pre_activation"], abs=1e-4)
