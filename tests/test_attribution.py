@@ -68,7 +68,7 @@ def test_input_attribution_finds_the_tokens_that_matter(trained_llama_dir):
                 ablated = embeds[i : i + 1].clone()
                 ablated[0, chosen] = 0
                 x = capture_activations(model, None, [hook], inputs_embeds=ablated)[hook.name][0, 15]
-                bucket.append(float(pre[i] - (x @ w + b)))
+                bucket.append(float((pre[i] - (x @ w + b)).detach()))
     assert sum(top_drop) / len(top_drop) > 2 * sum(random_drop) / len(random_drop)
     assert sum(top_drop) > 0
 
