@@ -263,6 +263,11 @@ window.SAE_DASHBOARD = (function () {
     main.appendChild(section(
       `Component attribution at the top example (pre-activation ${fmt(parts.pre_activation, 3)} = ` +
       `sum of the parts + constant ${fmt(parts.constant, 3)})`, table));
+    if (parts.head_sources.length) {
+      main.appendChild(el("p", { class: "small", text:
+        "Largest heads: the part each source token sent, pattern[dst, src] × (OV message from src · encoder " +
+        "direction) (blue adds, red subtracts; sources before the shown context are not drawn)" }));
+    }
     for (const head of parts.head_sources) {
       const line = el("div", { class: "example" });
       line.appendChild(el("span", { class: "act", text: head.component }));
