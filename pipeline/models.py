@@ -341,17 +341,26 @@ def base_model(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
-def _watch(module: nn.Module, side: str, name: str, record: Callable[[str, torch.Tensor], None]):
-    """Register a hook that passes the activation (module input or output) to `record`, unchanged."""
+def _hook_activation(module: nn.Module, side: str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Register a hook that passes the activation at a hook point (`module`'s input or output, as
+    resolve_hook gives) to `fn`; when `fn` returns a tensor, it replaces the activation from there on."""
     if side == "input":
 
         def pre_hook(_mod, args, kwargs):
-            record(name, args[0] if args else kwargs["hidden_states"])
+            new = fn(args[0] if args else kwargs["hidden_states"])
+            if new is None:
+                return None
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
 
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def post_hook(_mod, _args, output):
-        record(name, _first(output))
+        new = fn(_first(output))
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple | list) else new
 
     return module.register_forward_hook(post_hook)
 
@@ -371,7 +380,10 @@ def capture_activations(
         if len(captured) == len(hooks):
             raise _StopForward
 
-    handles = [_watch(*resolve_hook(model, hook), hook.name, record) for hook in hooks]
+    handles = [
+        _hook_activation(*resolve_hook(model, hook), lambda value, name=hook.name: record(name, value))
+        for hook in hooks
+    ]
     try:
         base_model(model)(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False)
     except _StopForward:
@@ -390,7 +402,7 @@ def watch_activation(model: nn.Module, hook: HookPoint) -> Iterator[list[torch.T
     """Within the block, every forward pass appends the activation at `hook` to the yielded list
     (without stopping the forward, unlike capture_activations)."""
     seen: list[torch.Tensor] = []
-    handle = _watch(*resolve_hook(model, hook), hook.name, lambda _name, value: seen.append(value))
+    handle = _hook_activation(*resolve_hook(model, hook), seen.append)
     try:
         yield seen
     finally:
@@ -407,23 +419,7 @@ def splice_activations(
         with _splice_resid_mid(model, hook, replace):
             yield
         return
-    module, side = resolve_hook(model, hook)
-    if side == "input":
-
-        def pre_hook(_mod, args, kwargs):
-            if args:
-                return (replace(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
-
-        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-
-        def post_hook(_mod, _args, output):
-            if isinstance(output, tuple):
-                return (replace(output[0]), *output[1:])
-            return replace(output)
-
-        handle = module.register_forward_hook(post_hook)
+    handle = _hook_activation(*resolve_hook(model, hook), replace)
     try:
         yield
     finally:
@@ -441,17 +437,12 @@ def _splice_resid_mid(
     attn_module, _ = resolve_hook(model, HookPoint(hook.layer, "attn_out"))
     resid_pre: list[torch.Tensor] = []
 
-    def take_input(_mod, args, kwargs):
-        resid_pre[:] = [args[0] if args else kwargs["hidden_states"]]
-
-    def rewrite_attention(_mod, _args, output):
-        attn = _first(output)
-        new = replace(resid_pre[0] + attn) - resid_pre[0]
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+    def keep_input(x: torch.Tensor) -> None:  # None: the layer's input stays as it is
+        resid_pre[:] = [x]
 
     handles = [
-        layer.register_forward_pre_hook(take_input, with_kwargs=True),
-        attn_module.register_forward_hook(rewrite_attention),
+        _hook_activation(layer, "input", keep_input),
+        _hook_activation(attn_module, "output", lambda attn: replace(resid_pre[0] + attn) - resid_pre[0]),
     ]
     try:
         yield
