@@ -67,11 +67,6 @@ def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def kl_clean_to_spliced(clean_logits: torch.Tensor, spliced_logits: torch.Tensor) -> torch.Tensor:
-    """KL(clean || spliced) of the next-token distributions per position: [batch, seq]."""
-    return kl_divergence(log_probs(clean_logits), log_probs(spliced_logits))
-
-
 def next_token_losses(
     clean_logits: torch.Tensor,
     others: dict[str, torch.Tensor],
@@ -80,9 +75,10 @@ def next_token_losses(
 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """CE of the clean logits [batch, seq, vocab], and (CE, KL(clean || other)) for each of `others`,
     all [batch, seq-1]. An other is logits [batch, seq, vocab], or float log-probabilities
-    [seq, vocab] (see log_probs) when it is the same for every sequence. These are next_token_nll and kl_divergence, computed a few positions
-    at a time so that each vocabulary-wide pass stays in cache (4x faster on a CPU than whole-batch
-    ops, which are memory-bound and dominate an evaluation's non-model time)."""
+    [seq, vocab] (see log_probs) when it is the same for every sequence. These are next_token_nll
+    and kl_divergence, computed a few positions at a time so that each vocabulary-wide pass stays in
+    cache (4x faster on a CPU than whole-batch ops, which are memory-bound and dominate an
+    evaluation's non-model time)."""
     batch, seq, vocab = clean_logits.shape
     clean = clean_logits.reshape(batch * seq, vocab)
     targets = torch.cat([tokens[:, 1:], tokens[:, :1]], 1).reshape(-1, 1).long()  # last one unused
