@@ -24,12 +24,11 @@ from pipeline import metrics as M
 from pipeline.models import (
     HookPoint,
     capture_activations,
+    clean_pass,
     decoder_layers,
     prefix_layers,
-    record_prefix,
     replay_prefix,
     splice_activations,
-    watch_activation,
 )
 
 _FINAL_NORMS = (
@@ -262,16 +261,7 @@ def loss_contribution(
     device = next(model.parameters()).device
     ids = tokens.to(device, torch.long)
     keep = {} if last is None else {"logits_to_keep": last}
-    if stored is not None:
-        with record_prefix(model, n_prefix) as kept:  # what the skipped layers return: its type matters
-            model(input_ids=ids[:1, :1], use_cache=False)
-        x = stored.to(device)
-        with splice_activations(model, hook, lambda _a: x), replay_prefix(model, n_prefix, kept):
-            clean_logits = model(input_ids=ids, use_cache=False, **keep).logits
-    else:
-        with record_prefix(model, n_prefix) as kept, watch_activation(model, hook) as seen:
-            clean_logits = model(input_ids=ids, use_cache=False, **keep).logits
-        x = seen[0]
+    clean_logits, x, kept = clean_pass(model, hook, ids, stored, **keep)
     acts = sae.encode(x.float())[..., latent]  # [batch, seq]
     removed = (x.float() - acts[..., None] * sae.W_dec[latent].float()).to(x.dtype)
     with splice_activations(model, hook, lambda _a: removed), replay_prefix(model, n_prefix, kept):

@@ -51,13 +51,12 @@ from pipeline.models import (
     HookPoint,
     LoadedModel,
     ModelConfig,
+    clean_pass,
     load_model,
     prefix_layers,
-    record_prefix,
     replay_prefix,
     splice_activations,
     validate_hooks,
-    watch_activation,
 )
 from pipeline.plots import density_plot, pareto_plot
 from pipeline.sae import Sae
@@ -232,27 +231,17 @@ def evaluate_hook(
 
     bar = tqdm(total=windows.numel(), unit="tok", unit_scale=True, desc=f"evaluate {hook.name}",
                disable=not cfg.progress)  # fmt: skip
-    if stored is not None:
-        if hook.point not in ("resid_pre", "resid_post"):
-            raise ValueError(
-                f"stored activations stand in for the layers before {hook.name} only at resid hooks"
-            )
-        with record_prefix(model, n_prefix) as template:  # what the skipped layers return: its type matters
-            model(input_ids=windows[:1, :1].to(device, torch.long), use_cache=False)
-
+    template = None
     for lo in range(0, n_windows, cfg.batch_size):
         ids = windows[lo : lo + cfg.batch_size].to(device, torch.long)
         rows = slice(lo, lo + len(ids))
         replaced = replaced_all[rows].to(device)  # positions the dictionary (or an ablation) replaces
         counted[rows] = replaced[:, 1:].cpu()
-        if stored is not None:
-            x = stored(rows).to(device, loaded.dtype)  # [b, seq, d_model]
-            kept = template
-            clean_logits = forward_with(lambda _a, s=x: s, kept, ids)
-        else:
-            with record_prefix(model, n_prefix) as kept, watch_activation(model, hook) as seen:
-                clean_logits = model(input_ids=ids, use_cache=False).logits  # [b, seq, vocab]
-            x = seen[0]
+        if stored is None:
+            clean_logits, x, kept = clean_pass(model, hook, ids)  # [b, seq, vocab], [b, seq, d_model]
+        else:  # the prefix record of a stored pass stands for any input: made once
+            clean_logits, x, kept = clean_pass(model, hook, ids, stored(rows).to(loaded.dtype), template)
+            template = kept
         others = {}
         for kind, value in (("zero", torch.zeros_like(mean)), ("mean", mean)):
             others[kind] = (

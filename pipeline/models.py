@@ -488,3 +488,32 @@ def replay_prefix(model: nn.Module, n_layers: int, recorded: list) -> Iterator[N
     finally:
         for layer in layers:
             del layer.forward
+
+
+def clean_pass(
+    model: nn.Module,
+    hook: HookPoint,
+    input_ids: torch.Tensor,
+    stored: torch.Tensor | None = None,
+    stored_prefix: list | None = None,
+    **forward_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """A clean forward that keeps what spliced passes of the same input need: (logits, the activation
+    at `hook` [batch, seq, d_model], the prefix record for replay_prefix). `stored`: the activations at
+    a resid_pre / resid_post hook as this model computes them; then the layers before the hook are
+    not computed either, and `stored_prefix` may pass the prefix record of an earlier such call."""
+    n_prefix = prefix_layers(hook)
+    if stored is None:
+        with record_prefix(model, n_prefix) as kept, watch_activation(model, hook) as seen:
+            logits = model(input_ids=input_ids, use_cache=False, **forward_kwargs).logits
+        return logits, seen[0], kept
+    if hook.point not in ("resid_pre", "resid_post"):
+        raise ValueError(f"stored activations stand in for the layers before {hook.name} only at resid hooks")
+    kept = stored_prefix
+    if kept is None:
+        with record_prefix(model, n_prefix) as kept:  # what the skipped layers return: only its type matters
+            model(input_ids=input_ids[:1, :1], use_cache=False)
+    x = stored.to(input_ids.device)
+    with splice_activations(model, hook, lambda _a: x), replay_prefix(model, n_prefix, kept):
+        logits = model(input_ids=input_ids, use_cache=False, **forward_kwargs).logits
+    return logits, x, kept
