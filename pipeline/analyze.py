@@ -17,7 +17,6 @@ dashboard opens from the file system with no server), vocab.js, index.html, feat
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import logging
@@ -46,6 +45,7 @@ from pipeline.dictionaries import (
     DictionarySelection,
     check_model,
     find_dictionaries,
+    output_config_hash,
     shards_for,
     stored_activations_match,
 )
@@ -373,18 +373,6 @@ def example_html(record: dict, vocab: list[str], n: int = 3) -> str:
     return "".join(lines)
 
 
-def _config_hash(sae, loaded: LoadedModel, shards: ShardSet, n_windows: int, cfg: AnalyzeConfig) -> str:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "wandb_features", "saes")}
-    payload = {
-        "sae": sae.digest(),
-        "model": loaded.weights_hash,
-        "shards": [r.sha256 for r in shards.manifest.shards],
-        "windows": n_windows,
-        "settings": settings,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _already_analyzed(out: Path, config_hash: str) -> bool:
     try:
         meta = json.loads((out / "features.json").read_text())["meta"]
@@ -422,7 +410,8 @@ def analyze_saes(
             )
         sae = d.sae.to(loaded.device).eval()
         out = run_dir / "features" / d.hook / d.name
-        config_hash = _config_hash(sae, loaded, shards, n_windows, cfg)
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "wandb_features", "saes")}
+        config_hash = output_config_hash(sae, loaded, shards, {**settings, "windows": n_windows})
         if _already_analyzed(out, config_hash):
             log.info(
                 "%s/%s: already analyzed with this configuration -> %s", d.hook, d.name, out / "index.html"

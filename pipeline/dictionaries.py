@@ -3,6 +3,8 @@ stages that use trained dictionaries (evaluate, analyze)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,3 +126,15 @@ def stored_activations_match(shards: ShardSet, loaded: LoadedModel, hook: str) -
         and shards.manifest.weights_hash == loaded.weights_hash
         and shards.dtype == loaded.dtype
     )
+
+
+def output_config_hash(sae: Sae, loaded: LoadedModel, shards: ShardSet, settings: dict) -> str:
+    """What a stage's output for one dictionary depends on (its weights, the model, the activations
+    and the stage's settings), as a short hash stored with the output to skip identical re-runs."""
+    payload = {
+        "sae": sae.digest(),
+        "model": loaded.weights_hash,
+        "shards": [r.sha256 for r in shards.manifest.shards],
+        "settings": settings,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -18,7 +18,6 @@ computed once; attn_out/mlp_out ablations need their own forwards, shared by all
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from pipeline.dictionaries import (
     DictionarySelection,
     check_model,
     find_dictionaries,
+    output_config_hash,
     shards_for,
     stored_activations_match,
 )
@@ -337,20 +337,6 @@ def _stored_activations(
     return lambda rows: torch.stack([shards.sequence(first + i)[1] for i in range(rows.start, rows.stop)])
 
 
-def _config_hash(
-    sae: Sae, loaded: LoadedModel, shards: ShardSet, window_range: tuple, cfg: EvaluateConfig
-) -> str:
-    payload = {
-        "sae": sae.digest(),
-        "model": loaded.weights_hash,
-        "shards": [r.sha256 for r in shards.manifest.shards],
-        "windows": list(window_range),
-        "exclude_bos": cfg.exclude_bos,
-        "format_version": FORMAT_VERSION,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _previous(out: Path, config_hash: str) -> dict | None:
     try:
         report = json.loads((out / "metrics.json").read_text())
@@ -443,7 +429,8 @@ def evaluate_group(
     ctx = shards.manifest.context_length
     windows = shards.tokens_at(torch.arange(first * ctx, (first + count) * ctx)).view(count, ctx)
     bos = shards.manifest.bos_token_id if cfg.exclude_bos else None
-    hashes = {d.name: _config_hash(d.sae, loaded, shards, (first, count), cfg) for d in group}
+    settings = {"windows": [first, count], "exclude_bos": cfg.exclude_bos, "format_version": FORMAT_VERSION}
+    hashes = {d.name: output_config_hash(d.sae, loaded, shards, settings) for d in group}
     todo = []
     for d in group:
         previous = _previous(run_dir / "eval" / hook_name / d.name, hashes[d.name]) if reuse else None
