@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.analyze import AnalyzeConfig, analyze_saes, stream_features
 from pipeline.corpus import CorpusConfig
-from pipeline.harvest import HarvestConfig, harvest_activations
+from pipeline.feature_stats import feature_pass
 from pipeline.models import ModelConfig, load_model
 from pipeline.sae import SaeConfig, build_sae
 from pipeline.shards import ShardSet
+from pipeline.stages.analyze import AnalyzeConfig, analyze_saes
+from pipeline.stages.harvest import HarvestConfig, harvest_activations
 from pipeline.tracking import WandbConfig
 
 
@@ -58,7 +59,7 @@ def main() -> None:
 
         cfg = AnalyzeConfig(progress=False)
         start = time.perf_counter()
-        stream_features(sae, shards, len(tokens), cfg, loaded.device)
+        feature_pass(sae, shards, len(tokens), cfg, loaded.device)
         pass_s = time.perf_counter() - start
 
         start = time.perf_counter()

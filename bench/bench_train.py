@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from synthetic import BATCH, D_IN, D_SAE, K, heldout_fvu, synthetic_activations
 from pipeline.metrics import token_variance
 from pipeline.optim import lr_multiplier
 from pipeline.sae import SaeConfig, build_sae
-from pipeline.train import TrainConfig, _Dist, _make_step, _Member
+from pipeline.training import Dist, TrainConfig, TrainingMember, make_step
 
 ENCODER_FLOP_PER_TOKEN = 2 * D_IN * D_SAE
 
@@ -58,8 +59,8 @@ def ours(data, autocast_name, steps):
     scale, lr_at = _recipe(data, steps)
     sae = build_sae(SaeConfig(architecture="topk", expansion=D_SAE // D_IN, k=K), D_IN)
     sae.init_from_data(data[:BATCH] * scale)
-    member = _Member(sae, cfg, lr=lr_at(0))
-    step = _make_step(member, cfg, _Dist(), torch.device("cpu"))
+    member = TrainingMember(sae, replace(cfg, lr=lr_at(0)))
+    step = make_step(member, cfg, Dist(), torch.device("cpu"))
 
     def train_step(i, x):
         member.opt.param_groups[0]["lr"] = lr_at(i)

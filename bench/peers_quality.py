@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.shards import ShardSet  # noqa: E402
-from pipeline.train import TrainConfig, heldout_metrics, training_split  # noqa: E402
+from pipeline.splits import heldout_start  # noqa: E402
+from pipeline.training import TrainConfig, heldout_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
 
     shards = ShardSet(args.shards)
     cfg = TrainConfig()
-    n_train = training_split(shards, cfg.holdout_tokens)
+    n_train = heldout_start(shards.n_tokens, shards.manifest.context_length, cfg.holdout_tokens)
     d_in, d_sae, k = shards.d_model, 16 * shards.d_model, 32
     steps = args.tokens // cfg.batch_size
 

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 
-STAGES = {
-    "harvest": "pipeline.harvest",
-    "train": "pipeline.train",
-    "evaluate": "pipeline.evaluate",
-    "analyze": "pipeline.analyze",
-    "all": "pipeline.all_stages",
-    "compare": "pipeline.compare",
-    "finetune": "pipeline.finetune",
-}
+from pipeline import stages
+
+STAGES = sorted(module.name for module in pkgutil.iter_modules(stages.__path__))
 
 
 def main() -> None:
@@ -26,7 +21,7 @@ def main() -> None:
         sys.exit(2)
     stage = sys.argv.pop(1)
     sys.argv[0] = f"pipeline {stage}"
-    importlib.import_module(STAGES[stage]).main()
+    importlib.import_module(f"pipeline.stages.{stage}").main()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline import metrics as M
-from pipeline.models import (
+from pipeline.hooks import (
     HookPoint,
     capture_activations,
     clean_pass,
@@ -173,7 +173,7 @@ def component_attribution(
     """The pre-activation x[position] . w + b of one window tokens [seq] split into the embedding,
     each layer's attention (per head where heads add linearly) and MLP, plus the constant b; for the
     `top_heads` largest heads, the part that came from each source position."""
-    if not hook.point.startswith("resid"):
+    if not hook.on_residual_stream:
         raise ValueError(f"component attribution needs a residual-stream hook, not {hook.name}")
     parts = _component_hooks(hook)
     layers = decoder_layers(model)

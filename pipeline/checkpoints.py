@@ -1,7 +1,7 @@
 """Training checkpoints: safetensors for every tensor (weights, optimizer state, dead-latent
 counters), JSON for the rest (step, config hash, input scale, optimizer param groups).
 
-`members` are objects with `sae`, `opt` and `since_fired` (train._Member).
+`members` are objects with `sae`, `opt` and `since_fired` (training.TrainingMember).
 """
 
 from __future__ import annotations

@@ -1,17 +1,17 @@
-"""The dictionaries of a run directory and the activations they go with, found and checked for the
-stages that use trained dictionaries (evaluate, analyze)."""
+"""The dictionaries a stage works on, and the activations they go with: found in a run directory (or
+named as directories), checked against the model, and hashed with what a stage's output depends on.
+Used by every stage that reads trained dictionaries (evaluate, analyze, compare)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.hooks import HookPoint
 from pipeline.models import LoadedModel
+from pipeline.rundir import RunDir, config_hash, is_dictionary
 from pipeline.sae import Sae
 from pipeline.shards import ShardError, ShardSet
-from pipeline.train import CHECKPOINT_DIR
 
 
 class DictionaryError(ValueError):
@@ -38,39 +38,40 @@ class Dictionary:
     hook: str
 
 
-def is_dictionary(path: Path) -> bool:
-    return path.is_dir() and (path / "cfg.json").is_file() and path.name != CHECKPOINT_DIR
+def _named_directories(run: RunDir, saes: list[str], stage: str) -> list[Path]:
+    """The SAE directories `saes` names (directories, or names under <run>/sae/<hook>/); all of the
+    run when empty."""
+    if not saes:
+        found = run.dictionaries()
+        if not found:
+            raise DictionaryError(
+                f"no dictionaries under {run.sae_root}; train one first (python -m pipeline train "
+                f"run_dir={run.root}) or name SAE directories with {stage}.saes=[...]"
+            )
+        return found
+    dirs = []
+    for entry in saes:
+        path = Path(entry)
+        if not is_dictionary(path):
+            matches = run.dictionaries(entry)
+            if not matches:
+                known = [p.name for p in run.dictionaries()]
+                raise DictionaryError(
+                    f"{stage}.saes: {entry!r} is neither an SAE directory nor a dictionary under "
+                    f"{run.sae_root} (found: {known or 'none'})"
+                )
+            path = matches[0]
+        dirs.append(path)
+    return dirs
 
 
 def find_dictionaries(
-    run_dir: Path, saes: list[str], hook: str | None, force: bool, stage: str
+    run: RunDir, saes: list[str], hook: str | None, force: bool, stage: str
 ) -> list[Dictionary]:
-    """The dictionaries named in `saes` (names under <run_dir>/sae/<hook>/ or directories; all of the
-    run when empty), each with the hook it is used at (`hook`, or the one its cfg.json names)."""
-    sae_root = run_dir / "sae"
-    if saes:
-        dirs = []
-        for entry in saes:
-            path = Path(entry)
-            if not is_dictionary(path):
-                matches = sorted(p for p in sae_root.glob(f"*/{entry}") if is_dictionary(p))
-                if not matches:
-                    known = sorted(p.name for p in sae_root.glob("*/*") if is_dictionary(p))
-                    raise DictionaryError(
-                        f"{stage}.saes: {entry!r} is neither an SAE directory nor a dictionary under {sae_root} "
-                        f"(found: {known or 'none'})"
-                    )
-                path = matches[0]
-            dirs.append(path)
-    else:
-        dirs = sorted(p for p in sae_root.glob("*/*") if is_dictionary(p))
-        if not dirs:
-            raise DictionaryError(
-                f"no dictionaries under {sae_root}; train one first (python -m pipeline train run_dir={run_dir}) "
-                "or name SAE directories with {stage}.saes=[...]"
-            )
+    """The dictionaries named in `saes` (see _named_directories), each with the hook it is used at
+    (`hook`, or the one its cfg.json names)."""
     found = []
-    for directory in dirs:
+    for directory in _named_directories(run, saes, stage):
         sae = Sae.load(directory)
         own_hook = sae.meta.get("hook")
         used_at = hook or own_hook
@@ -101,14 +102,14 @@ def check_model(dictionaries: list[Dictionary], loaded: LoadedModel, force: bool
             )
 
 
-def shards_for(run_dir: Path, hook: str, loaded: LoadedModel) -> ShardSet:
+def shards_for(run: RunDir, hook: str, loaded: LoadedModel) -> ShardSet:
+    """The run's harvested activations at `hook`, checked to come from this model's tokenizer."""
     try:
-        shards = ShardSet(run_dir / "activations" / hook)
+        shards = ShardSet(run.activations(hook))
     except (ShardError, FileNotFoundError) as err:
         raise DictionaryError(
-            f"no harvested activations for {hook} in {run_dir} ({err}); the stage reads its windows "
-            f"from them: python -m pipeline harvest run_dir={run_dir} "
-            f"harvest.hooks=[{hook}]"
+            f"no harvested activations for {hook} in {run.root} ({err}); the stage reads its windows "
+            f"from them: python -m pipeline harvest run_dir={run.root} harvest.hooks=[{hook}]"
         ) from err
     if shards.manifest.tokenizer_id != loaded.tokenizer_id:
         raise DictionaryError(
@@ -118,23 +119,24 @@ def shards_for(run_dir: Path, hook: str, loaded: LoadedModel) -> ShardSet:
     return shards
 
 
-def stored_activations_match(shards: ShardSet, loaded: LoadedModel, hook: str) -> bool:
+def stored_activations_match(shards: ShardSet, loaded: LoadedModel, hook: HookPoint) -> bool:
     """Whether the shards hold exactly what this model computes at `hook` (same weights, stored in
-    its compute dtype), at a residual hook that a forward pass can start from."""
+    its compute dtype), at a layer boundary that a forward pass can start from."""
     return (
-        hook.rsplit(".", 1)[-1] in ("resid_pre", "resid_post")
+        hook.at_layer_boundary
         and shards.manifest.weights_hash == loaded.weights_hash
         and shards.dtype == loaded.dtype
     )
 
 
 def output_config_hash(sae: Sae, loaded: LoadedModel, shards: ShardSet, settings: dict) -> str:
-    """What a stage's output for one dictionary depends on (its weights, the model, the activations
-    and the stage's settings), as a short hash stored with the output to skip identical re-runs."""
-    payload = {
-        "sae": sae.digest(),
-        "model": loaded.weights_hash,
-        "shards": [r.sha256 for r in shards.manifest.shards],
-        "settings": settings,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The config hash of a stage's output for one dictionary: its weights, the model, the
+    activations and the stage's settings."""
+    return config_hash(
+        {
+            "sae": sae.digest(),
+            "model": loaded.weights_hash,
+            "shards": [r.sha256 for r in shards.manifest.shards],
+            "settings": settings,
+        }
+    )

@@ -7,13 +7,18 @@ Memory is bounded by the number of latents, never by the number of tokens:
                  number gives a uniform sample of the latent's firings (Efraimidis-Spirakis)
   Coactivation   how often two latents fire on the same token, on a sample of tokens
 Batches are whole windows of `ctx` tokens, so a context never crosses the window it came from.
+`feature_pass` runs a dictionary's encoder over stored activations and feeds all three.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
+
+from pipeline.shards import ShardSet
 
 
 def firing_entries(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,3 +175,70 @@ class Coactivation:
         partners[rows, cols] = second[keep]
         prob[rows, cols] = counts[keep].float() / self.single[rows].clamp_min(1).float()
         return partners, prob
+
+
+# ---------------------------------------------------------------- one pass over stored activations
+
+
+@dataclass
+class FeaturePassSettings:
+    """What one streaming pass keeps per feature."""
+
+    top_k: int = 10
+    """Top-activating examples kept per feature."""
+    samples: int = 16
+    """Random firings kept per feature (a uniform sample of its firings)."""
+    context_before: int = 20
+    """Tokens kept before an example's token (within its window)."""
+    context_after: int = 4
+    exclude_bos: bool = True
+    """BOS positions are not examples (as in training)."""
+    coactivation_tokens: int = 32768
+    """Tokens on which pairs of co-firing features are counted."""
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class FeaturePass:
+    stats: FeatureStats
+    top: TopExamples
+    samples: TopExamples
+    coactivation: Coactivation
+    n_windows: int
+
+    def frequency(self) -> torch.Tensor:
+        """Firing frequency of every feature on the tokens passed: [d_sae] float64, on the CPU."""
+        return self.stats.count.cpu().double() / max(self.stats.tokens, 1)
+
+
+@torch.inference_mode()
+def feature_pass(sae, shards: ShardSet, n_windows: int, cfg: FeaturePassSettings, device) -> FeaturePass:
+    """One pass over the first n_windows stored windows: statistics, top examples, samples and
+    co-activation of every feature of `sae`."""
+    ctx = shards.manifest.context_length
+    d_sae = sae.d_sae
+    windows_per_batch = max(1, (1 << 25) // (d_sae * ctx))  # dense codes of a batch stay ~128 MB
+    stats = FeatureStats(d_sae, device)
+    top = TopExamples(d_sae, cfg.top_k, cfg.context_before, cfg.context_after, device)
+    samples = TopExamples(d_sae, cfg.samples, cfg.context_before, cfg.context_after, device)
+    coactivation = Coactivation(d_sae, cfg.coactivation_tokens)
+    bos = shards.manifest.bos_token_id if cfg.exclude_bos else None
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    bar = tqdm(total=n_windows * ctx, unit="tok", unit_scale=True, desc="features", disable=not cfg.progress)
+    for first in range(0, n_windows, windows_per_batch):
+        count = min(windows_per_batch, n_windows - first)
+        idx = torch.arange(first * ctx, (first + count) * ctx)
+        x = shards.gather(idx).to(device, torch.float32)  # [tokens, d_in]
+        codes = sae.encode(x)  # [tokens, d_sae]
+        if bos is not None:
+            codes[(shards.tokens_at(idx) == bos).to(device)] = 0
+        rows, latents, acts = firing_entries(codes)
+        stats.update(len(codes), latents, acts)
+        top.update(rows, latents, acts, acts, codes, first * ctx, ctx)
+        keys = torch.rand(len(rows), generator=gen, device=device)
+        samples.update(rows, latents, keys, acts, codes, first * ctx, ctx)
+        coactivation.update(codes)
+        bar.update(len(codes))
+    bar.close()
+    return FeaturePass(stats, top, samples, coactivation, n_windows)

@@ -6,7 +6,8 @@ FVU per dimension = mean over dimensions d of  sum_t (x_td - x_hat_td)^2 / sum_t
 MSE  = mean over tokens and dimensions of (x - x_hat)^2
 cossim = mean over tokens of cos(x, x_hat);  l2_ratio = mean over tokens of ||x_hat|| / ||x||
 L1   = mean over tokens of sum_i |z_i|
-density_i = fraction of tokens on which latent i is non-zero; dead = density 0, dense = density > 0.1
+density_i = fraction of tokens on which latent i is non-zero; silent = density 0 on the tokens measured,
+     dense = density > 0.1 (dead is the training-time notion: idle over the last train.dead_tokens)
 CE   = mean over predicted tokens of -log p(t_{n+1} | t_<=n)
 CE loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean)        (SAEBench: ce_loss_score)
 KL score = (KL_zero - KL_spliced) / KL_zero, KL = KL(clean || other)      (SAEBench: kl_div_score)
@@ -27,9 +28,13 @@ def token_variance(x: torch.Tensor) -> torch.Tensor:
     return total_variance(x) / len(x)
 
 
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Fraction of variance unexplained, whole-vector definition."""
-    return (x - x_hat).pow(2).sum() / total_variance(x)
+def fvu(x: torch.Tensor, x_hat: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of variance unexplained, whole-vector definition: x, x_hat [batch, d] -> scalar.
+    `variance` is the denominator per token (token_variance) where it is known beyond this batch,
+    e.g. over every process' tokens in distributed training; by default this batch's."""
+    if variance is None:
+        variance = token_variance(x)
+    return (x - x_hat).pow(2).sum(-1).mean() / variance
 
 
 def fvu_per_dimension(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -123,14 +128,14 @@ def kl_div_score(kl_spliced: float, kl_zero: float) -> float:
 
 
 def density_histogram(density: torch.Tensor, bins: int = 40, low: float = -7.0) -> dict:
-    """log10 feature-density histogram over [low, 0] plus the count of never-firing latents."""
+    """log10 feature-density histogram over [low, 0] plus the count of silent (never firing) latents."""
     alive = density[density > 0].double().log10().clamp(min=low)
     counts = torch.histc(alive, bins=bins, min=low, max=0.0) if len(alive) else torch.zeros(bins)
     edges = torch.linspace(low, 0.0, bins + 1)
     return {
         "log10_density_edges": [round(float(e), 4) for e in edges],
         "counts": [int(c) for c in counts],
-        "dead": int((density == 0).sum()),
+        "silent": int((density == 0).sum()),
     }
 
 
@@ -196,7 +201,9 @@ class StreamingReconstructionStats:
         """Firing frequency of every latent: [d_sae]."""
         return (self.fire_count / max(self.n, 1)).float().cpu()
 
-    def never_fired_fraction(self) -> float:
+    def silent_fraction(self) -> float:
+        """Fraction of latents that never fired on the tokens seen (silent; `dead` is the training-time
+        notion: idle over the last `train.dead_tokens` training tokens)."""
         return float((self.fire_count == 0).double().mean())
 
     def frequent_fraction(self, threshold: float) -> float:

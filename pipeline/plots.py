@@ -26,14 +26,14 @@ def _save(fig, path: Path) -> Path:
 
 
 def density_plot(histogram: dict, path: Path, title: str) -> Path:
-    """Bar chart of a `metrics.density_histogram` (log10 firing frequency), dead latents noted."""
+    """Bar chart of a `metrics.density_histogram` (log10 firing frequency), silent latents noted."""
     edges, counts = histogram["log10_density_edges"], histogram["counts"]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.bar(edges[:-1], counts, width=edges[1] - edges[0], align="edge", color="#3b6ea8")
     ax.axvline(-1, color="#b33", lw=0.8, ls="--", label="dense (> 10%)")
     ax.set_xlabel("log10 feature density (fraction of tokens on which it fires)")
     ax.set_ylabel("latents")
-    ax.set_title(f"{title}\n{histogram['dead']} latents never fired", fontsize=9)
+    ax.set_title(f"{title}\n{histogram['silent']} latents never fired (silent)", fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)
 

@@ -1,12 +1,18 @@
 """Weights & Biases logging that never stands in the way: offline by default, and any failure of
 W&B (not installed, not logged in, no network) turns logging off with a warning instead of stopping
 the stage. `wandb sync <run_dir>/wandb/offline-run-*` uploads an offline run later.
+
+Everything W&B writes stays in `<run_dir>/wandb/`: besides the runs, its staging area for tables and
+media, its cache and its settings go there instead of the user's home (unless the user chose their
+places with W&B's own environment variables).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,29 +28,47 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
 
+# W&B's own files (artifact staging, cache, settings), which it would otherwise keep under ~/
+_OWN_DIRS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config"}
+
+
+@contextlib.contextmanager
+def _own_files_in(directory: Path) -> Iterator[None]:
+    """While inside, W&B keeps its own files under `directory` (variables the user set are kept)."""
+    placed = [var for var in _OWN_DIRS if var not in os.environ]
+    for var in placed:
+        os.environ[var] = str(directory / _OWN_DIRS[var])
+    try:
+        yield
+    finally:
+        for var in placed:
+            os.environ.pop(var, None)
+
+
 class Tracker:
     """A W&B run, or nothing: `log` and `finish` are always safe to call."""
 
     def __init__(self, cfg: WandbConfig, run_dir: str | Path, name: str, config: dict, rank: int = 0):
         self._run = None
+        self._files = Path(run_dir) / "wandb"
         if cfg.mode == "disabled" or rank != 0:
             return
         try:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            directory = Path(run_dir)
-            directory.mkdir(parents=True, exist_ok=True)
-            self._run = wandb.init(
-                project=cfg.project,
-                entity=cfg.entity,
-                name=name,
-                tags=list(cfg.tags),
-                mode=cfg.mode,
-                dir=str(directory),
-                config=config,
-                reinit="create_new",
-            )
+            self._files.mkdir(parents=True, exist_ok=True)
+            with _own_files_in(self._files):
+                self._run = wandb.init(
+                    project=cfg.project,
+                    entity=cfg.entity,
+                    name=name,
+                    tags=list(cfg.tags),
+                    mode=cfg.mode,
+                    dir=str(self._files.parent),  # W&B adds the `wandb` folder itself
+                    config=config,
+                    reinit="create_new",
+                )
         except Exception as err:  # W&B must never stop a stage
             log.warning("W&B logging is off (%s: %s)", type(err).__name__, err)
 
@@ -56,7 +80,8 @@ class Tracker:
         if self._run is None:
             return
         try:
-            self._run.log(metrics, step=step)
+            with _own_files_in(self._files):
+                self._run.log(metrics, step=step)
         except Exception as err:
             log.warning("W&B logging failed and is now off (%s)", err)
             self._run = None
@@ -76,7 +101,8 @@ class Tracker:
     def finish(self) -> None:
         if self._run is not None:
             try:
-                self._run.finish()
+                with _own_files_in(self._files):
+                    self._run.finish()
             except Exception as err:
                 log.warning("W&B finish failed (%s)", err)
             self._run = None

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pipeline.all_stages import run_all
 from pipeline.config import CONF_DIR
+from pipeline.stages.all import run_all
 from tests.conftest import TEXT
 
 
@@ -53,14 +53,14 @@ def test_the_trained_hook_must_be_harvested(tmp_path, trained_llama_dir):
 
 @pytest.mark.parametrize("experiment", ["demo", "smollm2_full", "gpu_pythia160m"])
 def test_experiment_presets_compose(experiment):
-    from pipeline.analyze import AnalyzeConfig
     from pipeline.config import to_dataclass
     from pipeline.corpus import CorpusConfig
-    from pipeline.evaluate import EvaluateConfig
-    from pipeline.harvest import HarvestConfig
     from pipeline.models import ModelConfig
     from pipeline.sae import SaeConfig
-    from pipeline.train import TrainConfig
+    from pipeline.stages.analyze import AnalyzeConfig
+    from pipeline.stages.evaluate import EvaluateConfig
+    from pipeline.stages.harvest import HarvestConfig
+    from pipeline.stages.train import TrainConfig
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="pipeline", overrides=[f"experiment={experiment}"])

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.analyze import AnalyzeConfig, AnalyzeError, analyze_saes, example_html
 from pipeline.dashboard import load_features, write_dashboard
+from pipeline.dashboard.pages import highlighted_examples
 from pipeline.dictionaries import DictionaryError
 from pipeline.sae import Sae
 from pipeline.shards import ShardSet
+from pipeline.stages.analyze import AnalyzeConfig, AnalyzeError, analyze_saes
 from pipeline.tracking import WandbConfig
 
 HOOK = "blocks.1.resid_post"
@@ -32,7 +33,7 @@ def analyzed(trained_run, model_cfg, loaded, tmp_path_factory):
         sae.W_enc[:, 0] = 0
         sae.b_enc[0] = -1e4
     silent = sae.save(
-        tmp_path_factory.mktemp("sae") / "with-dead"
+        tmp_path_factory.mktemp("sae") / "with-silent"
     )  # outside the run: other tests see one SAE
     out = analyze_saes(model_cfg, _cfg(saes=["topk-k8-x4", str(silent)]), trained_run, OFF, loaded=loaded)
     return {name.split("/")[-1]: path for name, path in out.items()}, silent
@@ -79,12 +80,12 @@ def test_detail_features_get_attributions(analyzed):
         assert record["logits"]["positive"][0][1] >= record["logits"]["negative"][0][1]
 
 
-def test_a_feature_that_never_fires_is_shown_as_dead(analyzed):
-    meta, records = load_features(analyzed[0]["with-dead"])
-    assert records[0]["dead"] and records[0]["top"] == [] and records[0]["count"] == 0
-    assert meta["dead_features"] >= 1
-    index = json.loads((analyzed[0]["with-dead"] / "features.json").read_text())
-    assert index["features"][0]["dead"]
+def test_a_feature_that_never_fires_is_shown_as_silent(analyzed):
+    meta, records = load_features(analyzed[0]["with-silent"])
+    assert records[0]["silent"] and records[0]["top"] == [] and records[0]["count"] == 0
+    assert meta["silent_features"] >= 1
+    index = json.loads((analyzed[0]["with-silent"] / "features.json").read_text())
+    assert index["features"][0]["silent"]
 
 
 def test_bad_inputs(trained_run, model_cfg, loaded, tmp_path):
@@ -114,12 +115,12 @@ def _hostile_dashboard(directory: Path) -> Path:
     example = {"window": 0, "position": 2, "start": 0, "activation": 2.0, "ids": [0, 1, 2, 3, 4],
                "acts": [0.0, 1.0, 2.0, 0.5, 0.0], "loss": [0, 0.1, -0.2, 0, 0], "attribution": [0, 1, -1, 0, 0]}  # fmt: skip
     record = {
-        "id": 0, "dead": False, "frequency": 0.5, "count": 2, "mean_activation": 1.5, "max_activation": 2.0,
+        "id": 0, "silent": False, "frequency": 0.5, "count": 2, "mean_activation": 1.5, "max_activation": 2.0,
         "histogram": [1, 1], "top": [example], "quantile_groups": [{"low": 1, "high": 2, "examples": [example]}],
         "logits": {"positive": [[1, 2.0]], "negative": [[2, -1.0]], "histogram": [1, 2], "low": -1, "high": 2},
         "dimensions": [[3, 0.5]], "coactivation": [], "components": None,
     }  # fmt: skip
-    meta = {"sae": "s", "hook": HOOK, "model_id": "m", "corpus_id": "c", "d_sae": 1, "tokens": 4, "dead_features": 0,
+    meta = {"sae": "s", "hook": HOOK, "model_id": "m", "corpus_id": "c", "d_sae": 1, "tokens": 4, "silent_features": 0,
             "chunk_size": 256, "histogram_edges": [0.5, 1, 2], "architecture": "topk", "context_length": 5}  # fmt: skip
     return write_dashboard(directory, meta, [[record]], vocab)
 
@@ -127,7 +128,7 @@ def _hostile_dashboard(directory: Path) -> Path:
 def test_wandb_html_escapes_tokens():
     vocab = ["a", MARKUP]
     record = {"max_activation": 1.0, "top": [{"ids": [0, 1], "acts": [0.5, 1.0]}]}
-    out = example_html(record, vocab)
+    out = highlighted_examples(record, vocab)
     assert MARKUP not in out and html.escape(MARKUP) in out
 
 
@@ -207,7 +208,7 @@ def test_a_dictionary_at_an_mlp_output(trained_run, model_cfg, loaded, tmp_path)
     import shutil
 
     from pipeline.sae import SaeConfig
-    from pipeline.train import TrainConfig, train_saes
+    from pipeline.stages.train import TrainConfig, train_saes
 
     run = tmp_path / "run"
     shutil.copytree(trained_run / "activations", run / "activations")

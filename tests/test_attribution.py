@@ -8,7 +8,7 @@ from pipeline.attribution import (
     logit_effects,
     loss_contribution,
 )
-from pipeline.models import capture_activations, splice_activations, validate_hooks
+from pipeline.hooks import capture_activations, splice_activations, validate_hooks
 from pipeline.sae import SaeConfig, build_sae
 from tests.conftest import make_model
 

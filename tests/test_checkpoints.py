@@ -3,12 +3,12 @@ import torch
 
 from pipeline.checkpoints import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
 from pipeline.sae import SaeConfig, build_sae
-from pipeline.train import TrainConfig, _Member
+from pipeline.training import TrainConfig, TrainingMember
 
 
 def _member(seed):
     torch.manual_seed(seed)
-    return _Member(build_sae(SaeConfig(expansion=2, k=3), 8), TrainConfig(), lr=1e-3)
+    return TrainingMember(build_sae(SaeConfig(expansion=2, k=3), 8), TrainConfig(lr=1e-3))
 
 
 def test_roundtrip_restores_weights_optimizer_and_counters(tmp_path):

@@ -3,8 +3,14 @@ import json
 import pytest
 import torch
 
-from pipeline.compare import CompareConfig, CompareError, classify, compare_dictionaries, match_features
 from pipeline.sae import Sae, SaeConfig, build_sae
+from pipeline.stages.compare import (
+    CompareConfig,
+    CompareError,
+    classify,
+    compare_dictionaries,
+    match_features,
+)
 from pipeline.tracking import WandbConfig
 
 HOOK = "blocks.1.resid_post"

@@ -9,10 +9,13 @@ from safetensors.torch import load_file
 
 from pipeline import metrics as M
 from pipeline.dictionaries import DictionaryError
-from pipeline.evaluate import EvaluateConfig, evaluate_hook, evaluate_saes
-from pipeline.models import splice_activations, validate_hooks
+from pipeline.evaluation import evaluate_hook
+from pipeline.hooks import splice_activations, validate_hooks
+from pipeline.rundir import RunDir
 from pipeline.sae import Sae
 from pipeline.sae.formats import write_saelens
+from pipeline.splits import SplitError
+from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes
 from pipeline.tracking import WandbConfig
 
 HOOK = "blocks.1.resid_post"
@@ -111,7 +114,7 @@ def test_stage_writes_metrics_plots_and_skips_a_finished_evaluation(trained_run,
     assert 0 < report["metrics"]["reconstruction_quality"]["fvu"] < 1
     assert report["metrics"]["sparsity"]["l0"] == pytest.approx(8)
     assert len(report["worst_tokens"]) == 20
-    assert sum(report["density_histogram"]["counts"]) + report["density_histogram"]["dead"] == 4 * 32
+    assert sum(report["density_histogram"]["counts"]) + report["density_histogram"]["silent"] == 4 * 32
     per_token = load_file(out / "per_token.safetensors")
     assert per_token["tokens"].shape == (6, CTX) and per_token["kl"].shape == (6, CTX - 1)
     for png in (out / "density.png", trained_run / "eval" / "pareto.png"):
@@ -180,11 +183,11 @@ def test_bad_inputs_are_named(trained_run, model_cfg, loaded, tmp_path):
     wide = Sae.from_config_dict({**base.config_dict(), "d_in": 64, "d_sae": 128})
     with pytest.raises(DictionaryError, match="d_in=64.*d_model=32"):
         evaluate(saes=[str(wide.save(tmp_path / "wide"))], force=True)
-    with pytest.raises(DictionaryError, match="more than the 256 held-out tokens"):
+    with pytest.raises(SplitError, match="more than the 256 held-out tokens"):
         evaluate(tokens=CTX * 9)
     with pytest.raises(DictionaryError, match="too few evaluation tokens"):
         EvaluateConfig(tokens=1)
-    with pytest.raises(DictionaryError, match="all of them were used in training"):
+    with pytest.raises(SplitError, match="all of them were used in training"):
         evaluate(saes=[saved("all-trained", training_split_tokens=CTX * 40)])
     with pytest.raises(DictionaryError, match="no harvested activations for blocks.2.resid_post"):
         evaluate(saes=[saved("unharvested", hook="blocks.2.resid_post")])
@@ -215,7 +218,7 @@ def test_stored_activations_give_the_same_evaluation(trained_run, loaded, hook_n
     layer_input = hook_name.endswith("resid_pre")
     acts = torch.stack([shards.sequence(32 + i)[1] for i in range(8)])
     if layer_input:  # resid_pre of layer 1 is resid_post of layer 0: compute it here
-        from pipeline.models import capture_activations
+        from pipeline.hooks import capture_activations
 
         acts = capture_activations(loaded.model, windows.long(), [hook])[hook_name]
     sae = _identity_sae(loaded.d_model)
@@ -243,12 +246,12 @@ def test_pareto_plot_collects_other_runs(trained_run, model_cfg, loaded, tmp_pat
     """evaluate.compare_with puts another run's dictionaries (e.g. of a sweep) on the same plot."""
     import shutil
 
-    from pipeline.evaluate import collect_reports
+    from pipeline.stages.evaluate import collect_reports
 
     evaluate_saes(model_cfg, _cfg(tokens=CTX * 2), trained_run, OFF, loaded=loaded)
     other = tmp_path / "other-run"
     shutil.copytree(trained_run / "eval", other / "eval")
-    reports = collect_reports([trained_run, other])
-    assert len(reports) == 2 * len(collect_reports([trained_run]))
+    reports = collect_reports([RunDir(trained_run), RunDir(other)])
+    assert len(reports) == 2 * len(collect_reports([RunDir(trained_run)]))
     evaluate_saes(model_cfg, _cfg(tokens=CTX * 2, compare_with=[str(other)]), trained_run, OFF, loaded=loaded)
     assert (trained_run / "eval" / "pareto.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,8 +1,8 @@
 import torch
 
 from pipeline.corpus import CorpusConfig
-from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.models import ModelConfig, load_model
+from pipeline.stages.finetune import FinetuneConfig, finetune
 from tests.conftest import TEXT
 
 

@@ -4,20 +4,22 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pipeline import fileio, harvest
+from pipeline import fileio
 from pipeline.config import CONF_DIR, to_dataclass
 from pipeline.corpus import CorpusConfig, CorpusError
+from pipeline.faults import KILL_VARIABLE
 from pipeline.fileio import DiskFullError
-from pipeline.harvest import HarvestConfig, HarvestError, harvest_activations
-from pipeline.models import HookError, ModelConfig, ModelLoadError, load_model
+from pipeline.hooks import HookError
+from pipeline.models import ModelConfig, ModelLoadError, load_model
 from pipeline.shards import MANIFEST, ShardSet
+from pipeline.stages import harvest
+from pipeline.stages.harvest import HarvestConfig, HarvestError, harvest_activations
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,17 +61,13 @@ def test_harvested_activations_equal_the_model_hidden_states(arch, tiny_model_di
 
 
 def test_kill_and_resume_is_byte_identical(llama_cfg, text_corpus, tmp_path):
-    """kill -9 mid-harvest, re-run the same call: the shards equal an uninterrupted run's."""
+    """kill -9 before shard 5 (shard 4 possibly half-written), re-run the same call: the shards equal
+    an uninterrupted run's."""
     script = textwrap.dedent(f"""
-        import time, sys
-        from pipeline import harvest
+        import sys
         from pipeline.corpus import CorpusConfig
         from pipeline.models import ModelConfig
-        slow = harvest.forward_shard
-        def forward_shard(*a, **k):
-            time.sleep(0.15)
-            return slow(*a, **k)
-        harvest.forward_shard = forward_shard
+        from pipeline.stages import harvest
         cfg = harvest.HarvestConfig(hooks=["blocks.1.resid_post", "blocks.2.attn_out"], context_length=32,
                                     batch_size=3, sequences_per_shard=4, tokens=32 * 40, progress=False)
         harvest.harvest_activations(ModelConfig(path={str(llama_cfg.path)!r}, dtype="float32", device="cpu"),
@@ -77,16 +75,11 @@ def test_kill_and_resume_is_byte_identical(llama_cfg, text_corpus, tmp_path):
     """)
     killed = tmp_path / "killed"
     hook_dir = killed / "activations" / "blocks.1.resid_post"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(killed)], cwd=REPO)
-    deadline = time.time() + 120
-    while len(list(hook_dir.glob("shard-*.safetensors"))) < 3 and time.time() < deadline:
-        assert proc.poll() is None, "harvest ended before it could be killed"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    env = {**os.environ, KILL_VARIABLE: "harvest.shard:5"}
+    proc = subprocess.run([sys.executable, "-c", script, str(killed)], cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
     assert not (hook_dir / MANIFEST).exists()
-    n_before = len(list(hook_dir.glob("shard-*.safetensors")))
-    assert 3 <= n_before < 10
+    assert 4 <= len(list(hook_dir.glob("shard-*.safetensors"))) <= 5
 
     cfg = _cfg(hooks=["blocks.1.resid_post", "blocks.2.attn_out"], tokens=32 * 40)
     resumed = harvest_activations(llama_cfg, text_corpus, cfg, killed)
@@ -235,4 +228,7 @@ def test_command_line(tiny_model_dirs, text_corpus, tmp_path):
     )
     assert bad.returncode != 0 and "layers 0..2" in bad.stderr
     usage = subprocess.run([sys.executable, "-m", "pipeline"], capture_output=True, text=True, timeout=60)
-    assert usage.returncode == 2 and "stages: harvest" in usage.stderr
+    assert (
+        usage.returncode == 2
+        and "stages: all, analyze, compare, evaluate, finetune, harvest, train" in usage.stderr
+    )

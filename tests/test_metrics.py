@@ -28,7 +28,7 @@ def test_streaming_equals_one_batch():
         stats.update(x[i : i + 70], x_hat[i : i + 70], codes[i : i + 70])
     assert abs(stats.fvu() - float(fvu(x, x_hat))) < 1e-5
     assert abs(stats.l0() - float(l0(codes))) < 1e-6
-    assert stats.never_fired_fraction() == float((codes.sum(0) == 0).float().mean())
+    assert stats.silent_fraction() == float((codes.sum(0) == 0).float().mean())
 
 
 def test_ce_kl_and_recovery_definitions():
@@ -58,7 +58,7 @@ def test_streaming_extras_against_hand_computed_values():
     assert stats.mse() == (1 + 4) / 4
     assert abs(stats.fvu_per_dimension() - float(fvu_per_dimension(x, x_hat))) < 1e-6
     assert stats.density().tolist() == [0.5, 1.0, 0.0]
-    assert stats.never_fired_fraction() == 1 / 3
+    assert stats.silent_fraction() == 1 / 3
     assert stats.frequent_fraction(0.6) == 1 / 3
 
 
@@ -67,6 +67,6 @@ def test_density_histogram_and_kl_score():
 
     density = torch.tensor([0.0, 0.0, 1e-3, 1e-3, 0.5, 1.0])
     hist = density_histogram(density, bins=4, low=-4.0)
-    assert hist["dead"] == 2 and hist["counts"] == [0, 2, 0, 2]
+    assert hist["silent"] == 2 and hist["counts"] == [0, 2, 0, 2]
     assert hist["log10_density_edges"] == [-4.0, -3.0, -2.0, -1.0, 0.0]
     assert kl_div_score(0.0, 2.0) == 1.0 and kl_div_score(2.0, 2.0) == 0.0

@@ -1,19 +1,22 @@
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.faults import KILL_VARIABLE
+from pipeline.rundir import RunDir
 from pipeline.sae import Sae, SaeConfig
 from pipeline.shards import ShardError, shard_name
+from pipeline.stages.train import train_saes
 from pipeline.tracking import WandbConfig
-from pipeline.train import CHECKPOINT_DIR, TrainConfig, TrainError, train_saes
+from pipeline.training import TrainConfig, TrainError
 from tests.conftest import make_shard_set
 
 HOOK = "blocks.1.resid_post"
@@ -59,8 +62,9 @@ def test_train_saves_a_loadable_dictionary(run_dir):
     metrics = cfg["metrics"]
     assert metrics["heldout_tokens"] == 8 * 31  # 8 held-out sequences of 32 tokens minus BOS
     assert metrics["fvu"] < 0.3 and metrics["l0"] <= 4
+    assert 0 <= metrics["silent_fraction"] <= 1 and 0 <= metrics["dead_fraction"] <= 1
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
-    assert not (run_dir / "sae" / HOOK / CHECKPOINT_DIR).exists()
+    assert not RunDir(run_dir).checkpoint(HOOK).exists()
 
 
 def test_variants_train_together_exactly_as_alone(run_dir, tmp_path_factory):
@@ -94,35 +98,27 @@ def test_rerun_skips_finished_training(run_dir, caplog):
 
 
 def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_factory):
+    """kill -9 at step 10 (after the checkpoint of step 8), re-run: the final weights equal an
+    uninterrupted run's."""
     script = textwrap.dedent(f"""
-        import sys, time
-        from pipeline import train
+        import sys
         from pipeline.sae import SaeConfig
+        from pipeline.stages.train import train_saes
         from pipeline.tracking import WandbConfig
-        make_step = train._make_step
-        def slow_make_step(*a, **k):
-            step = make_step(*a, **k)
-            def slow(*b):
-                time.sleep(0.05)
-                step(*b)
-            return slow
-        train._make_step = slow_make_step
-        cfg = train.TrainConfig(hook={HOOK!r}, batch_size=128, holdout_tokens=256, epochs=10, lr=3e-3,
-                                lr_warmup_steps=2, dead_tokens=512, log_every=5, checkpoint_every=4, progress=False)
-        train.train_saes(cfg, SaeConfig(architecture="topk", expansion=4, k=4), sys.argv[1], WandbConfig(mode="disabled"))
+        from pipeline.training import TrainConfig
+        cfg = TrainConfig(hook={HOOK!r}, batch_size=128, holdout_tokens=256, epochs=10, lr=3e-3,
+                          lr_warmup_steps=2, dead_tokens=512, log_every=5, checkpoint_every=4, progress=False)
+        train_saes(cfg, SaeConfig(architecture="topk", expansion=4, k=4), sys.argv[1], WandbConfig(mode="disabled"))
     """)
-    state = run_dir / "sae" / HOOK / CHECKPOINT_DIR / "state.json"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=REPO)
-    deadline = time.time() + 120
-    while not state.exists() and time.time() < deadline:
-        assert proc.poll() is None, "training ended before it could be killed"
-        time.sleep(0.02)
-    time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    env = {**os.environ, KILL_VARIABLE: "train.step:10"}
+    proc = subprocess.run([sys.executable, "-c", script, str(run_dir)], cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    state = json.loads((RunDir(run_dir).checkpoint(HOOK) / "state.json").read_text())
+    assert state["step"] == 8
     assert not (run_dir / "sae" / HOOK / "topk-k4-x4" / "sae.safetensors").exists()
 
     resumed = train_saes(_cfg(checkpoint_every=4), SAE, run_dir, OFF)["topk-k4-x4"]
+    assert not RunDir(run_dir).checkpoint(HOOK).exists()
     fresh_dir = tmp_path_factory.mktemp("fresh")
     make_shard_set(fresh_dir / "activations" / HOOK)
     fresh = train_saes(_cfg(checkpoint_every=4), SAE, fresh_dir, OFF)["topk-k4-x4"]
@@ -131,12 +127,12 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_facto
 
 
 def test_checkpoint_of_another_config_is_refused(run_dir, monkeypatch):
-    from pipeline import train
+    from pipeline.stages import train
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_save_final", crash)
+    monkeypatch.setattr(train, "_save", crash)
     with pytest.raises(KeyboardInterrupt):
         train_saes(_cfg(checkpoint_every=3), SAE, run_dir, OFF)
     monkeypatch.undo()
@@ -155,6 +151,10 @@ def test_bad_inputs(run_dir, tmp_path):
         train_saes(_cfg(hook="blocks.0.resid_pre"), SAE, run_dir, OFF)
     with pytest.raises(TrainError, match="optimizer"):
         _cfg(optimizer="sgd")
+    with pytest.raises(TrainError, match="train.lr=0.0 must be positive"):
+        _cfg(lr=0.0)
+    with pytest.raises(TrainError, match="train.lr_base=-1.0 must be positive"):
+        _cfg(lr=None, lr_base=-1.0)
 
 
 def test_nan_activations_stop_with_the_batch_index(tmp_path):
@@ -165,8 +165,6 @@ def test_nan_activations_stop_with_the_batch_index(tmp_path):
     header = 8 + int.from_bytes(data[:8], "little")
     data[header + 4 * 16 * 5 : header + 4 * 16 * 5 + 4] = bytes.fromhex("0000c07f")  # a NaN at token 5
     path.write_bytes(bytes(data))
-    import json
-
     from pipeline.fileio import file_sha256
 
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -201,7 +199,8 @@ def test_two_processes_match_one(run_dir, tmp_path_factory):
         import sys
         from pipeline.sae import SaeConfig
         from pipeline.tracking import WandbConfig
-        from pipeline.train import TrainConfig, train_saes
+        from pipeline.stages.train import train_saes
+        from pipeline.training import TrainConfig
         cfg = TrainConfig(hook={HOOK!r}, batch_size=128, holdout_tokens=256, epochs=10, lr=3e-3, lr_warmup_steps=2,
                           dead_tokens=512, log_every=5, checkpoint_every=0, progress=False, device="cpu")
         train_saes(cfg, SaeConfig(architecture="topk", expansion=4, k=4), sys.argv[1], WandbConfig(mode="disabled"))

@@ -5,21 +5,22 @@ files from a page, but load local scripts):
     data/features.js     SAE_DASHBOARD.index({"meta": ..., "features": [summary per feature]});
     data/chunk-NNN.js    SAE_DASHBOARD.chunk(NNN, [full record of features NNN*CHUNK ...]);
     data/vocab.js        SAE_DASHBOARD.vocab(["token text by id", ...]);
-features.json holds the same index as plain JSON; `load_features(directory)` reads the records.
-Token texts are only ever inserted as text (textContent), never as markup.
+features.json holds the same index as plain JSON and is written last: it marks the dashboard
+complete. `load_features(directory)` reads the records. Token texts are only ever inserted as text
+(textContent), never as markup. HTML made in Python (W&B tables, the comparison page): pages.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.fileio import atomic_write
 
 CHUNK = 256
+INDEX_FILE = "features.json"
 STATIC = Path(__file__).with_name("static")
 _WRAPPED = re.compile(r"^SAE_DASHBOARD\.\w+\((?:\d+, )?(.*)\);\s*$", re.S)
 
@@ -38,7 +39,7 @@ def summary(record: dict, vocab: list[str]) -> dict:
         snippet = "".join(vocab[i] for i in top["ids"][max(0, at - 8) : at + 2])
     return {
         "id": record["id"],
-        "dead": record["dead"],
+        "silent": record["silent"],
         "frequency": record["frequency"],
         "mean_activation": record["mean_activation"],
         "max_activation": record["max_activation"],
@@ -49,7 +50,7 @@ def summary(record: dict, vocab: list[str]) -> dict:
 
 
 def write_dashboard(out: Path, meta: dict, chunks: Iterable[list[dict]], vocab: list[str]) -> Path:
-    """Write features.json, the data scripts and the pages into `out`; return index.html.
+    """Write the data scripts, the pages and, last, features.json into `out`; return index.html.
     `chunks` yields the records of features 0, 1, ... CHUNK at a time (the last may be shorter)."""
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -60,16 +61,16 @@ def write_dashboard(out: Path, meta: dict, chunks: Iterable[list[dict]], vocab: 
     index = {"meta": meta, "features": summaries}
     atomic_write(data / "vocab.js", _js("vocab", vocab))
     atomic_write(data / "features.js", _js("index", index))
-    atomic_write(out / "features.json", json.dumps(index).encode())
     for page in STATIC.iterdir():
-        shutil.copyfile(page, out / page.name)
+        atomic_write(out / page.name, page.read_bytes())
+    atomic_write(out / INDEX_FILE, json.dumps(index).encode())
     return out / "index.html"
 
 
 def load_features(directory: str | Path) -> tuple[dict, list[dict]]:
     """(meta, full records of every feature) of an analyzed dictionary's features directory."""
     directory = Path(directory)
-    meta = json.loads((directory / "features.json").read_text())["meta"]
+    meta = json.loads((directory / INDEX_FILE).read_text())["meta"]
     records = []
     for path in sorted((directory / "data").glob("chunk-*.js")):
         records.extend(json.loads(_WRAPPED.match(path.read_text()).group(1)))

@@ -23,7 +23,9 @@ from torch import nn
 
 from pipeline.fileio import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: held-out `silent_fraction` (was `dead_fraction_heldout`)
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
 _REGISTRY: dict[str, type[Sae]] = {}
 
 
@@ -32,7 +34,7 @@ class SaeConfig:
     """Architecture and size of one dictionary, with its architecture-specific loss settings."""
 
     architecture: str = "topk"
-    """relu | topk | batchtopk | jumprelu."""
+    """A registered architecture (`architectures()`): relu | topk | batchtopk | jumprelu."""
     d_in: int | None = None
     """Expected input width, checked against the activations; null takes it from them."""
     expansion: int = 16
@@ -56,9 +58,9 @@ class SaeConfig:
     """Directory name under sae/<hook>/; default like `topk-k32-x16`."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ("relu", "topk", "batchtopk", "jumprelu"):
+        if self.architecture not in _REGISTRY:
             raise ValueError(
-                f"unknown SAE architecture {self.architecture!r}; expected relu, topk, batchtopk or jumprelu"
+                f"unknown SAE architecture {self.architecture!r}; expected one of {', '.join(sorted(_REGISTRY))}"
             )
         if self.expansion < 1 and self.d_sae is None:
             raise ValueError(f"sae.expansion must be >= 1, got {self.expansion}")
@@ -68,11 +70,24 @@ class SaeConfig:
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
 
+    def check_input_width(self, d_in: int) -> None:
+        """Raise ValueError unless a dictionary of this config can read inputs of width d_in."""
+        if self.d_in is not None and self.d_in != d_in:
+            raise ValueError(
+                f"the SAE config expects inputs of width {self.d_in}, but the activations hold d_model {d_in}; "
+                "fix sae.d_in (or drop it) or use other activations"
+            )
+        d_sae = self.width(d_in)
+        if _REGISTRY[self.architecture].uses_k and self.k >= d_sae:
+            raise ValueError(
+                f"sae.k={self.k} must be smaller than d_sae={d_sae} (expansion {self.expansion} x d_in {d_in})"
+            )
+
     def default_name(self) -> str:
         if self.name:
             return self.name
         size = f"x{self.expansion}" if self.d_sae is None else f"d{self.d_sae}"
-        sparsity = f"-k{self.k}" if self.architecture in ("topk", "batchtopk") else ""
+        sparsity = f"-k{self.k}" if _REGISTRY[self.architecture].uses_k else ""
         return f"{self.architecture}{sparsity}-{size}"
 
 
@@ -108,7 +123,10 @@ class Sae(nn.Module):
     """Base class; subclasses set `architecture` and define `activation` and `training_forward`."""
 
     architecture: ClassVar[str]
+    uses_k: ClassVar[bool] = False
+    """The sparsity is set by `k` active latents per token (not by a penalty)."""
     has_threshold: ClassVar[bool] = False
+    """A `threshold` buffer [d_sae] is part of the weights (inference-time activation threshold)."""
     unit_norm_decoder: ClassVar[bool] = True
     """Decoder rows are kept at unit norm during training (normalize_decoder, parallel-grad removal)."""
 
@@ -121,11 +139,8 @@ class Sae(nn.Module):
         super().__init__()
         if cfg.architecture != self.architecture:
             raise ValueError(f"{type(self).__name__} built with a {cfg.architecture!r} config")
-        if cfg.d_in is not None and cfg.d_in != d_in:
-            raise ValueError(f"this SAE config expects inputs of width {cfg.d_in}, got d_in={d_in}")
+        cfg.check_input_width(d_in)
         d_sae = cfg.width(d_in)
-        if cfg.architecture in ("topk", "batchtopk") and cfg.k >= d_sae:
-            raise ValueError(f"sae.k={cfg.k} must be smaller than d_sae={d_sae}")
         self.cfg, self.d_in, self.d_sae = cfg, d_in, d_sae
         self.meta = dict(meta or {})
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
@@ -157,9 +172,11 @@ class Sae(nn.Module):
         return ForwardOutput(self.decode(z), z)
 
     def training_forward(
-        self, x: torch.Tensor, dead_mask: torch.Tensor, sparsity_scale: float
+        self, x: torch.Tensor, dead_mask: torch.Tensor, variance: torch.Tensor, sparsity_scale: float = 1.0
     ) -> TrainOutput:
-        """Loss on a (normalized) batch; `sparsity_scale` in [0, 1] warms the sparsity penalty up."""
+        """Loss on a (normalized) batch x [batch, d_in]. `dead_mask` [d_sae]: latents counted as dead
+        (AuxK revives them); `variance`: mean over all processes' tokens of ||x - mean(x)||^2 (the FVU
+        denominator); `sparsity_scale` in [0, 1] warms a sparsity penalty up."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ init and constraints
@@ -239,11 +256,12 @@ class Sae(nn.Module):
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write `sae.safetensors` and `cfg.json` into `directory` (each atomically)."""
+        """Write `sae.safetensors`, then `cfg.json` into `directory` (each atomically; cfg.json, written
+        last, marks the dictionary complete)."""
         directory = Path(directory)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.file_tensors().items()}
-        atomic_write(directory / "sae.safetensors", safetensors_bytes(tensors))
-        atomic_write(directory / "cfg.json", json.dumps(self.config_dict(), indent=2).encode())
+        atomic_write(directory / WEIGHTS_FILE, safetensors_bytes(tensors))
+        atomic_write(directory / CONFIG_FILE, json.dumps(self.config_dict(), indent=2).encode())
         return directory
 
     @classmethod
@@ -267,9 +285,9 @@ class Sae(nn.Module):
 
     @classmethod
     def _load_native(cls, directory: Path, device) -> Sae:
-        config = json.loads((directory / "cfg.json").read_text())
+        config = json.loads((directory / CONFIG_FILE).read_text())
         sae = cls.from_config_dict(config)
-        sae.load_file_tensors(load_file(directory / "sae.safetensors"))
+        sae.load_file_tensors(load_file(directory / WEIGHTS_FILE))
         return sae.to(device)
 
 

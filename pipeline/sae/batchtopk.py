@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import metrics as M
 from pipeline.sae.base import Sae, TrainOutput, dense_train_output
 from pipeline.sae.topk import auxk_loss
 
@@ -17,6 +18,7 @@ THRESHOLD_MOMENTUM = 0.99
 
 
 class BatchTopKSae(Sae, architecture="batchtopk"):
+    uses_k = True
     has_threshold = True
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
@@ -30,7 +32,7 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
         z = torch.zeros_like(pre).flatten().scatter_(0, flat, values).view_as(pre)
         x_hat = z @ self.W_dec + self.b_dec
         self._update_threshold(values)
-        fvu = (x_hat - x).pow(2).sum(-1).mean() / variance
+        fvu = M.fvu(x, x_hat, variance)
         loss, terms = fvu, {"fvu": fvu.detach()}
         n_dead = dead_mask.sum()
         k_aux = self.cfg.k_aux or self.d_in // 2

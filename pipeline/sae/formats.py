@@ -18,7 +18,6 @@ Every difference is folded into the weights on import, so codes and reconstructi
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -26,11 +25,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from pipeline.fileio import atomic_write
-from pipeline.sae.base import Sae, SaeConfig, architectures
+from pipeline.hooks import HookError, parse_hook_name
+from pipeline.sae.base import CONFIG_FILE, WEIGHTS_FILE, Sae, SaeConfig, architectures
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
-_TL_POINTS = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
-              "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}  # fmt: skip
+_TL_PREFIX = "hook_"  # TransformerLens names the same points blocks.<L>.hook_<point>
 
 
 class FormatError(ValueError):
@@ -39,9 +38,9 @@ class FormatError(ValueError):
 
 def detect_format(directory: Path) -> str:
     """'native', 'saelens' or 'sparsify', from the files in `directory`."""
-    cfg_path = directory / "cfg.json"
+    cfg_path = directory / CONFIG_FILE
     if not cfg_path.is_file():
-        subdirs = sorted(p.name for p in directory.glob("*/cfg.json")) if directory.is_dir() else []
+        subdirs = sorted(p.name for p in directory.glob(f"*/{CONFIG_FILE}")) if directory.is_dir() else []
         hint = (
             f"; it has SAE subdirectories {[Path(s).parent.name for s in subdirs]}: pass one of them"
             if subdirs
@@ -53,7 +52,7 @@ def detect_format(directory: Path) -> str:
         )
     if (directory / SAELENS_WEIGHTS).is_file():
         return "saelens"
-    if not (directory / "sae.safetensors").is_file():
+    if not (directory / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{directory} has cfg.json but neither sae.safetensors nor {SAELENS_WEIGHTS}")
     config = json.loads(cfg_path.read_text())
     if "format_version" in config and "architecture" in config:
@@ -74,10 +73,9 @@ def load_any(directory: Path, device: str | torch.device = "cpu") -> Sae:
 
 def _build(architecture: str, tensors: dict[str, torch.Tensor], k: int, meta: dict) -> Sae:
     d_sae, d_in = tensors["W_dec"].shape
-    cfg = SaeConfig(
-        architecture=architecture, d_sae=d_sae, k=k if architecture in ("topk", "batchtopk") else 32
-    )
-    sae = architectures()[architecture](cfg, d_in, meta)
+    cls = architectures()[architecture]
+    cfg = SaeConfig(architecture=architecture, d_sae=d_sae, **({"k": k} if cls.uses_k else {}))
+    sae = cls(cfg, d_in, meta)
     sae.load_file_tensors({name: t.float() for name, t in tensors.items()})
     return sae
 
@@ -86,27 +84,26 @@ def _build(architecture: str, tensors: dict[str, torch.Tensor], k: int, meta: di
 
 
 def _tl_hook(hook: str | None) -> str | None:
-    match = re.match(r"^blocks\.(\d+)\.(\w+)$", hook or "")
-    return (
-        f"blocks.{match.group(1)}.{_TL_POINTS[match.group(2)]}"
-        if match and match.group(2) in _TL_POINTS
-        else hook
-    )
+    """Our hook name in TransformerLens' spelling (names of another grammar pass unchanged)."""
+    try:
+        point = parse_hook_name(hook or "")
+    except HookError:
+        return hook
+    return f"blocks.{point.layer}.{_TL_PREFIX}{point.point}"
 
 
 def _our_hook(tl_hook: str | None) -> str | None:
-    reverse = {v: k for k, v in _TL_POINTS.items()}
-    match = re.match(r"^blocks\.(\d+)\.(\w+)$", tl_hook or "")
-    return (
-        f"blocks.{match.group(1)}.{reverse[match.group(2)]}"
-        if match and match.group(2) in reverse
-        else tl_hook
-    )
+    """A TransformerLens hook name in our spelling (names of another grammar pass unchanged)."""
+    try:
+        point = parse_hook_name((tl_hook or "").replace(f".{_TL_PREFIX}", ".", 1))
+    except HookError:
+        return tl_hook
+    return point.name
 
 
 def read_saelens(directory: Path) -> Sae:
     """An SAELens (v6, or older standard/topk) directory as a Sae acting on raw activations."""
-    config = json.loads((directory / "cfg.json").read_text())
+    config = json.loads((directory / CONFIG_FILE).read_text())
     tensors = load_file(directory / SAELENS_WEIGHTS)
     arch = config.get("architecture")
     if arch is None:  # SAELens < 6
@@ -172,7 +169,7 @@ def write_saelens(sae: Sae, directory: Path) -> Path:
         config.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
     tensors = {name: t.detach().float().contiguous().cpu() for name, t in sae.file_tensors().items()}
     atomic_write(directory / SAELENS_WEIGHTS, safetensors_bytes(tensors))
-    atomic_write(directory / "cfg.json", json.dumps(config, indent=2).encode())
+    atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())
     return directory
 
 
@@ -181,7 +178,7 @@ def write_saelens(sae: Sae, directory: Path) -> Path:
 
 def read_sparsify(directory: Path) -> Sae:
     """A sparsify SparseCoder directory (TopK, no skip connection) as a Sae."""
-    config = json.loads((directory / "cfg.json").read_text())
+    config = json.loads((directory / CONFIG_FILE).read_text())
     if config.get("activation", "topk") != "topk":
         raise FormatError(
             f"{directory}: sparsify activation {config.get('activation')!r} is not supported (topk is)"
@@ -191,7 +188,7 @@ def read_sparsify(directory: Path) -> Sae:
             raise FormatError(
                 f"{directory}: sparsify {flag}=true has no equivalent here; only plain TopK SAEs convert"
             )
-    tensors = load_file(directory / "sae.safetensors")
+    tensors = load_file(directory / WEIGHTS_FILE)
     weights = {
         "W_enc": tensors["encoder.weight"].float().t().contiguous(),
         "b_enc": tensors["encoder.bias"].float(),
@@ -222,6 +219,6 @@ def write_sparsify(sae: Sae, directory: Path) -> Path:
         "W_dec": sae.W_dec.detach().float().contiguous().cpu(),
         "b_dec": sae.b_dec.detach().float().cpu(),
     }
-    atomic_write(directory / "sae.safetensors", safetensors_bytes(tensors))
-    atomic_write(directory / "cfg.json", json.dumps(config, indent=2).encode())
+    atomic_write(directory / WEIGHTS_FILE, safetensors_bytes(tensors))
+    atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())
     return directory

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from pipeline import metrics as M
 from pipeline.sae.base import Sae, TrainOutput, dense_train_output
 
 
@@ -85,12 +86,13 @@ class JumpReluSae(Sae, architecture="jumprelu"):
         bandwidth = self.cfg.jumprelu_bandwidth
         z = _JumpReLU.apply(pre, threshold, bandwidth)
         x_hat = self.decode(z)
-        reconstruction = (x_hat - x).pow(2).sum(1).mean()
+        fvu = M.fvu(x, x_hat, variance)
+        reconstruction = fvu * variance  # sum over dimensions of the squared error, mean over tokens
         l0 = _Step.apply(pre, threshold, bandwidth).sum(1).mean()
         loss = reconstruction + sparsity_scale * self.cfg.l0_coefficient * l0
         terms = {
             "mse_sum": reconstruction.detach(),
             "l0_penalty": l0.detach(),
-            "fvu": (reconstruction / variance).detach(),
+            "fvu": fvu.detach(),
         }
         return dense_train_output(x_hat, loss, terms, z)

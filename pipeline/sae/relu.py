@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import metrics as M
 from pipeline.sae.base import Sae, TrainOutput, dense_train_output
 
 INIT_DECODER_NORM = 0.1
@@ -32,12 +33,13 @@ class ReluSae(Sae, architecture="relu"):
     ) -> TrainOutput:
         z = self.encode(x)
         x_hat = self.decode(z)
-        reconstruction = (x_hat - x).pow(2).sum(1).mean()
+        fvu = M.fvu(x, x_hat, variance)
+        reconstruction = fvu * variance  # sum over dimensions of the squared error, mean over tokens
         sparsity = (z * self.W_dec.norm(dim=1)).sum(1).mean()
         loss = reconstruction + sparsity_scale * self.cfg.l1_coefficient * sparsity
         terms = {
             "mse_sum": reconstruction.detach(),
             "l1": sparsity.detach(),
-            "fvu": (reconstruction / variance).detach(),
+            "fvu": fvu.detach(),
         }
         return dense_train_output(x_hat, loss, terms, z)

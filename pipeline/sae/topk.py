@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import metrics as M
 from pipeline.sae.base import Sae, TrainOutput
 from pipeline.sae.sparse import sparse_decode, topk_encode
 
@@ -36,6 +37,8 @@ def auxk_loss(
 
 
 class TopKSae(Sae, architecture="topk"):
+    uses_k = True
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_activation(pre, self.cfg.k)
 
@@ -49,7 +52,7 @@ class TopKSae(Sae, architecture="topk"):
             x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, dead_mask if use_aux else None, k_aux
         )
         x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
-        fvu = (x_hat - x).pow(2).sum(-1).mean() / variance
+        fvu = M.fvu(x, x_hat, variance)
         loss, terms = fvu, {"fvu": fvu.detach()}
         if use_aux:
             e_hat = sparse_decode(aux_values, aux_indices, self.W_dec)

@@ -33,7 +33,7 @@ window.SAE_DASHBOARD = (function () {
 
   function setMeta(meta) {
     document.getElementById("meta").textContent =
-      `${meta.sae} at ${meta.hook} of ${meta.model_id} — ${meta.d_sae} features (${meta.dead_features} dead), ` +
+      `${meta.sae} at ${meta.hook} of ${meta.model_id} — ${meta.d_sae} features (${meta.silent_features} silent), ` +
       `${meta.tokens.toLocaleString()} tokens of ${meta.corpus_id}`;
   }
 
@@ -46,13 +46,13 @@ window.SAE_DASHBOARD = (function () {
     const rows = state.index.features;
     const body = document.querySelector("#features tbody");
     const filter = document.getElementById("filter");
-    const hideDead = document.getElementById("hide-dead");
+    const hideSilent = document.getElementById("hide-silent");
     const more = document.getElementById("more");
     let sortKey = "frequency", descending = true, shown = 500;
 
     function matching() {
       const needle = filter.value.toLowerCase();
-      return rows.filter((r) => (!hideDead.checked || !r.dead) &&
+      return rows.filter((r) => (!hideSilent.checked || !r.silent) &&
         (!needle || r.top_tokens.some((t) => t.toLowerCase().includes(needle)) ||
          r.example.toLowerCase().includes(needle)));
     }
@@ -63,7 +63,7 @@ window.SAE_DASHBOARD = (function () {
       for (const r of list.slice(0, shown)) {
         const link = el("a", { href: `feature.html#${r.id}`, text: String(r.id) });
         const tokens = el("td", { class: "snippet", text: r.top_tokens.map((t) => JSON.stringify(t)).join(" ") });
-        body.appendChild(el("tr", { class: r.dead ? "dead" : "" },
+        body.appendChild(el("tr", { class: r.silent ? "silent" : "" },
           el("td", {}, link), el("td", { text: percent(r.frequency) }),
           el("td", { text: fmt(r.mean_activation, 2) }), el("td", { text: fmt(r.max_activation, 2) }),
           tokens, el("td", { class: "snippet", text: r.example.replace(/\n/g, "\u23CE") })));
@@ -81,7 +81,7 @@ window.SAE_DASHBOARD = (function () {
       });
     }
     filter.addEventListener("input", draw);
-    hideDead.addEventListener("change", draw);
+    hideSilent.addEventListener("change", draw);
     more.addEventListener("click", () => { shown += 1000; draw(); });
     document.getElementById("goto").addEventListener("change", (e) => {
       window.location.href = `feature.html#${e.target.value}`;
@@ -180,12 +180,12 @@ window.SAE_DASHBOARD = (function () {
     const meta = state.index.meta;
     const main = document.getElementById("feature");
     main.textContent = "";
-    document.getElementById("title").textContent = `Feature ${record.id}` + (record.dead ? " (dead)" : "");
+    document.getElementById("title").textContent = `Feature ${record.id}` + (record.silent ? " (silent)" : "");
     document.title = `Feature ${record.id} — ${meta.sae}`;
     main.appendChild(el("p", { class: "small", text:
       `frequency ${percent(record.frequency)} (${record.count} of ${meta.tokens} tokens), ` +
       `mean activation ${fmt(record.mean_activation, 3)}, max ${fmt(record.max_activation, 3)}` }));
-    if (record.dead) {
+    if (record.silent) {
       main.appendChild(el("p", { text: "This feature never fired on the analyzed tokens." }));
     }
     const peak = Math.max(record.max_activation, 1e-9);

@@ -19,7 +19,6 @@ changed features, linked into both runs' dashboards), and logs to W&B.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import logging
 import os
@@ -32,13 +31,16 @@ from omegaconf import DictConfig
 from safetensors.torch import save
 from scipy.optimize import linear_sum_assignment
 
-from pipeline.analyze import AnalyzeConfig, stream_features
 from pipeline.config import CONF_DIR, to_dataclass
-from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries, is_dictionary
-from pipeline.evaluate import EvaluateConfig, evaluate_group, summary_row
+from pipeline.dashboard.pages import comparison_page
+from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries
+from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
+from pipeline.feature_stats import FeaturePassSettings, feature_pass
 from pipeline.fileio import atomic_write
 from pipeline.models import ModelConfig, load_model, resolve_device
+from pipeline.rundir import RunDir, is_dictionary
 from pipeline.shards import ShardSet
+from pipeline.splits import leading_windows
 from pipeline.tracking import Tracker, WandbConfig
 
 log = logging.getLogger(__name__)
@@ -87,22 +89,22 @@ class CompareConfig:
 
 @dataclass
 class _Side:
-    run_dir: Path | None
+    run: RunDir | None  # None: a dictionary directory outside any run
     dictionary: Dictionary
 
 
 def _side(path: str, sae: str | None, role: str) -> _Side:
     p = Path(path)
     if is_dictionary(p):
-        run_dir = p.parents[2] if p.parent.parent.name == "sae" else None
-        return _Side(run_dir, find_dictionaries(p.parent, [str(p)], None, False, "compare")[0])
-    found = find_dictionaries(p, [sae] if sae else [], None, False, "compare")
+        run = RunDir.of_dictionary(p)
+        return _Side(run, find_dictionaries(RunDir(p.parent), [str(p)], None, False, "compare")[0])
+    found = find_dictionaries(RunDir(p), [sae] if sae else [], None, False, "compare")
     if len(found) != 1:
         names = [f"{d.hook}/{d.name}" for d in found]
         raise CompareError(
             f"compare.{role}={path} holds {len(found)} dictionaries {names}; pick one with compare.sae=<name>"
         )
-    return _Side(p, found[0])
+    return _Side(RunDir(p), found[0])
 
 
 def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -159,22 +161,17 @@ def classify(matches: dict[str, torch.Tensor], kept: float, shifted: float) -> d
 
 def _drift(sides: dict[str, _Side], cfg: CompareConfig, device) -> dict[str, dict] | None:
     """Frequency and top examples of every feature on its own run's activations."""
+    if any(side.run is None for side in sides.values()):
+        return None
+    settings = FeaturePassSettings(top_k=cfg.top_k, samples=1, progress=cfg.progress)
     out = {}
     for role, side in sides.items():
-        if side.run_dir is None:
-            return None
-        shards = ShardSet(side.run_dir / "activations" / side.dictionary.hook)
+        shards = ShardSet(side.run.activations(side.dictionary.hook))
         ctx = shards.manifest.context_length
-        n = (
-            shards.manifest.n_sequences
-            if cfg.tokens is None
-            else min(shards.manifest.n_sequences, -(-cfg.tokens // ctx))
-        )
-        passed = stream_features(
-            side.dictionary.sae.to(device), shards, n, AnalyzeConfig(top_k=cfg.top_k, samples=1, progress=cfg.progress), device
-        )  # fmt: skip
+        n = leading_windows(shards.manifest.n_sequences, ctx, cfg.tokens)
+        passed = feature_pass(side.dictionary.sae.to(device), shards, n, settings, device)
         out[role] = {
-            "frequency": (passed.stats.count.double() / max(passed.stats.tokens, 1)).cpu(),
+            "frequency": passed.frequency(),
             "top": passed.top.token.cpu(),
             # top examples are comparable only where both runs hold the very same token windows
             "windows": hashlib.sha256(shards.tokens_at(torch.arange(n * ctx)).numpy().tobytes()).hexdigest(),
@@ -187,81 +184,38 @@ def _overlap(top_b: torch.Tensor, top_o: torch.Tensor) -> float:
     return len(a & b) / max(1, min(len(a), len(b))) if a and b else float("nan")
 
 
+_TRANSFER_KEYS = ("l0", "fvu", "ce_loss_score", "kl_div_with_sae", "ce_loss_with_sae", "ce_loss_without_sae")
+
+
 def _transfer(sides: dict[str, _Side], models: dict[str, ModelConfig], cfg: CompareConfig) -> dict:
     """Both dictionaries on both runs (each run's own model and held-out windows)."""
-    eval_cfg = EvaluateConfig(tokens=cfg.eval_tokens, force=True, progress=cfg.progress)
+    settings = EvaluationSettings(tokens=cfg.eval_tokens, progress=cfg.progress)
     results = {}
     for run_role, side in sides.items():
-        if side.run_dir is None:
+        if side.run is None:
             continue
         loaded = load_model(models[run_role])
+        hook = side.dictionary.hook
         group = [
-            Dictionary(
-                f"{dict_role}-dictionary", s.dictionary.directory, s.dictionary.sae, side.dictionary.hook
-            )
-            for dict_role, s in sides.items()
+            Dictionary(f"{role}-dictionary", s.dictionary.directory, s.dictionary.sae, hook)
+            for role, s in sides.items()
         ]
-        reports, _ = evaluate_group(loaded, side.run_dir, side.dictionary.hook, group, eval_cfg, reuse=False)
+        evaluated = evaluate_dictionaries(
+            loaded, held_out(loaded, side.run, hook, group, settings), group, settings
+        )
         for dict_role in sides:
-            row = summary_row(reports[f"{dict_role}-dictionary"])
-            results[f"{dict_role}_dictionary_on_{run_role}_model"] = {
-                k: row[k]
-                for k in (
-                    "l0",
-                    "fvu",
-                    "ce_loss_score",
-                    "kl_div_with_sae",
-                    "ce_loss_with_sae",
-                    "ce_loss_without_sae",
-                )
-            }
+            row = summary_row(evaluated[f"{dict_role}-dictionary"][0])
+            results[f"{dict_role}_dictionary_on_{run_role}_model"] = {k: row[k] for k in _TRANSFER_KEYS}
         del loaded
     return results
 
 
 def _dashboard_link(out: Path, side: _Side, feature: int) -> str | None:
-    if side.run_dir is None:
+    """The href, from `out`, of a feature's page in its run's dashboard (None where there is none)."""
+    if side.run is None:
         return None
-    page = side.run_dir / "features" / side.dictionary.hook / side.dictionary.name / "feature.html"
+    page = side.run.feature_page(side.dictionary.hook, side.dictionary.name)
     return f"{os.path.relpath(page, out)}#{feature}" if page.exists() else None
-
-
-def _html(report: dict, rows: list[dict], out: Path, sides: dict[str, _Side]) -> str:
-    e = html.escape
-    counts = report["summary"]
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>Dictionary comparison</title><style>",
-        "body{font-family:system-ui,sans-serif;margin:1em 2em}table{border-collapse:collapse}"
-        "td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}th{background:#f4f4f4}</style></head><body>",
-        f"<h1>{e(report['base']['sae'])} (base) vs {e(report['other']['sae'])} (other)</h1>",
-        f"<p>{e(report['base']['model_id'] or '')} &rarr; {e(report['other']['model_id'] or '')} at {e(report['hook'])}</p>",
-        "<table><tr><th>kept</th><th>shifted</th><th>vanished</th><th>new</th><th>mean assigned decoder cos</th></tr>",
-        f"<tr><td>{counts['kept']}</td><td>{counts['shifted']}</td><td>{counts['vanished']}</td><td>{counts['new']}</td>"
-        f"<td>{counts['mean_assigned_cos']:.3f}</td></tr></table>",
-    ]
-    if report.get("transfer"):
-        parts.append(
-            "<h2>Transfer</h2><table><tr><th>dictionary on model</th><th>L0</th><th>FVU</th><th>CE recovered</th><th>KL</th></tr>"
-        )
-        for key, row in report["transfer"].items():
-            parts.append(f"<tr><td>{e(key)}</td><td>{row['l0']:.1f}</td><td>{row['fvu']:.4f}</td>"
-                         f"<td>{row['ce_loss_score']:.4f}</td><td>{row['kl_div_with_sae']:.4f}</td></tr>")  # fmt: skip
-        parts.append("</table>")
-    parts.append("<h2>Most changed base features</h2><table><tr><th>base feature</th><th>status</th><th>assigned other"
-                 "</th><th>decoder cos</th><th>encoder cos</th><th>frequency base &rarr; other</th><th>top-example overlap</th></tr>")  # fmt: skip
-    for row in rows:
-        links = []
-        for role, feature in (("base", row["base"]), ("other", row["assigned"])):
-            href = _dashboard_link(out, sides[role], feature) if feature >= 0 else None
-            text = f"#{feature}" if feature >= 0 else "-"
-            links.append(f"<a href='{e(href)}'>{text}</a>" if href else text)
-        freq = row["frequency"]
-        freq_text = f"{freq[0]:.2e} &rarr; {freq[1]:.2e}" if freq else ""
-        overlap = row.get("overlap")
-        parts.append(f"<tr><td>{links[0]}</td><td>{e(row['status'])}</td><td>{links[1]}</td><td>{row['decoder_cos']:.3f}</td>"
-                     f"<td>{row['encoder_cos']:.3f}</td><td>{freq_text}</td><td>{'' if overlap is None else f'{overlap:.2f}'}</td></tr>")  # fmt: skip
-    parts.append("</table></body></html>")
-    return "\n".join(parts)
 
 
 STATUS_NAMES = ("kept", "shifted", "vanished")
@@ -307,7 +261,8 @@ def _write(out: Path, report: dict, matches: dict, classes: dict, overlap, drift
         tensors["frequency_other"] = drift["other"]["frequency"].float().contiguous()
     atomic_write(out / "matches.safetensors", save(tensors))
     atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
-    atomic_write(out / "index.html", _html(report, report["most_changed"], out, sides).encode())
+    page = comparison_page(report, lambda role, feature: _dashboard_link(out, sides[role], feature))
+    atomic_write(out / "index.html", page.encode())
 
 
 def _log_wandb(report: dict, cfg: CompareConfig, run_dir, wandb_cfg: WandbConfig | None) -> None:
@@ -321,6 +276,53 @@ def _log_wandb(report: dict, cfg: CompareConfig, run_dir, wandb_cfg: WandbConfig
             table.add_data(*[json.dumps(row[c]) if isinstance(row[c], list) else row[c] for c in ROW_COLUMNS])
         tracker.log({"most_changed": table})
     tracker.finish()
+
+
+def _summary(base: Dictionary, other: Dictionary, matches: dict, classes: dict, cfg: CompareConfig) -> dict:
+    """The report's head: both dictionaries, the thresholds and the matching's counts."""
+    has = matches["assigned"] >= 0
+
+    def side(d: Dictionary) -> dict:
+        return {
+            "sae": d.name,
+            "dir": str(d.directory),
+            "model_id": d.sae.meta.get("model_id"),
+            "d_sae": d.sae.d_sae,
+        }
+
+    return {
+        "hook": base.hook,
+        "base": side(base),
+        "other": side(other),
+        "thresholds": {"kept": cfg.kept, "shifted": cfg.shifted},
+        "summary": {
+            **{name: int((classes["status"] == i).sum()) for i, name in enumerate(STATUS_NAMES)},
+            "new": int(classes["new"].sum()),
+            "mean_assigned_cos": float(matches["assigned_cos"][has].mean()),
+            "mean_best_cos": float(matches["best_cos"].mean()),
+            "mean_assigned_encoder_cos": float(matches["encoder_cos"][has].mean()),
+        },
+    }
+
+
+def _drift_summary(summary: dict, matches: dict, drift: dict | None, d_sae: int) -> torch.Tensor:
+    """Add the frequency change and top-example overlap of assigned pairs to `summary`; return the
+    overlap of every base feature [d_sae] (NaN where not measured)."""
+    has = matches["assigned"] >= 0
+    overlap = torch.full((d_sae,), float("nan"))
+    if drift is None:
+        return overlap
+    freq_b, freq_o = drift["base"]["frequency"], drift["other"]["frequency"]
+    change = (freq_o[matches["assigned"][has]] + 1e-7).log10() - (freq_b[has] + 1e-7).log10()
+    summary["median_abs_log10_frequency_change"] = float(change.abs().median())
+    if drift["base"]["windows"] != drift["other"]["windows"]:
+        summary["mean_top_example_overlap"] = None
+        log.warning("the runs' activations cover different windows: top-example overlap is not computed")
+        return overlap
+    for f in has.nonzero()[:, 0].tolist():
+        overlap[f] = _overlap(drift["base"]["top"][f], drift["other"]["top"][int(matches["assigned"][f])])
+    summary["mean_top_example_overlap"] = float(overlap[has].nanmean())
+    return overlap
 
 
 def compare_dictionaries(
@@ -343,46 +345,18 @@ def compare_dictionaries(
         )
     matches = match_features(base.sae.cpu(), other.sae.cpu())
     classes = classify(matches, cfg.kept, cfg.shifted)
-    has = matches["assigned"] >= 0
-    report = {
-        "hook": base.hook,
-        "base": {"sae": base.name, "dir": str(base.directory), "model_id": base.sae.meta.get("model_id"), "d_sae": base.sae.d_sae},
-        "other": {"sae": other.name, "dir": str(other.directory), "model_id": other.sae.meta.get("model_id"), "d_sae": other.sae.d_sae},
-        "thresholds": {"kept": cfg.kept, "shifted": cfg.shifted},
-        "summary": {
-            **{name: int((classes["status"] == i).sum()) for i, name in enumerate(STATUS_NAMES)},
-            "new": int(classes["new"].sum()),
-            "mean_assigned_cos": float(matches["assigned_cos"][has].mean()),
-            "mean_best_cos": float(matches["best_cos"].mean()),
-            "mean_assigned_encoder_cos": float(matches["encoder_cos"][has].mean()),
-        },
-    }  # fmt: skip
-    models = {"base": base_model, "other": other_model}
+    report = _summary(base, other, matches, classes, cfg)
     if cfg.transfer:
-        report["transfer"] = _transfer(sides, models, cfg)
+        report["transfer"] = _transfer(sides, {"base": base_model, "other": other_model}, cfg)
     drift = _drift(sides, cfg, resolve_device("auto"))
-    same_windows = drift is not None and drift["base"]["windows"] == drift["other"]["windows"]
-    if drift is not None:
-        freq_b, freq_o = drift["base"]["frequency"], drift["other"]["frequency"]
-        change = torch.full_like(freq_b, float("nan"))
-        change[has] = (freq_o[matches["assigned"][has]] + 1e-7).log10() - (freq_b[has] + 1e-7).log10()
-        report["summary"]["median_abs_log10_frequency_change"] = float(change[has].abs().median())
-    overlap = torch.full((base.sae.d_sae,), float("nan"))
-    if same_windows:
-        for f in has.nonzero()[:, 0].tolist():
-            overlap[f] = _overlap(drift["base"]["top"][f], drift["other"]["top"][int(matches["assigned"][f])])
-        report["summary"]["mean_top_example_overlap"] = float(overlap[has].nanmean())
-    elif drift is not None:
-        report["summary"]["mean_top_example_overlap"] = None
-        log.warning("the runs' activations cover different windows: top-example overlap is not computed")
-
+    overlap = _drift_summary(report["summary"], matches, drift, base.sae.d_sae)
     report["most_changed"] = _most_changed(matches, classes, drift, overlap, cfg.top_changed)
-    out = Path(run_dir) / "compare"
-    _write(out, report, matches, classes, overlap, drift, sides)
-    _log_wandb(report, cfg, run_dir, wandb_cfg)
+    run = RunDir(run_dir)
+    _write(run.comparison, report, matches, classes, overlap, drift, sides)
+    _log_wandb(report, cfg, run.root, wandb_cfg)
     s = report["summary"]
     log.info("kept %d, shifted %d, vanished %d, new %d (mean assigned decoder cos %.3f) -> %s",
-             s["kept"], s["shifted"], s["vanished"], s["new"], s["mean_assigned_cos"], out / "index.html")  # fmt: skip
+             s["kept"], s["shifted"], s["vanished"], s["new"], s["mean_assigned_cos"], run.comparison / "index.html")  # fmt: skip
     return report
 
 

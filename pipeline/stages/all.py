@@ -1,4 +1,5 @@
 """`python -m pipeline all`: harvest -> train -> evaluate -> analyze on one composed configuration.
+The one module that imports other stages: it only runs them in order.
 
     python -m pipeline all experiment=demo
 
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import analyze, evaluate, harvest, train
 from pipeline.config import CONF_DIR
+from pipeline.rundir import RunDir
+from pipeline.stages import analyze, evaluate, harvest, train
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,12 @@ def run_all(cfg: DictConfig) -> dict:
     for name, stage in (("harvest", harvest), ("train", train), ("evaluate", evaluate), ("analyze", analyze)):
         log.info("---- %s", name)
         results[name] = stage.run(cfg)
-    run_dir = Path(cfg.run_dir)
-    lines = ["", f"done: {run_dir}"]
+    run = RunDir(cfg.run_dir)
+    lines = ["", f"done: {run.root}"]
     for key, path in results["analyze"].items():
         lines.append(f"  dashboard {key}: {path / 'index.html'}")
     lines.append(
-        f"  metrics:  {run_dir / 'eval'}/<hook>/<dictionary>/metrics.json  (Pareto plot: eval/pareto.png)"
+        f"  metrics:  {run.evaluation_report('<hook>', '<dictionary>')}  (Pareto plot: {run.pareto_plot})"
     )
     sys.stdout.write("\n".join(lines) + "\n")
     return results

@@ -34,17 +34,11 @@ from pipeline.corpus import (
     pack_windows,
     special_token_ids,
 )
+from pipeline.faults import kill_point
 from pipeline.fileio import file_sha256
-from pipeline.models import (
-    HookPoint,
-    LoadedModel,
-    ModelConfig,
-    capture_activations,
-    dtype_name,
-    load_model,
-    resolve_dtype,
-    validate_hooks,
-)
+from pipeline.hooks import HookPoint, capture_activations, validate_hooks
+from pipeline.models import LoadedModel, ModelConfig, dtype_name, load_model, resolve_dtype
+from pipeline.rundir import RunDir
 from pipeline.shards import (
     MANIFEST,
     Manifest,
@@ -218,33 +212,8 @@ def forward_shard(
     return out
 
 
-def harvest_activations(
-    model_cfg: ModelConfig,
-    corpus_cfg: CorpusConfig,
-    cfg: HarvestConfig,
-    run_dir: str | Path,
-    loaded: LoadedModel | None = None,
-) -> dict[str, Manifest]:
-    """Harvest (or resume, or extend) activations into `<run_dir>/activations/<hook>/`.
-
-    Returns each hook's manifest: the merged one, or this worker's part while other workers of a
-    sharded harvest are still running. `loaded` reuses an already loaded model.
-    """
-    loaded = loaded or load_model(model_cfg)
-    hooks = validate_hooks(loaded.model, list(cfg.hooks))
-    if loaded.max_context is not None and cfg.context_length > loaded.max_context:
-        raise HarvestError(
-            f"harvest.context_length={cfg.context_length} exceeds the model's limit of {loaded.max_context} "
-            "positions; choose harvest.context_length <= that"
-        )
-    dtype = storage_dtype(cfg.dtype, loaded)
-    dirs = {h.name: Path(run_dir) / "activations" / h.name for h in hooks}
-    planned = {h.name: _identity(loaded, corpus_cfg, cfg, h.name, dtype) for h in hooks}
-    for name, directory in dirs.items():
-        _check_compatible(directory, planned[name])
-        directory.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(directory, cfg)
-
+def _windows(loaded: LoadedModel, corpus_cfg: CorpusConfig, cfg: HarvestConfig) -> Iterator[torch.Tensor]:
+    """The corpus packed into windows, as many as `cfg.tokens` asks for (whole windows)."""
     windows = pack_windows(
         iter_texts(load_documents(corpus_cfg), corpus_cfg.text_field),
         loaded.tokenizer,
@@ -253,17 +222,51 @@ def harvest_activations(
     )
     if cfg.tokens is not None:
         windows = itertools.islice(windows, cfg.tokens // cfg.context_length)
+    return windows
 
+
+def _prepare(
+    loaded: LoadedModel, corpus_cfg: CorpusConfig, cfg: HarvestConfig, run: RunDir
+) -> tuple[list[HookPoint], torch.dtype, dict[str, Path], dict[str, Manifest]]:
+    """Check the settings against the model and the directories; (hooks, storage dtype, directory and
+    planned manifest of each hook)."""
+    hooks = validate_hooks(loaded.model, list(cfg.hooks))
+    if loaded.max_context is not None and cfg.context_length > loaded.max_context:
+        raise HarvestError(
+            f"harvest.context_length={cfg.context_length} exceeds the model's limit of {loaded.max_context} "
+            "positions; choose harvest.context_length <= that"
+        )
+    dtype = storage_dtype(cfg.dtype, loaded)
+    dirs = {h.name: run.activations(h.name) for h in hooks}
+    planned = {h.name: _identity(loaded, corpus_cfg, cfg, h.name, dtype) for h in hooks}
+    for name, directory in dirs.items():
+        _check_compatible(directory, planned[name])
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(directory, cfg)
+    return hooks, dtype, dirs, planned
+
+
+def _write_shards(
+    loaded: LoadedModel,
+    hooks: list[HookPoint],
+    dirs: dict[str, Path],
+    planned: dict[str, Manifest],
+    windows: Iterator[torch.Tensor],
+    cfg: HarvestConfig,
+    dtype: torch.dtype,
+) -> tuple[dict[str, dict[int, ShardRecord]], int]:
+    """Compute and write this worker's shards, keeping those already complete; ({hook: {shard index:
+    record}}, number of shards kept)."""
     records: dict[str, dict[int, ShardRecord]] = {name: {} for name in dirs}
     writer = ShardWriter()
     resumed = 0
     total = cfg.tokens // cfg.num_workers if cfg.tokens else None
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress)
-    started = time.perf_counter()
     try:
         for index, tokens in enumerate(_shards_of_windows(windows, cfg.sequences_per_shard)):
             if index % cfg.num_workers != cfg.worker:
                 continue
+            kill_point("harvest.shard", index)
             done = {
                 n: _completed_shard(d / shard_name(index), tokens, loaded.d_model, dtype)
                 for n, d in dirs.items()
@@ -283,18 +286,33 @@ def harvest_activations(
         writer.close()
     for (name, index), record in writer.records.items():
         records[name][index] = record
+    return records, resumed
 
+
+def harvest_activations(
+    model_cfg: ModelConfig,
+    corpus_cfg: CorpusConfig,
+    cfg: HarvestConfig,
+    run_dir: str | Path,
+    loaded: LoadedModel | None = None,
+) -> dict[str, Manifest]:
+    """Harvest (or resume, or extend) activations into `<run_dir>/activations/<hook>/`.
+
+    Returns each hook's manifest: the merged one, or this worker's part while other workers of a
+    sharded harvest are still running. `loaded` reuses an already loaded model.
+    """
+    run = RunDir(run_dir)
+    loaded = loaded or load_model(model_cfg)
+    hooks, dtype, dirs, planned = _prepare(loaded, corpus_cfg, cfg, run)
+    started = time.perf_counter()
+    records, resumed = _write_shards(
+        loaded, hooks, dirs, planned, _windows(loaded, corpus_cfg, cfg), cfg, dtype
+    )
     elapsed = time.perf_counter() - started
     manifests = {name: _finish(dirs[name], planned[name], records[name], cfg) for name in dirs}
     n_tokens = sum(r.n_sequences for r in next(iter(records.values())).values()) * cfg.context_length
-    log.info(
-        "harvested %d tokens at %d hooks in %.1fs (%d shards resumed) into %s",
-        n_tokens,
-        len(hooks),
-        elapsed,
-        resumed,
-        Path(run_dir) / "activations",
-    )
+    log.info("harvested %d tokens at %d hooks in %.1fs (%d shards resumed) into %s",
+             n_tokens, len(hooks), elapsed, resumed, ", ".join(map(str, dirs.values())))  # fmt: skip
     return manifests
 
 

@@ -1,0 +1,90 @@
+"""HTML made in Python: highlighted top examples (for W&B tables) and the comparison page of two
+dictionaries. Every text that comes from data (token texts, names, paths) is escaped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from html import escape
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:1em 2em}table{border-collapse:collapse}"
+    "td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}th{background:#f4f4f4}"
+)
+
+
+def highlighted_examples(record: dict, vocab: list[str], n: int = 3) -> str:
+    """A feature record's first `n` top examples, each token shaded by the feature's activation."""
+    peak = max(record["max_activation"], 1e-9)
+    lines = []
+    for example in record["top"][:n]:
+        spans = []
+        for token, act in zip(example["ids"], example["acts"], strict=True):
+            alpha = min(1.0, max(0.0, act / peak))
+            text = escape(vocab[token] if 0 <= token < len(vocab) else f"<{token}>")
+            spans.append(f'<span style="background:rgba(255,120,0,{alpha:.2f})">{text}</span>')
+        lines.append(f'<div style="font-family:monospace;white-space:pre-wrap">{"".join(spans)}</div>')
+    return "".join(lines)
+
+
+def _row(cells: list, header: bool = False) -> str:
+    tag = "th" if header else "td"
+    return "<tr>" + "".join(f"<{tag}>{cell}</{tag}>" for cell in cells) + "</tr>"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    return "<table>" + _row(header, header=True) + "".join(_row(r) for r in rows) + "</table>"
+
+
+def _transfer_table(transfer: dict) -> str:
+    rows = [
+        [
+            escape(key),
+            f"{r['l0']:.1f}",
+            f"{r['fvu']:.4f}",
+            f"{r['ce_loss_score']:.4f}",
+            f"{r['kl_div_with_sae']:.4f}",
+        ]
+        for key, r in transfer.items()
+    ]
+    return "<h2>Transfer</h2>" + _table(["dictionary on model", "L0", "FVU", "CE recovered", "KL"], rows)
+
+
+def _changed_table(rows: list[dict], link: Callable[[str, int], str | None]) -> str:
+    """One line per changed base feature, its ids linked into the two runs' dashboards."""
+    lines = []
+    for row in rows:
+        ids = []
+        for role, feature in (("base", row["base"]), ("other", row["assigned"])):
+            href = link(role, feature) if feature >= 0 else None
+            text = f"#{feature}" if feature >= 0 else "-"
+            ids.append(f"<a href='{escape(href)}'>{text}</a>" if href else text)
+        freq = row["frequency"]
+        overlap = row.get("overlap")
+        lines.append([
+            ids[0], escape(row["status"]), ids[1], f"{row['decoder_cos']:.3f}", f"{row['encoder_cos']:.3f}",
+            f"{freq[0]:.2e} &rarr; {freq[1]:.2e}" if freq else "", "" if overlap is None else f"{overlap:.2f}",
+        ])  # fmt: skip
+    header = ["base feature", "status", "assigned other", "decoder cos", "encoder cos",
+              "frequency base &rarr; other", "top-example overlap"]  # fmt: skip
+    return "<h2>Most changed base features</h2>" + _table(header, lines)
+
+
+def comparison_page(report: dict, link: Callable[[str, int], str | None]) -> str:
+    """The comparison report (compare stage) as a page; `link(role, feature)` is the href of a
+    feature's dashboard page in the base or other run, or None where there is none."""
+    counts = report["summary"]
+    summary = [[counts["kept"], counts["shifted"], counts["vanished"], counts["new"],
+                f"{counts['mean_assigned_cos']:.3f}"]]  # fmt: skip
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Dictionary comparison</title>"
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>{escape(report['base']['sae'])} (base) vs {escape(report['other']['sae'])} (other)</h1>",
+        f"<p>{escape(report['base']['model_id'] or '')} &rarr; {escape(report['other']['model_id'] or '')} "
+        f"at {escape(report['hook'])}</p>",
+        _table(["kept", "shifted", "vanished", "new", "mean assigned decoder cos"], summary),
+    ]
+    if report.get("transfer"):
+        parts.append(_transfer_table(report["transfer"]))
+    parts.append(_changed_table(report["most_changed"], link))
+    parts.append("</body></html>")
+    return "\n".join(parts)

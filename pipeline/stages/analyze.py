@@ -1,0 +1,431 @@
+"""Analyze stage: every feature's statistics, top-activating examples and attributions, browsable.
+
+    python -m pipeline analyze run_dir=outputs/default analyze.tokens=1000000
+
+One streaming pass over the harvested activations (the model's residual stream on the corpus) runs
+each dictionary's encoder and keeps, per feature: firing frequency, mean / max activation and an
+activation histogram; the top-activating examples with the feature's activation on each context
+token (exact running top-k); a uniform sample of its firings, shown as activation-quantile groups;
+co-activating features (feature_stats.py). Then on the model: the logit lens of every decoder
+direction, and for `analyze.detail_features` features the per-token loss contribution, gradient x
+input attribution and the component / head-source decomposition of their top examples
+(attribution.py).
+
+Writes `<run_dir>/features/<hook>/<sae>/`: the dashboard (dashboard/), with full records of every
+feature in data/chunk-NNN.js and, last, features.json (summary of every feature + metadata).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from pipeline.attribution import (
+    component_attribution,
+    encoder_terms,
+    input_attribution,
+    logit_effects,
+    loss_contribution,
+)
+from pipeline.config import CONF_DIR, to_dataclass
+from pipeline.dashboard import CHUNK, write_dashboard
+from pipeline.dashboard.pages import highlighted_examples
+from pipeline.dictionaries import (
+    Dictionary,
+    DictionaryError,
+    DictionarySelection,
+    check_model,
+    find_dictionaries,
+    output_config_hash,
+    shards_for,
+    stored_activations_match,
+)
+from pipeline.feature_stats import FeaturePass, FeaturePassSettings, feature_pass
+from pipeline.hooks import HookPoint, validate_hooks
+from pipeline.models import LoadedModel, ModelConfig, load_model
+from pipeline.rundir import RunDir
+from pipeline.shards import ShardSet
+from pipeline.splits import leading_windows
+from pipeline.tracking import Tracker, WandbConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 2: `silent` / `silent_features` (were `dead` / `dead_features`)
+
+
+class AnalyzeError(DictionaryError):
+    """The analysis cannot run as configured; the message says how to fix it."""
+
+
+@dataclass
+class AnalyzeConfig(DictionarySelection, FeaturePassSettings):
+    """What to analyze and how much to keep and show per feature."""
+
+    tokens: int | None = None
+    """Tokens of the harvested activations to pass through (whole windows from the start); null = all."""
+    quantile_groups: int = 4
+    """Groups the random firings (`samples`) are shown in, by activation."""
+    detail_features: int = 32
+    """Features given input / component attributions and loss contributions (-1 = all)."""
+    detail_examples: int = 3
+    """Top examples per detailed feature that get them."""
+    top_logits: int = 10
+    wandb_features: int = 200
+    """Rows of the W&B feature table (the most frequent features)."""
+
+    def __post_init__(self) -> None:
+        for key in ("top_k", "samples", "quantile_groups", "detail_examples", "top_logits"):
+            if getattr(self, key) < 1:
+                raise AnalyzeError(f"analyze.{key} must be positive, got {getattr(self, key)}")
+
+
+# ---------------------------------------------------------------- records
+
+
+def _round(values: torch.Tensor, digits: int = 3) -> list:
+    scale = 10**digits
+    return (values.float() * scale).round().div(scale).tolist()
+
+
+def _example(tokens: torch.Tensor, token: int, act: float, context: torch.Tensor, cfg: AnalyzeConfig) -> dict:
+    """One example from the analyzed windows' tokens [n_windows, ctx]: its window and position, and
+    the context's token ids and the feature's activations on them."""
+    ctx = tokens.shape[1]
+    window, position = divmod(token, ctx)
+    start = max(0, position - cfg.context_before)
+    stop = min(ctx, position + cfg.context_after + 1)
+    offset = start - (position - cfg.context_before)
+    return {
+        "window": window,
+        "position": position,
+        "start": start,
+        "activation": round(act, 4),
+        "ids": tokens[window, start:stop].tolist(),
+        "acts": _round(context[offset : offset + stop - start]),
+    }
+
+
+def _quantile_groups(examples: list[dict], groups: int) -> list[dict]:
+    """Random firings sorted by activation and split into equal groups (quantiles of the feature's
+    activation distribution, as sampled)."""
+    ordered = sorted(examples, key=lambda e: e["activation"])
+    size = math.ceil(len(ordered) / groups) if ordered else 1
+    out = []
+    for g in range(0, len(ordered), size):
+        part = ordered[g : g + size]
+        out.append({"low": part[0]["activation"], "high": part[-1]["activation"], "examples": part[::-1]})
+    return out[::-1]
+
+
+def _logit_tables(model, W_dec: torch.Tensor, n: int, bins: int = 24) -> dict[str, torch.Tensor]:
+    """Top promoted / suppressed tokens and a histogram of the logit effects of every feature."""
+    out = {k: [] for k in ("pos_ids", "pos_vals", "neg_ids", "neg_vals", "hist", "low", "high")}
+    for lo in range(0, len(W_dec), 512):
+        effects = logit_effects(model, W_dec[lo : lo + 512].to(next(model.parameters()).device))  # [n, vocab]
+        pos, neg = effects.topk(n, dim=-1), effects.topk(n, dim=-1, largest=False)
+        low, high = effects.min(-1).values, effects.max(-1).values
+        scaled = (
+            ((effects - low[:, None]) / (high - low).clamp_min(1e-12)[:, None] * bins)
+            .long()
+            .clamp(0, bins - 1)
+        )
+        hist = torch.zeros(len(effects), bins, dtype=torch.long, device=effects.device)
+        hist.scatter_add_(1, scaled, torch.ones_like(scaled))
+        for key, value in zip(
+            out, (pos.indices, pos.values, neg.indices, neg.values, hist, low, high), strict=True
+        ):
+            out[key].append(value.cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _detail_features(frequency: torch.Tensor, n: int) -> list[int]:
+    """`n` live features spread evenly over the frequency ranking (common and rare ones alike)."""
+    alive = torch.argsort(frequency, descending=True)[: int((frequency > 0).sum())]
+    if n < 0 or n >= len(alive):
+        return alive.tolist()
+    picks = torch.linspace(0, len(alive) - 1, n).round().long()
+    return alive[picks].tolist()
+
+
+def _attach_details(
+    record: dict, loaded: LoadedModel, hook, sae, shards: ShardSet, tokens: torch.Tensor, cfg: AnalyzeConfig
+) -> None:
+    """Loss contributions and input attributions on the top examples; components of the first.
+    Each example's window is cut after its context: later tokens change nothing before them."""
+    latent = record["id"]
+    w, b = encoder_terms(sae, latent)
+    stored = stored_activations_match(shards, loaded, hook)
+    ctx = tokens.shape[1]
+    for e in record["top"][: cfg.detail_examples]:
+        end = e["start"] + len(e["ids"])
+        ids = tokens[e["window"], :end][None]
+        acts = (
+            shards.gather(torch.arange(e["window"] * ctx, e["window"] * ctx + end))[None] if stored else None
+        )
+        shown = len(e["ids"]) + (1 if e["start"] > 0 else 0)  # + the prediction made just before the context
+        _, delta = loss_contribution(loaded.model, hook, sae, latent, ids, acts, last=shown)
+        # loss[i]: the change in the loss of predicting token i of the context (at the token before it)
+        loss = delta[0] if e["start"] > 0 else torch.cat([delta.new_zeros(1), delta[0]])
+        e["loss"] = _round(loss[-len(e["ids"]) :].cpu(), 4)
+        attribution, _ = input_attribution(
+            loaded.model,
+            hook,
+            ids[:, : e["position"] + 1].to(loaded.device),
+            torch.tensor([e["position"]]),
+            w,
+            b,
+        )
+        e["attribution"] = _round(
+            torch.cat([attribution[0, e["start"] :].cpu(), torch.zeros(end - e["position"] - 1)]), 4
+        )
+    first = record["top"][0]
+    if hook.on_residual_stream:
+        parts = component_attribution(loaded.model, hook, tokens[first["window"], : first["position"] + 1],
+                                      first["position"], w, b)  # fmt: skip
+        parts["components"] = [[name, round(v, 4)] for name, v in parts["components"]]
+        for source in parts["head_sources"]:
+            source["sources"] = _round(torch.tensor(source["sources"]), 4)
+        record["components"] = {"example": 0, **parts}
+
+
+@dataclass
+class _Tables:
+    """Everything the feature records are made of, per feature, on the CPU."""
+
+    frequency: torch.Tensor  # [d_sae] float64
+    count: torch.Tensor
+    mean: torch.Tensor
+    max: torch.Tensor
+    histogram: torch.Tensor  # [d_sae, bins]
+    top: tuple  # (global token [d_sae, top_k], activation, context activations [d_sae, top_k, C])
+    samples: tuple  # the same for the random firings
+    partners: tuple  # ([d_sae, 8] feature ids, P(partner fires | this fires))
+    logits: dict[str, torch.Tensor]  # _logit_tables
+    dimensions: tuple  # ([d_sae, 4] model dimensions with the largest decoder weights, their weights)
+    tokens: torch.Tensor  # [n_windows, ctx] the analyzed windows' token ids
+
+
+def _tables(sae, passed: FeaturePass, loaded: LoadedModel, shards: ShardSet, cfg: AnalyzeConfig) -> _Tables:
+    stats = passed.stats
+    count = stats.count.cpu()
+    w_dec = sae.W_dec.detach().float()
+    dims = w_dec.abs().topk(4, dim=-1)
+    ctx = shards.manifest.context_length
+
+    def examples(kept):
+        return kept.token.cpu(), kept.act.cpu(), kept.context.float().cpu()
+
+    return _Tables(
+        frequency=passed.frequency(),
+        count=count,
+        mean=(stats.sum.cpu() / count.clamp_min(1)).float(),
+        max=stats.max.cpu(),
+        histogram=stats.histogram.cpu(),
+        top=examples(passed.top),
+        samples=examples(passed.samples),
+        partners=passed.coactivation.top_partners(8),
+        logits=_logit_tables(loaded.model, w_dec, cfg.top_logits),
+        dimensions=(dims.indices.cpu(), w_dec.gather(1, dims.indices).cpu()),
+        tokens=shards.tokens_at(torch.arange(passed.n_windows * ctx)).view(passed.n_windows, ctx),
+    )
+
+
+def _pairs(ids: torch.Tensor, values: torch.Tensor) -> list[list]:
+    """[[id, value rounded], ...] skipping ids < 0 (empty slots)."""
+    return [[int(i), round(float(v), 4)] for i, v in zip(ids, values, strict=True) if i >= 0]
+
+
+def _examples(t: _Tables, kept: tuple, f: int, cfg: AnalyzeConfig) -> list[dict]:
+    token, act, context = kept
+    return [
+        _example(t.tokens, int(tok), float(a), c, cfg)
+        for tok, a, c in zip(token[f], act[f], context[f], strict=True)
+        if tok >= 0
+    ]
+
+
+def _record(f: int, t: _Tables, cfg: AnalyzeConfig) -> dict:
+    """The JSON-ready record of feature `f` (README: "A feature record")."""
+    fired = int(t.count[f]) > 0
+    logits = t.logits
+    return {
+        "id": f,
+        "silent": not fired,
+        "frequency": float(t.frequency[f]),
+        "count": int(t.count[f]),
+        "mean_activation": round(float(t.mean[f]), 4),
+        "max_activation": round(float(t.max[f]), 4),
+        "histogram": t.histogram[f].tolist() if fired else [],
+        "top": _examples(t, t.top, f, cfg),
+        "quantile_groups": _quantile_groups(_examples(t, t.samples, f, cfg), cfg.quantile_groups),
+        "logits": {
+            "positive": _pairs(logits["pos_ids"][f], logits["pos_vals"][f]),
+            "negative": _pairs(logits["neg_ids"][f], logits["neg_vals"][f]),
+            "histogram": logits["hist"][f].tolist(),
+            "low": round(float(logits["low"][f]), 4),
+            "high": round(float(logits["high"][f]), 4),
+        },
+        "dimensions": _pairs(t.dimensions[0][f], t.dimensions[1][f]),
+        "coactivation": _pairs(t.partners[0][f], t.partners[1][f]),
+        "components": None,
+    }
+
+
+def feature_records(
+    d: Dictionary,
+    passed: FeaturePass,
+    loaded: LoadedModel,
+    hook: HookPoint,
+    shards: ShardSet,
+    cfg: AnalyzeConfig,
+) -> Iterator[list[dict]]:
+    """JSON-ready records of every feature, CHUNK features at a time (so that only one chunk of
+    records is ever held in memory, whatever the number of features)."""
+    tables = _tables(d.sae, passed, loaded, shards, cfg)
+    detail = set(_detail_features(tables.frequency, cfg.detail_features))
+    bar = tqdm(total=len(detail), desc="attributions", unit="feature", disable=not cfg.progress)
+    records = []
+    for f in range(d.sae.d_sae):
+        record = _record(f, tables, cfg)
+        if f in detail and record["top"]:
+            _attach_details(record, loaded, hook, d.sae, shards, tables.tokens, cfg)
+            bar.update(1)
+        records.append(record)
+        if len(records) == CHUNK or f == d.sae.d_sae - 1:
+            yield records
+            records = []
+    bar.close()
+
+
+def vocabulary(tokenizer) -> list[str]:
+    """The text of every token id, as it reads inside a text (byte-level markers decoded)."""
+    return [tokenizer.decode([i]) for i in range(len(tokenizer))]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _wandb_table(
+    tracker: Tracker, records: list[dict], frequency: torch.Tensor, vocab: list[str], prefix: str
+) -> None:
+    """A W&B table of `records` (the most frequent features) and the log10 frequency histogram."""
+    if not tracker.active:
+        return
+    import wandb
+
+    table = wandb.Table(columns=["id", "frequency", "max_activation", "top_promoted_tokens", "top_examples"])
+    for r in sorted(records, key=lambda r: -r["frequency"]):
+        promoted = " ".join(repr(vocab[i]) for i, _ in r["logits"]["positive"][:5])
+        table.add_data(
+            r["id"], r["frequency"], r["max_activation"], promoted, wandb.Html(highlighted_examples(r, vocab))
+        )
+    histogram = wandb.Histogram(frequency[frequency > 0].log10().tolist())
+    tracker.log({f"{prefix}/features": table, f"{prefix}/log10_frequency": histogram})
+
+
+def _keeping(chunks: Iterator[list[dict]], wanted: set[int], kept: list[dict]) -> Iterator[list[dict]]:
+    """Pass the chunks on, keeping the records of the `wanted` features."""
+    for chunk in chunks:
+        kept.extend(r for r in chunk if r["id"] in wanted)
+        yield chunk
+
+
+def _meta(
+    d: Dictionary, loaded: LoadedModel, shards: ShardSet, passed: FeaturePass, cfg: AnalyzeConfig, hash_: str
+) -> dict:
+    """features.json's `meta`: what was analyzed, how, and the config hash that marks it done."""
+    return {
+        "sae": d.name,
+        "sae_dir": str(d.directory),
+        "hook": d.hook,
+        "model_id": loaded.model_id,
+        "corpus_id": shards.manifest.corpus_id,
+        "architecture": d.sae.cfg.architecture,
+        "d_sae": d.sae.d_sae,
+        "tokens": passed.stats.tokens,
+        "context_length": shards.manifest.context_length,
+        "histogram_edges": passed.stats.edges(),
+        "chunk_size": CHUNK,
+        "silent_features": int((passed.stats.count == 0).sum()),
+        "detail_features": len(_detail_features(passed.frequency(), cfg.detail_features)),
+        "format_version": FORMAT_VERSION,
+        "config_hash": hash_,
+    }
+
+
+def _analyze(
+    d: Dictionary, loaded: LoadedModel, run: RunDir, cfg: AnalyzeConfig, tracker: Tracker, vocab
+) -> Path:
+    """Analyze one dictionary (unless it is analyzed with this configuration); its dashboard directory."""
+    hook = validate_hooks(loaded.model, [d.hook])[0]
+    shards = shards_for(run, d.hook, loaded)
+    ctx = shards.manifest.context_length
+    n_windows = leading_windows(shards.manifest.n_sequences, ctx, cfg.tokens)
+    if n_windows * ctx < cfg.top_k:
+        raise AnalyzeError(
+            f"analyze.tokens={cfg.tokens} gives {n_windows * ctx} tokens, too few for analyze.top_k={cfg.top_k} "
+            "examples per feature; analyze more tokens (harvest more if the shards are short)"
+        )
+    sae, out = d.sae.to(loaded.device).eval(), run.features(d.hook, d.name)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "wandb_features", "saes")}
+    hash_ = output_config_hash(
+        sae, loaded, shards, {**settings, "windows": n_windows, "format_version": FORMAT_VERSION}
+    )
+    if run.analyzed(d.hook, d.name, hash_):
+        log.info("%s/%s: already analyzed with this configuration -> %s", d.hook, d.name, out / "index.html")
+        return out
+    log.info("analyzing %s/%s on %d tokens", d.hook, d.name, n_windows * ctx)
+    passed = feature_pass(sae, shards, n_windows, cfg, loaded.device)
+    frequency = passed.frequency()
+    n_table = min(cfg.wandb_features, int((frequency > 0).sum()))
+    for_wandb, table_records = set(torch.argsort(frequency, descending=True)[:n_table].tolist()), []
+    chunks = _keeping(feature_records(d, passed, loaded, hook, shards, cfg), for_wandb, table_records)
+    meta = _meta(d, loaded, shards, passed, cfg, hash_)
+    index = write_dashboard(out, meta, chunks, vocab)
+    _wandb_table(tracker, table_records, frequency, vocab, f"{d.hook}/{d.name}")
+    log.info(
+        "%s/%s: %d features (%d silent) -> %s", d.hook, d.name, sae.d_sae, meta["silent_features"], index
+    )
+    return out
+
+
+def analyze_saes(
+    model_cfg: ModelConfig,
+    cfg: AnalyzeConfig,
+    run_dir: str | Path,
+    wandb_cfg: WandbConfig | None = None,
+    loaded: LoadedModel | None = None,
+) -> dict[str, Path]:
+    """Analyze the configured dictionaries of `run_dir`; return {"<hook>/<sae>": dashboard directory}."""
+    run = RunDir(run_dir)
+    dictionaries = find_dictionaries(run, cfg.saes, cfg.hook, cfg.force, "analyze")
+    loaded = loaded or load_model(model_cfg)
+    check_model(dictionaries, loaded, cfg.force, "analyze")
+    vocab = vocabulary(loaded.tokenizer)
+    tracker = Tracker(wandb_cfg or WandbConfig(), run.root, "analyze", {"analyze": asdict(cfg)})
+    out_dirs = {f"{d.hook}/{d.name}": _analyze(d, loaded, run, cfg, tracker, vocab) for d in dictionaries}
+    tracker.finish()
+    return out_dirs
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """The analyze stage on a composed Hydra config."""
+    return analyze_saes(
+        to_dataclass(ModelConfig, cfg.model),
+        to_dataclass(AnalyzeConfig, cfg.analyze),
+        cfg.run_dir,
+        to_dataclass(WandbConfig, cfg.wandb),
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    run(cfg)

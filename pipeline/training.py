@@ -1,0 +1,323 @@
+"""SAE training machinery: the settings, each dictionary's optimizer state, one optimization step,
+the data order, the reductions across processes and the held-out metrics. The train stage
+(stages/train.py) puts these together; anything else that trains dictionaries can too.
+
+Under `torchrun`, every process takes a slice of each global batch; gradients are averaged and the
+FVU denominator and the fired-latent masks are reduced over all processes, so N processes compute
+what one process would (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as torch_dist
+
+from pipeline.metrics import StreamingReconstructionStats
+from pipeline.optim import Signum
+from pipeline.sae import Sae
+from pipeline.sae.base import normalize_rows_
+from pipeline.shards import ShardSet
+
+
+class TrainError(ValueError):
+    """Training cannot start or go on as configured; the message says how to fix it."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the dictionaries themselves are described by `sae` and `variants`)."""
+
+    hook: str = "blocks.9.resid_post"
+    """Activations to train on: <run_dir>/activations/<hook>/."""
+    tokens: int | None = None
+    """Training tokens; null = `epochs` passes over the training split."""
+    epochs: float = 2.0
+    holdout_tokens: int = 32768
+    """Tokens at the end of the shard set kept out of training (whole windows), for evaluation."""
+    batch_size: int = 4096
+    """Tokens per step (over all processes)."""
+    optimizer: str = "adam"
+    """adam | signum (schedule-free sign-SGD, see optim.py)."""
+    lr: float | None = None
+    """Learning rate; null = lr_base * (d_sae / 2**14) ** -0.5 (scaled with the dictionary size)."""
+    lr_base: float = 2e-3
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_warmup_steps: int = 10
+    lr_decay: str = "linear"
+    """linear | cosine | constant, from lr_decay_start (fraction of training) to 0 at the end."""
+    lr_decay_start: float = 0.5
+    sparsity_warmup: float = 0.05
+    """Fraction of training over which L1 / L0 penalties ramp up from 0 (relu, jumprelu)."""
+    normalize_activations: bool = True
+    """Scale inputs to E||x||^2 = d_in while training (folded into the saved weights)."""
+    grad_clip: float | None = 1.0
+    """Clip the gradient norm of each SAE (null: no clipping)."""
+    autocast: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32: matmul precision; weights stay fp32."""
+    compile: bool = False
+    """torch.compile the training step."""
+    device: str = "auto"
+    seed: int = 0
+    exclude_bos: bool = True
+    """Leave BOS positions out (their activations are huge outliers)."""
+    dead_tokens: int | None = None
+    """A latent not active over this many training tokens counts as dead (and gets AuxK gradient);
+    null = max(10,000, 1% of the training tokens): 10k for the default run, 10M for a 1B-token run."""
+    log_every: int = 10
+    checkpoint_every: int = 100
+    """Steps between checkpoints (0: never)."""
+    variants: list[dict] = field(default_factory=list)
+    """Several SAEs in one pass: each dict overrides fields of `sae` (e.g. [{k: 16}, {k: 64}])."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "signum"):
+            raise TrainError(f"train.optimizer={self.optimizer!r}; expected adam or signum")
+        if self.autocast not in ("auto", "bfloat16", "float32"):
+            raise TrainError(f"train.autocast={self.autocast!r}; expected auto, bfloat16 or float32")
+        if self.batch_size < 1 or self.log_every < 1:
+            raise TrainError("train.batch_size and train.log_every must be positive")
+        if self.lr is not None and self.lr <= 0:
+            raise TrainError(f"train.lr={self.lr} must be positive (or null for the size-scaled default)")
+        if self.lr_base <= 0:
+            raise TrainError(f"train.lr_base={self.lr_base} must be positive")
+
+    def learning_rate(self, d_sae: int) -> float:
+        """`lr`, or lr_base scaled by the dictionary size."""
+        return self.lr if self.lr is not None else self.lr_base * (d_sae / 2**14) ** -0.5
+
+    def dead_window(self, training_tokens: int) -> int:
+        """`dead_tokens`, or its default for a training of `training_tokens` tokens."""
+        return self.dead_tokens if self.dead_tokens is not None else max(10_000, training_tokens // 100)
+
+    def autocast_context(self, device: torch.device):
+        """bf16 autocast where asked for (`auto`: on GPU), else nothing."""
+        use_bf16 = self.autocast == "bfloat16" or (self.autocast == "auto" and device.type == "cuda")
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+# ---------------------------------------------------------------- processes
+
+
+@dataclass
+class Dist:
+    """This process' place among the `torchrun` processes (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def local_slice(self, batch_size: int) -> slice:
+        """This process' part of a global batch."""
+        return slice(self.rank * batch_size // self.world, (self.rank + 1) * batch_size // self.world)
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group `torchrun` describes in the environment (or run alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(torch_dist.get_rank(), world)
+
+
+def global_variance(x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Mean over all processes' tokens of ||x - mean(x)||^2, exactly as one process would see it."""
+    stats = torch.cat(
+        [x.sum(0), x.pow(2).sum().reshape(1), torch.tensor([len(x)], dtype=x.dtype, device=x.device)]
+    )
+    if dist.enabled:
+        torch_dist.all_reduce(stats)
+    total, sq, n = stats[:-2], stats[-2], stats[-1]
+    return sq / n - (total / n).pow(2).sum()
+
+
+def _average_gradients(sae: Sae, dist: Dist) -> None:
+    if not dist.enabled:
+        return
+    for p in sae.parameters():
+        if p.grad is not None:
+            torch_dist.all_reduce(p.grad)
+            p.grad.div_(dist.world)
+
+
+def _fired_anywhere(fired: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """A latent fired if it fired in any process' slice of the batch."""
+    if not dist.enabled:
+        return fired
+    fired_int = fired.to(torch.int32)
+    torch_dist.all_reduce(fired_int, op=torch_dist.ReduceOp.MAX)
+    return fired_int.bool()
+
+
+# ---------------------------------------------------------------- data
+
+
+def training_batches(
+    shards: ShardSet, cfg: TrainConfig, n_train: int, per_epoch: int, start_step: int
+) -> Iterator[torch.Tensor]:
+    """Global batches [batch_size, d_in] of the first n_train tokens from `start_step` on, epoch after
+    epoch (each epoch reshuffled by its seed)."""
+    epoch, offset = divmod(start_step, per_epoch)
+    while True:
+        yield from shards.iter_batches(
+            cfg.batch_size,
+            seed=cfg.seed + epoch,
+            exclude_bos=cfg.exclude_bos,
+            start_batch=offset,
+            stop=n_train,
+        )
+        epoch, offset = epoch + 1, 0
+
+
+def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
+    """Run `iterator` on a background thread, `size` items ahead (reads overlap compute)."""
+    items: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+
+    def fill():
+        try:
+            for item in iterator:
+                items.put(item)
+        except BaseException as err:
+            items.put(err)
+        items.put(done)
+
+    threading.Thread(target=fill, daemon=True).start()
+    while (item := items.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def input_sample(shards: ShardSet, n_train: int, n: int, seed: int, exclude_bos: bool) -> torch.Tensor:
+    """A random fp32 sample [n, d_in] of training tokens (for input scaling and b_dec init)."""
+    batch = next(
+        shards.iter_batches(min(n, n_train // 2), seed=seed + 10_000, exclude_bos=exclude_bos, stop=n_train)
+    )
+    return batch.float()
+
+
+# ---------------------------------------------------------------- one dictionary's training state
+
+
+class TrainingMember:
+    """One SAE with its optimizer, learning rate, dead-latent counter and logged-term sums."""
+
+    def __init__(self, sae: Sae, cfg: TrainConfig):
+        self.sae = sae
+        self.lr = cfg.learning_rate(sae.d_sae)
+        params = list(sae.parameters())
+        if cfg.optimizer == "adam":
+            fused = params[0].device.type in ("cpu", "cuda")  # one kernel per step: ~7x faster than the loop
+            self.opt = torch.optim.Adam(params, lr=self.lr, betas=tuple(cfg.adam_betas), fused=fused)
+        else:
+            self.opt = Signum(params, lr=self.lr)
+        self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_enc.device)
+        """Training tokens since each latent last fired."""
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    @property
+    def name(self) -> str:
+        return self.sae.cfg.default_name()
+
+    def set_lr_multiplier(self, multiplier: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * multiplier
+
+    def accumulate(self, terms: dict[str, torch.Tensor]) -> None:
+        for key, value in terms.items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        self.count += 1
+
+    def drain(self) -> dict[str, float]:
+        """Means of the accumulated terms since the last drain (one host sync for all of them)."""
+        means = {key: float(value) / self.count for key, value in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+    @torch.no_grad()
+    def constrain(self) -> None:
+        """Unit-norm decoder rows, also on Signum's iterate and average where the SAE has them."""
+        self.sae.normalize_decoder()
+        if isinstance(self.opt, Signum) and self.sae.unit_norm_decoder:
+            for w in self.opt.copies(self.sae.W_dec):
+                normalize_rows_(w)
+
+    def final_weights(self) -> Sae:
+        """The weights to save: Signum's average where it keeps one."""
+        if isinstance(self.opt, Signum):
+            self.opt.eval_params()
+        return self.sae
+
+
+def make_step(m: TrainingMember, cfg: TrainConfig, dist: Dist, device: torch.device):
+    """The optimization step of one member: step(x [local batch, d_in], variance, sparsity warm-up)."""
+    sae = m.sae
+
+    def forward(x, dead, variance, warm):
+        with cfg.autocast_context(device):
+            return sae.training_forward(x, dead, variance, warm)
+
+    if cfg.compile:
+        forward = torch.compile(forward)
+
+    def step(x: torch.Tensor, variance: torch.Tensor, warm: float) -> None:
+        dead = m.since_fired >= cfg.dead_tokens
+        out = forward(x, dead, variance, warm)
+        out.loss.backward()
+        _average_gradients(sae, dist)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        sae.remove_parallel_decoder_grad()
+        m.opt.step()
+        m.opt.zero_grad(set_to_none=True)
+        m.constrain()
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
+        fired[out.fired] = True
+        m.since_fired.add_(cfg.batch_size).masked_fill_(_fired_anywhere(fired, dist), 0)
+        m.accumulate(
+            {**out.terms, "loss": out.loss.detach(), "l0": out.l0.detach(), "dead": dead.float().mean()}
+        )
+
+    return step
+
+
+# ---------------------------------------------------------------- held-out metrics
+
+
+@torch.no_grad()
+def heldout_metrics(
+    sae: Sae, shards: ShardSet, start: int, exclude_bos: bool, batch_size: int = 4096
+) -> dict:
+    """FVU, L0 and the fraction of latents never active (`silent_fraction`) on the held-out tokens
+    [start, end); silent is stricter than dead (idle over the training window) for rare latents."""
+    stats = StreamingReconstructionStats(sae.d_in, sae.d_sae, sae.W_enc.device)
+    bos = shards.manifest.bos_token_id
+    for lo in range(start, shards.n_tokens, batch_size):
+        idx = torch.arange(lo, min(lo + batch_size, shards.n_tokens))
+        if exclude_bos and bos is not None:
+            idx = idx[shards.tokens_at(idx) != bos]
+        if len(idx):
+            x = shards.gather(idx).to(sae.W_enc.device, torch.float32)
+            stats.update(x, *sae(x))
+    if stats.n == 0:
+        return {}
+    return {
+        "heldout_tokens": stats.n,
+        "fvu": stats.fvu(),
+        "l0": stats.l0(),
+        "silent_fraction": stats.silent_fraction(),
+    }
