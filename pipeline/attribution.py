@@ -15,6 +15,8 @@ pre-activation = x . w + b.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +167,64 @@ def _component_hooks(hook: HookPoint) -> list[tuple[str, HookPoint]]:
     return parts
 
 
+@dataclass
+class _Seen:
+    """What a forward pass left in the head hooks, per layer: the heads' outputs z (the output
+    projection's input), the value projections' outputs and the attention patterns."""
+
+    z: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    patterns: dict[int, torch.Tensor]
+
+
+@contextlib.contextmanager
+def _watching_heads(model: nn.Module, heads: dict[int, _Heads | None]) -> Iterator[_Seen]:
+    """Within the block, forward passes record each layer's z, values and attention pattern (eager
+    attention: the only implementation that returns patterns)."""
+    seen = _Seen({}, {}, {})
+    layers = decoder_layers(model)
+    handles = []
+    for i, h in heads.items():
+        if h is not None:
+            handles.append(
+                h.z_module.register_forward_pre_hook(lambda _m, args, i=i: seen.z.__setitem__(i, args[0]))
+            )
+            handles.append(
+                h.value_module.register_forward_hook(lambda _m, _a, out, i=i: seen.values.__setitem__(i, out))
+            )
+        attention = _get(layers[i], "self_attn") or _get(layers[i], "attn")
+        if attention is not None:
+            handles.append(
+                attention.register_forward_hook(lambda _m, _a, out, i=i: seen.patterns.__setitem__(i, out[1]))
+            )
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield seen
+    finally:
+        model.set_attn_implementation(previous)
+        for handle in handles:
+            handle.remove()
+
+
+def _head_sources(heads: dict[int, _Heads | None], seen: _Seen, largest: list[tuple[int, int]], position: int,
+                  w: torch.Tensor) -> list[dict]:  # fmt: skip
+    """For the heads (layer, head) in `largest`: each source position's part of the head's
+    contribution, pattern[dst, src] x (OV message from src . w)."""
+    sources = []
+    for layer, head in largest:
+        h = heads[layer]
+        if seen.patterns.get(layer) is None or layer not in seen.values:
+            continue
+        pattern = seen.patterns[layer][0, head, position].float()  # [seq] over source positions
+        value = h.value_of(seen.values[layer])[0, :, head // (h.n_heads // h.n_kv)].float()  # [seq, head_dim]
+        message = value @ h.out_weight[head].to(value.device) @ w  # [seq]: OV message . w
+        sources.append(
+            {"component": f"L{layer}.H{head}", "sources": (pattern * message)[: position + 1].tolist()}
+        )
+    return sources
+
+
 @torch.no_grad()
 def component_attribution(
     model: nn.Module, hook: HookPoint, tokens: torch.Tensor, position: int, w: torch.Tensor, b: float,
@@ -178,64 +238,30 @@ def component_attribution(
     parts = _component_hooks(hook)
     layers = decoder_layers(model)
     heads = {i: _heads(model, layers[i]) for i in range(hook.layer + 1)}
-    z_seen: dict[int, torch.Tensor] = {}
-    values: dict[int, torch.Tensor] = {}
-    patterns: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, h in heads.items():
-        if h is None:
-            continue
-        handles.append(
-            h.z_module.register_forward_pre_hook(lambda _m, args, i=i: z_seen.__setitem__(i, args[0]))
-        )
-        handles.append(
-            h.value_module.register_forward_hook(lambda _m, _a, out, i=i: values.__setitem__(i, out))
-        )
-    for i in heads:
-        attention = _get(layers[i], "self_attn") or _get(layers[i], "attn")
-        if attention is not None:
-            handles.append(
-                attention.register_forward_hook(lambda _m, _a, out, i=i: patterns.__setitem__(i, out[1]))
-            )
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # the only implementation that returns attention patterns
-    try:
-        ids = tokens[None].to(next(model.parameters()).device, torch.long)
-        seen = capture_activations(model, ids, [hp for _, hp in parts] + [hook])
-    finally:
-        model.set_attn_implementation(previous)
-        for handle in handles:
-            handle.remove()
+    ids = tokens[None].to(next(model.parameters()).device, torch.long)
+    with _watching_heads(model, heads) as seen:
+        acts = capture_activations(model, ids, [hp for _, hp in parts] + [hook])
     w_dev = w.to(ids.device)
-    result = {"pre_activation": float(seen[hook.name][0, position].float() @ w_dev + b), "constant": b}
-    contributions = []
-    head_parts = []
+    contributions, head_parts = [], []
     for name, hp in parts:
-        total = float(seen[hp.name][0, position].float() @ w_dev)
         h = heads.get(hp.layer) if hp.point == "attn_out" else None
-        if h is None or hp.layer not in z_seen:
-            contributions.append([name, total])
+        if h is None or hp.layer not in seen.z:
+            contributions.append([name, float(acts[hp.name][0, position].float() @ w_dev)])
             continue
-        z = z_seen[hp.layer][0, position].float().view(h.n_heads, -1)  # [heads, head_dim]
+        z = seen.z[hp.layer][0, position].float().view(h.n_heads, -1)  # [heads, head_dim]
         per_head = torch.einsum("hk,hkd,d->h", z, h.out_weight.to(z.device), w_dev)
         for head, value in enumerate(per_head.tolist()):
             contributions.append([f"L{hp.layer}.H{head}", value])
             head_parts.append((abs(value), hp.layer, head))
         if h.out_bias is not None:
             contributions.append([f"L{hp.layer}.attn_bias", float(h.out_bias.to(w_dev.device) @ w_dev)])
-    result["components"] = contributions
-    sources = []
-    for _, layer, head in sorted(head_parts, reverse=True)[:top_heads]:
-        h = heads[layer]
-        if layer not in patterns or patterns[layer] is None or layer not in values:
-            continue
-        pattern = patterns[layer][0, head, position].float()  # [seq] over source positions
-        value = h.value_of(values[layer])[0, :, head // (h.n_heads // h.n_kv)].float()  # [seq, head_dim]
-        message = value @ h.out_weight[head].to(value.device) @ w_dev  # [seq]: OV message . w
-        per_source = pattern * message
-        sources.append({"component": f"L{layer}.H{head}", "sources": per_source[: position + 1].tolist()})
-    result["head_sources"] = sources
-    return result
+    largest = [(layer, head) for _, layer, head in sorted(head_parts, reverse=True)[:top_heads]]
+    return {
+        "pre_activation": float(acts[hook.name][0, position].float() @ w_dev + b),
+        "constant": b,
+        "components": contributions,
+        "head_sources": _head_sources(heads, seen, largest, position, w_dev),
+    }
 
 
 # ---------------------------------------------------------------- loss

@@ -38,9 +38,16 @@ class Dictionary:
     hook: str
 
 
-def _named_directories(run: RunDir, saes: list[str], stage: str) -> list[Path]:
+def _named_directories(run: RunDir | None, saes: list[str], stage: str) -> list[Path]:
     """The SAE directories `saes` names (directories, or names under <run>/sae/<hook>/); all of the
-    run when empty."""
+    run when empty. Without a run, only directories."""
+    if run is None:
+        missing = [entry for entry in saes if not is_dictionary(Path(entry))]
+        if missing or not saes:
+            raise DictionaryError(
+                f"{stage}: {missing or 'nothing'} names no SAE directory (cfg.json + weights)"
+            )
+        return [Path(entry) for entry in saes]
     if not saes:
         found = run.dictionaries()
         if not found:
@@ -66,10 +73,10 @@ def _named_directories(run: RunDir, saes: list[str], stage: str) -> list[Path]:
 
 
 def find_dictionaries(
-    run: RunDir, saes: list[str], hook: str | None, force: bool, stage: str
+    run: RunDir | None, saes: list[str], hook: str | None, force: bool, stage: str
 ) -> list[Dictionary]:
     """The dictionaries named in `saes` (see _named_directories), each with the hook it is used at
-    (`hook`, or the one its cfg.json names)."""
+    (`hook`, or the one its cfg.json names). `run`: where names are looked up (None: directories only)."""
     found = []
     for directory in _named_directories(run, saes, stage):
         sae = Sae.load(directory)

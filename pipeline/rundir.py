@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.dashboard import INDEX_FILE
+from pipeline.dashboard import FEATURE_PAGE, INDEX_FILE
 from pipeline.sae.base import CONFIG_FILE, WEIGHTS_FILE
 
 CHECKPOINT_DIR = "train-checkpoint"
@@ -123,7 +123,7 @@ class RunDir:
 
     def feature_page(self, hook: str, name: str) -> Path:
         """The dashboard page that shows one feature (`#<id>` selects it)."""
-        return self.features(hook, name) / "feature.html"
+        return self.features(hook, name) / FEATURE_PAGE
 
     def analyzed(self, hook: str, name: str, hash_: str) -> bool:
         return _current(self.features(hook, name) / INDEX_FILE, hash_, "meta") is not None

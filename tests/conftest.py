@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,23 @@ from pipeline.corpus import CorpusConfig
 from pipeline.models import ModelConfig
 
 TEXT = Path(__file__).with_name("data") / "corpus.txt"
+
+# Where libraries keep caches and settings under ~ (datasets' cache of local corpus files, the
+# converted default model, matplotlib, Chromium's profile and dconf): a temporary folder of the test
+# session instead, so that tests write nothing outside their tmp dirs.
+_HOME_DIRS = {"HF_DATASETS_CACHE": "datasets", "SAE_PIPELINE_CACHE": "sae-pipeline", "MPLCONFIGDIR": "matplotlib",
+              "XDG_CACHE_HOME": "cache", "XDG_CONFIG_HOME": "config"}  # fmt: skip
+
+
+def pytest_configure(config):
+    root = Path(tempfile.mkdtemp(prefix="sae-pipeline-tests-"))
+    config._home_dirs_root = root
+    for var, sub in _HOME_DIRS.items():
+        os.environ[var] = str(root / sub)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config._home_dirs_root, ignore_errors=True)
 
 
 def make_tokenizer():

@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.sae import Sae, SaeConfig, build_sae
+from pipeline.sae import Sae, SaeConfig, architectures, build_sae
 from pipeline.sae.convert import main as convert_main
 from pipeline.sae.formats import FormatError, detect_format, write_saelens, write_sparsify
 
 D_IN = 12
-ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
+ARCHS = sorted(architectures())
 
 
 def _sae(arch):

@@ -5,11 +5,11 @@ import torch
 
 from pipeline.metrics import token_variance
 from pipeline.optim import Signum, lr_multiplier
-from pipeline.sae import Sae, SaeConfig, build_sae
+from pipeline.sae import Sae, SaeConfig, architectures, build_sae
 from pipeline.sae.sparse import sparse_decode, topk_encode
 
 D_IN = 24
-ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
+ARCHS = sorted(architectures())
 
 
 def _sae(arch="topk", **kw):

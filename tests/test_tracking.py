@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+import textwrap
+
 import wandb
 
 from pipeline.tracking import Tracker, WandbConfig
@@ -26,3 +31,25 @@ def test_offline_run_is_written_locally(tmp_path):
 def test_disabled_and_non_zero_ranks_log_nothing(tmp_path):
     assert not Tracker(WandbConfig(mode="disabled"), tmp_path, "run", {}).active
     assert not Tracker(WandbConfig(mode="offline"), tmp_path, "run", {}, rank=1).active
+
+
+def test_nothing_is_written_outside_the_run_directory(tmp_path):
+    """Tables, HTML and images (staged by W&B as artifacts) stay in <run_dir>/wandb/, not the home."""
+    home, run_dir = tmp_path / "home", tmp_path / "run"
+    home.mkdir()
+    script = textwrap.dedent("""
+        import sys
+        import wandb
+        from pipeline.tracking import Tracker, WandbConfig
+        tracker = Tracker(WandbConfig(mode="offline"), sys.argv[1], "run", {})
+        table = wandb.Table(columns=["id", "html"])
+        table.add_data(0, wandb.Html("<b>token</b>"))
+        tracker.log({"features": table, "histogram": wandb.Histogram([0.1, 0.2])})
+        tracker.finish()
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "XDG_"))}
+    result = subprocess.run([sys.executable, "-c", script, str(run_dir)], env={**env, "HOME": str(home)},
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert [str(p) for p in home.rglob("*")] == []

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from pipeline.faults import KILL_VARIABLE
 from pipeline.rundir import RunDir
-from pipeline.sae import Sae, SaeConfig
+from pipeline.sae import Sae, SaeConfig, architectures
 from pipeline.shards import ShardError, shard_name
 from pipeline.stages.train import train_saes
 from pipeline.tracking import WandbConfig
@@ -231,7 +231,7 @@ def test_two_processes_match_one(run_dir, tmp_path_factory):
         torch.testing.assert_close(_weights(parallel)[name], tensor, msg=name, atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("sae_option", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("sae_option", sorted(architectures()))
 def test_train_configs_compose(sae_option):
     from hydra import compose, initialize_config_dir
 

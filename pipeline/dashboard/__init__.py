@@ -21,6 +21,8 @@ from pipeline.fileio import atomic_write
 
 CHUNK = 256
 INDEX_FILE = "features.json"
+INDEX_PAGE = "index.html"  # the feature list
+FEATURE_PAGE = "feature.html"  # one feature: FEATURE_PAGE#<id>
 STATIC = Path(__file__).with_name("static")
 _WRAPPED = re.compile(r"^SAE_DASHBOARD\.\w+\((?:\d+, )?(.*)\);\s*$", re.S)
 
@@ -64,7 +66,7 @@ def write_dashboard(out: Path, meta: dict, chunks: Iterable[list[dict]], vocab: 
     for page in STATIC.iterdir():
         atomic_write(out / page.name, page.read_bytes())
     atomic_write(out / INDEX_FILE, json.dumps(index).encode())
-    return out / "index.html"
+    return out / INDEX_PAGE
 
 
 def load_features(directory: str | Path) -> tuple[dict, list[dict]]:

@@ -1,7 +1,7 @@
 """Sparse autoencoders: `from pipeline.sae import Sae; sae = Sae.load(directory)`.
 
-Architectures register themselves by name (`architecture` in cfg.json): relu, topk, batchtopk,
-jumprelu. `build_sae(cfg, d_in)` makes a fresh one.
+Architectures register themselves by name (`architecture` in cfg.json; `architectures()` lists
+them): relu, topk, batchtopk, jumprelu, one module each. `build_sae(cfg, d_in)` makes a fresh one.
 """
 
 from pipeline.sae import batchtopk, jumprelu, relu, topk  # noqa: F401  (registers the architectures)
@@ -13,4 +13,4 @@ def build_sae(cfg: SaeConfig, d_in: int, meta: dict | None = None) -> Sae:
     return architectures()[cfg.architecture](cfg, d_in, meta)
 
 
-__all__ = ["ForwardOutput", "Sae", "SaeConfig", "TrainOutput", "build_sae"]
+__all__ = ["ForwardOutput", "Sae", "SaeConfig", "TrainOutput", "architectures", "build_sae"]

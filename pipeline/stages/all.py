@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONF_DIR
+from pipeline.dashboard import INDEX_PAGE
 from pipeline.rundir import RunDir
 from pipeline.stages import analyze, evaluate, harvest, train
 
@@ -37,7 +38,7 @@ def run_all(cfg: DictConfig) -> dict:
     run = RunDir(cfg.run_dir)
     lines = ["", f"done: {run.root}"]
     for key, path in results["analyze"].items():
-        lines.append(f"  dashboard {key}: {path / 'index.html'}")
+        lines.append(f"  dashboard {key}: {path / INDEX_PAGE}")
     lines.append(
         f"  metrics:  {run.evaluation_report('<hook>', '<dictionary>')}  (Pareto plot: {run.pareto_plot})"
     )

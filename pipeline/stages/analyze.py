@@ -36,7 +36,7 @@ from pipeline.attribution import (
     loss_contribution,
 )
 from pipeline.config import CONF_DIR, to_dataclass
-from pipeline.dashboard import CHUNK, write_dashboard
+from pipeline.dashboard import CHUNK, INDEX_PAGE, write_dashboard
 from pipeline.dashboard.pages import highlighted_examples
 from pipeline.dictionaries import (
     Dictionary,
@@ -380,7 +380,7 @@ def _analyze(
         sae, loaded, shards, {**settings, "windows": n_windows, "format_version": FORMAT_VERSION}
     )
     if run.analyzed(d.hook, d.name, hash_):
-        log.info("%s/%s: already analyzed with this configuration -> %s", d.hook, d.name, out / "index.html")
+        log.info("%s/%s: already analyzed with this configuration -> %s", d.hook, d.name, out / INDEX_PAGE)
         return out
     log.info("analyzing %s/%s on %d tokens", d.hook, d.name, n_windows * ctx)
     passed = feature_pass(sae, shards, n_windows, cfg, loaded.device)

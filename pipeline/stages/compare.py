@@ -97,7 +97,7 @@ def _side(path: str, sae: str | None, role: str) -> _Side:
     p = Path(path)
     if is_dictionary(p):
         run = RunDir.of_dictionary(p)
-        return _Side(run, find_dictionaries(RunDir(p.parent), [str(p)], None, False, "compare")[0])
+        return _Side(run, find_dictionaries(run, [str(p)], None, False, "compare")[0])
     found = find_dictionaries(RunDir(p), [sae] if sae else [], None, False, "compare")
     if len(found) != 1:
         names = [f"{d.hook}/{d.name}" for d in found]
@@ -249,8 +249,8 @@ def _most_changed(
     return rows
 
 
-def _write(out: Path, report: dict, matches: dict, classes: dict, overlap, drift: dict | None, sides) -> None:
-    """report.json, matches.safetensors (every feature) and index.html."""
+def _write(out: Path, report: dict, matches: dict, classes: dict, overlap, drift: dict | None, sides) -> Path:
+    """report.json, matches.safetensors (every feature) and index.html; return the page."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in matches.items()}
     tensors["status"] = classes["status"].contiguous()
@@ -263,6 +263,7 @@ def _write(out: Path, report: dict, matches: dict, classes: dict, overlap, drift
     atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
     page = comparison_page(report, lambda role, feature: _dashboard_link(out, sides[role], feature))
     atomic_write(out / "index.html", page.encode())
+    return out / "index.html"
 
 
 def _log_wandb(report: dict, cfg: CompareConfig, run_dir, wandb_cfg: WandbConfig | None) -> None:
@@ -352,11 +353,11 @@ def compare_dictionaries(
     overlap = _drift_summary(report["summary"], matches, drift, base.sae.d_sae)
     report["most_changed"] = _most_changed(matches, classes, drift, overlap, cfg.top_changed)
     run = RunDir(run_dir)
-    _write(run.comparison, report, matches, classes, overlap, drift, sides)
+    page = _write(run.comparison, report, matches, classes, overlap, drift, sides)
     _log_wandb(report, cfg, run.root, wandb_cfg)
     s = report["summary"]
     log.info("kept %d, shifted %d, vanished %d, new %d (mean assigned decoder cos %.3f) -> %s",
-             s["kept"], s["shifted"], s["vanished"], s["new"], s["mean_assigned_cos"], run.comparison / "index.html")  # fmt: skip
+             s["kept"], s["shifted"], s["vanished"], s["new"], s["mean_assigned_cos"], page)  # fmt: skip
     return report
 
 
