@@ -1,7 +1,8 @@
-"""Training checkpoints: safetensors for every tensor (weights, optimizer state, dead-latent
-counters), JSON for the rest (step, config hash, input scale, optimizer param groups).
-
-`members` are objects with `sae`, `opt` and `since_fired` (training.TrainingMember).
+"""Training checkpoints: one safetensors file per training configuration, written atomically, so a
+checkpoint is whole or absent. Its tensors are every member's weights, optimizer state and
+dead-latent counters; its metadata (`state`, JSON) holds the step, the config hash, the input scale
+and the optimizer param groups. `members` are objects with `sae`, `opt` and `since_fired`
+(training.TrainingMember).
 """
 
 from __future__ import annotations
@@ -10,18 +11,21 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write
 
-
-class CheckpointError(ValueError):
-    """The checkpoint belongs to another training configuration."""
+_STATE_KEY = "state"
 
 
-def save_checkpoint(directory: Path, members: list, step: int, state: dict) -> None:
-    """Weights, optimizer state and dead-latent counters of every member + JSON `state` (atomically)."""
+class CheckpointError(PipelineError, ValueError):
+    """The checkpoint is unreadable or belongs to another training configuration."""
+
+
+def save_checkpoint(path: Path, members: list, step: int, state: dict) -> None:
+    """Weights, optimizer state and dead-latent counters of every member + JSON `state`, one file."""
     tensors = {}
     for i, m in enumerate(members):
         for name, t in m.sae.state_dict().items():
@@ -32,23 +36,33 @@ def save_checkpoint(directory: Path, members: list, step: int, state: dict) -> N
                 tensors[f"{i}.opt.{pid}.{key}"] = torch.as_tensor(value)
         tensors[f"{i}.since_fired"] = m.since_fired
         state[f"param_groups.{i}"] = opt_state["param_groups"]
-    payload = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    atomic_write(directory / "state.safetensors", payload)
-    atomic_write(directory / "state.json", json.dumps({**state, "step": step}, indent=2).encode())
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {_STATE_KEY: json.dumps({**state, "step": step})}
+    atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
 
 
-def load_checkpoint(directory: Path, members: list, config_hash: str) -> dict | None:
-    """Restore `members` from `directory`; None when there is no checkpoint. Refuses another config."""
-    meta_path = directory / "state.json"
-    if not meta_path.exists():
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {})[_STATE_KEY])
+            return meta, {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({err}); delete it to start this training over"
+        ) from err
+
+
+def load_checkpoint(path: Path, members: list, config_hash: str) -> dict | None:
+    """Restore `members` from the checkpoint at `path`; None when there is none. Refuses another
+    configuration's."""
+    if not path.exists():
         return None
-    meta = json.loads(meta_path.read_text())
+    meta, tensors = _read(path)
     if meta.get("config_hash") != config_hash:
         raise CheckpointError(
-            f"{directory} is a checkpoint of another training configuration (hash {meta.get('config_hash')}, "
+            f"{path} is a checkpoint of another training configuration (hash {meta.get('config_hash')}, "
             f"now {config_hash}); delete it to start over, or restore the settings it was made with"
         )
-    tensors = load_file(directory / "state.safetensors")
     for i, m in enumerate(members):
         m.sae.load_state_dict(
             {k.split(".sae.", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}.sae.")}
@@ -63,8 +77,8 @@ def load_checkpoint(directory: Path, members: list, config_hash: str) -> dict | 
     return meta
 
 
-def remove_checkpoint(directory: Path) -> None:
-    for name in ("state.safetensors", "state.json"):
-        (directory / name).unlink(missing_ok=True)
-    if directory.exists() and not any(directory.iterdir()):
-        directory.rmdir()
+def remove_checkpoint(path: Path) -> None:
+    """Delete the checkpoint (and its folder, once empty)."""
+    path.unlink(missing_ok=True)
+    if path.parent.exists() and not any(path.parent.iterdir()):
+        path.parent.rmdir()

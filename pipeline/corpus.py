@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 BOS_POLICIES = ("window", "document", "none")
@@ -45,7 +47,7 @@ _FILE_FORMATS = {
 _SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3", "turtledemo"}
 
 
-class CorpusError(ValueError):
+class CorpusError(PipelineError, ValueError):
     """The corpus is missing, empty or too short; the message says which and what to do."""
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.errors import PipelineError
 from pipeline.hooks import HookPoint
 from pipeline.models import LoadedModel
 from pipeline.rundir import RunDir, config_hash, is_dictionary
@@ -14,7 +15,7 @@ from pipeline.sae import Sae
 from pipeline.shards import ShardError, ShardSet
 
 
-class DictionaryError(ValueError):
+class DictionaryError(PipelineError, ValueError):
     """A dictionary or its activations do not fit the run; the message says how to fix it."""
 
 

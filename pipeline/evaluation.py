@@ -54,6 +54,23 @@ class EvaluationError(DictionaryError):
     """The evaluation cannot run as configured; the message says how to fix it."""
 
 
+class NonFiniteActivations(EvaluationError):
+    """The activations at the hook hold NaN or Inf at an evaluated position."""
+
+    def __init__(self, hook: HookPoint, window: int, position: int, where: str = "", fix: str = ""):
+        self.window, self.position = window, position
+        where = where or f"evaluation window {window}, position {position}"
+        super().__init__(f"NaN or Inf in the activations at {hook.name}, {where}{fix}")
+
+
+def _check_finite(x: torch.Tensor, replaced: torch.Tensor, first_window: int, hook: HookPoint) -> None:
+    """Stop at the first NaN / Inf of x [batch, seq, d_model] among the evaluated positions."""
+    bad = replaced & ~torch.isfinite(x).all(-1)
+    if bad.any():
+        row, position = bad.nonzero()[0].tolist()
+        raise NonFiniteActivations(hook, first_window + row, position)
+
+
 @dataclass
 class EvaluationSettings:
     """On which held-out tokens, and how, dictionaries are evaluated."""
@@ -112,7 +129,9 @@ def _mean_activation(shards: ShardSet, first: int, count: int, bos: int | None) 
         idx = torch.arange(lo, min(lo + 8192, (first + count) * ctx))
         if bos is not None:
             idx = idx[shards.tokens_at(idx) != bos]
-        total += shards.gather(idx).double().sum(0)
+        x = shards.gather(idx)
+        shards.check_finite(x, idx)
+        total += x.double().sum(0)
         n += len(idx)
     return (total / max(n, 1)).float()
 
@@ -218,6 +237,7 @@ def evaluate_hook(
         x_stored = None if stored is None else stored(rows).to(loaded.dtype)
         clean_logits, x, kept = clean_pass(loaded.model, hook, ids, x_stored, template)
         template = kept if stored is not None else None
+        _check_finite(x, replaced, lo, hook)
         others = dict(constant) if constant is not None else {
             kind: _forward_with(loaded.model, hook, _ablation(value, replaced), kept, ids)
             for kind, value in (("zero", torch.zeros_like(mean)), ("mean", mean))
@@ -348,6 +368,20 @@ def _worst_tokens(per_token: dict, tokens: torch.Tensor, tokenizer, n: int) -> l
     return worst
 
 
+def _located(err: NonFiniteActivations, held: HeldOut, stored: bool) -> NonFiniteActivations:
+    """The error again, naming the shard and position of the bad activation and what to do."""
+    token = (held.first + err.window) * held.windows.shape[1] + err.position
+    if stored:
+        where, fix = (
+            f"as stored in {held.shards.locate(token)}",
+            "; delete that shard and re-run the harvest command",
+        )
+    else:
+        where = f"as the model computes them for the tokens of {held.shards.locate(token)}"
+        fix = "; the model overflows there: evaluate in float32 (model.dtype=float32)"
+    return NonFiniteActivations(held.hook, err.window, err.position, where, fix)
+
+
 def evaluate_dictionaries(
     loaded: LoadedModel, held: HeldOut, group: list[Dictionary], cfg: EvaluationSettings
 ) -> dict[str, tuple[dict, dict]]:
@@ -356,9 +390,11 @@ def evaluate_dictionaries(
     started = time.perf_counter()
     mean = _mean_activation(held.shards, held.first, len(held.windows), held.bos)
     saes = {d.name: d.sae for d in group}
-    results = evaluate_hook(
-        loaded, held.hook, saes, held.windows, mean, held.bos, cfg, _stored_activations(held, loaded)
-    )
+    stored = _stored_activations(held, loaded)
+    try:
+        results = evaluate_hook(loaded, held.hook, saes, held.windows, mean, held.bos, cfg, stored)
+    except NonFiniteActivations as err:
+        raise _located(err, held, stored is not None) from None
     tokens_per_s = held.windows.numel() / (time.perf_counter() - started)
     out = {}
     for d in group:

@@ -230,6 +230,7 @@ def feature_pass(sae, shards: ShardSet, n_windows: int, cfg: FeaturePassSettings
         count = min(windows_per_batch, n_windows - first)
         idx = torch.arange(first * ctx, (first + count) * ctx)
         x = shards.gather(idx).to(device, torch.float32)  # [tokens, d_in]
+        shards.check_finite(x, idx)
         codes = sae.encode(x)  # [tokens, d_sae]
         if bos is not None:
             codes[(shards.tokens_at(idx) == bos).to(device)] = 0

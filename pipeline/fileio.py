@@ -6,10 +6,15 @@ import errno
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.errors import PipelineError
 
-class DiskFullError(OSError):
+_TMP_SUFFIX = ".tmp"  # temporaries are .<final name>.<random>.tmp beside their final name
+
+
+class DiskFullError(PipelineError, OSError):
     """The disk filled up while writing; whatever was completed before is kept."""
 
 
@@ -28,7 +33,7 @@ def atomic_write(path: Path, *chunks: bytes | memoryview) -> str:
     one bytes object. On any failure nothing is left behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     digest = hashlib.sha256()
     try:
         os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
@@ -53,3 +58,17 @@ def atomic_write(path: Path, *chunks: bytes | memoryview) -> str:
             ) from err
         raise
     return digest.hexdigest()
+
+
+def stale_temporaries(directory: Path) -> Iterator[tuple[Path, str]]:
+    """(temporary file, name of the file it was to become) of every atomic_write temporary in
+    `directory`: what a killed writer left. Only the writer of those files may delete them."""
+    for tmp in directory.glob(f".*{_TMP_SUFFIX}"):
+        yield tmp, tmp.name[1:].rsplit(".", 2)[0]
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete every atomic_write temporary in `directory` (its writer holds the output's lock)."""
+    if directory.is_dir():
+        for tmp, _ in stale_temporaries(directory):
+            tmp.unlink(missing_ok=True)

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.errors import PipelineError
+
 HOOK_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 RESIDUAL_POINTS = ("resid_pre", "resid_mid", "resid_post")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.([a-z_]+)$")
 
 
-class HookError(ValueError):
+class HookError(PipelineError, ValueError):
     """A hook name is malformed or does not exist in this model."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.errors import PipelineError
 from pipeline.fileio import file_sha256
 from pipeline.hooks import decoder_layers
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PipelineError, RuntimeError):
     """The model could not be found or loaded; the message says what to do."""
 
 

@@ -3,7 +3,7 @@ and the check that an output is complete and current. Nothing else builds a run-
 
     <run>/activations/<hook>/            manifest.json + shard-NNNNN.safetensors        harvest
     <run>/sae/<hook>/<name>/             sae.safetensors + cfg.json                     train
-    <run>/sae/<hook>/train-checkpoint/   state of a training that has not finished      train
+    <run>/checkpoints/<hook>/<hash>.safetensors  a training not finished yet, per config  train
     <run>/eval/<hook>/<name>/            metrics.json, per_token.safetensors, density.png evaluate
     <run>/eval/pareto.png                every evaluated dictionary on one plot         evaluate
     <run>/features/<hook>/<name>/        the dashboard: features.json, data/, pages     analyze
@@ -26,7 +26,6 @@ from pathlib import Path
 from pipeline.dashboard import FEATURE_PAGE, INDEX_FILE
 from pipeline.sae.base import CONFIG_FILE, WEIGHTS_FILE
 
-CHECKPOINT_DIR = "train-checkpoint"
 METRICS_FILE = "metrics.json"
 
 
@@ -37,8 +36,8 @@ def config_hash(payload: dict) -> str:
 
 
 def is_dictionary(path: Path) -> bool:
-    """A directory holding an SAE (this project's or another library's), not a training checkpoint."""
-    return path.is_dir() and (path / CONFIG_FILE).is_file() and path.name != CHECKPOINT_DIR
+    """A directory holding an SAE (this project's or another library's)."""
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
 def _current(marker: Path, hash_: str, *within: str) -> dict | None:
@@ -84,9 +83,10 @@ class RunDir:
     def sae(self, hook: str, name: str) -> Path:
         return self.sae_root / hook / name
 
-    def checkpoint(self, hook: str) -> Path:
-        """Where the training of dictionaries at `hook` keeps its resumable state."""
-        return self.sae_root / hook / CHECKPOINT_DIR
+    def checkpoint(self, hook: str, config_hash: str) -> Path:
+        """The resumable state of the training with this config hash at `hook` (one file each, so
+        trainings of other settings keep theirs)."""
+        return self.root / "checkpoints" / hook / f"{config_hash}.safetensors"
 
     def dictionaries(self, name: str = "*") -> list[Path]:
         """Every dictionary directory of the run (named `name`, at any hook), sorted."""

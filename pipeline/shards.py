@@ -3,13 +3,15 @@
 One directory per hook (`activations/<hook>/`) holds
     shard-00000.safetensors   tokens int32 [n_seq, context_length],
                               activations [n_seq, context_length, d_model] (fp32 / bf16 / fp16)
+    shard-00000.sha256        the shard's sha256, written right after it (until a manifest lists it)
     manifest.json             written last, atomically; lists every shard with n_sequences and sha256
 Shard index s always holds windows [s * sequences_per_shard, ...) of the packed corpus, so shards
 written by several worker processes (each with its own `manifest.worker-i-of-n.json`) form the
 same set a single process would write.
 
 Every file is written to a temporary name, fsynced and renamed: a crash leaves complete shards and
-at most a stray temporary file, never a truncated shard under a final name.
+at most a stray temporary file, never a truncated shard under a final name. A reader checks each
+shard's sha256 against the manifest before it first reads from it, so a corrupt byte is never used.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,7 @@ _ST_DTYPES = {
 }
 
 
-class ShardError(RuntimeError):
+class ShardError(PipelineError, RuntimeError):
     """A shard or manifest is missing, corrupt, truncated or inconsistent; the message names it."""
 
 
@@ -51,6 +54,11 @@ def shard_name(index: int) -> str:
 
 def worker_manifest_name(worker: int, num_workers: int) -> str:
     return f"manifest.worker-{worker}-of-{num_workers}.json"
+
+
+def checksum_name(shard: str) -> str:
+    """The file holding a shard's sha256 from its writing until a manifest lists it."""
+    return shard.replace(".safetensors", ".sha256")
 
 
 @dataclass
@@ -141,8 +149,21 @@ def merge_worker_manifests(directory: Path) -> Manifest | None:
     return Manifest(**{**first.identity(), "shards": shards})
 
 
+def recorded_checksums(directory: Path) -> dict[str, str]:
+    """The sha256 of every shard as its writer recorded it: in the manifests, and (newer) in the
+    checksum files of shards no manifest lists yet. A shard missing here was never finished."""
+    known = {}
+    for path in [directory / MANIFEST, *sorted(directory.glob("manifest.worker-*-of-*.json"))]:
+        if path.exists():
+            known.update({record.name: record.sha256 for record in read_manifest(path).shards})
+    for path in directory.glob("shard-*.sha256"):
+        known[path.name.replace(".sha256", ".safetensors")] = path.read_text().strip()
+    return known
+
+
 def write_shard(path: Path, tokens: torch.Tensor, activations: torch.Tensor) -> ShardRecord:
-    """Write one shard as a safetensors file straight from the tensors' memory; deterministic bytes."""
+    """Write one shard as a safetensors file straight from the tensors' memory (deterministic bytes),
+    then its checksum file."""
     tensors = {"activations": activations.contiguous(), "tokens": tokens.contiguous()}
     header, offset = {"__metadata__": {"format_version": str(FORMAT_VERSION)}}, 0
     for name, tensor in tensors.items():
@@ -157,6 +178,7 @@ def write_shard(path: Path, tokens: torch.Tensor, activations: torch.Tensor) -> 
     text += b" " * (-len(text) % 8)  # safetensors aligns the data buffer to 8 bytes
     buffers = [t.view(torch.uint8).numpy() if t.numel() else b"" for t in tensors.values()]
     sha = atomic_write(path, struct.pack("<Q", len(text)), text, *buffers)
+    atomic_write(path.with_name(checksum_name(path.name)), sha.encode())
     return ShardRecord(path.name, tokens.shape[0], sha)
 
 
@@ -257,7 +279,9 @@ class ShardSet:
     """Memory-mapped view of a shard directory: random access and shuffled training batches.
 
     Nothing is loaded up front: activations are read through the OS page cache as batches touch
-    them, so a shard set much larger than RAM trains with bounded memory.
+    them, so a shard set much larger than RAM trains with bounded memory. Each shard's sha256 is
+    checked against the manifest before the first read from it (one sequential pass over the file);
+    `verify=True` checks every shard at once.
     """
 
     def __init__(self, directory: str | Path, verify: bool = False):
@@ -283,6 +307,7 @@ class ShardSet:
             self._torch_dtype = acts.torch_dtype
             self._acts.append(_memmap(path, acts))
             self._tokens.append(_memmap(path, infos["tokens"]))
+        self._checked = [False] * len(self.manifest.shards)
         seq_counts = torch.tensor([r.n_sequences for r in self.manifest.shards])
         # first global token index of each shard
         self._starts = (
@@ -322,12 +347,38 @@ class ShardSet:
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest; raise ShardError naming the first bad one."""
-        for record in self.manifest.shards:
-            path = self.directory / record.name
-            if file_sha256(path) != record.sha256:
-                raise ShardError(
-                    f"shard {path} is corrupt: sha256 does not match the manifest; re-harvest it"
-                )
+        for shard in range(len(self.manifest.shards)):
+            self._check(shard)
+
+    def _check(self, shard: int) -> None:
+        """Make sure shard `shard` holds the bytes the manifest vouches for, once per ShardSet."""
+        if self._checked[shard]:
+            return
+        record = self.manifest.shards[shard]
+        path = self.directory / record.name
+        if file_sha256(path) != record.sha256:
+            raise ShardError(
+                f"shard {path} is corrupt: its sha256 does not match the manifest; re-run the harvest "
+                "command, which recomputes it"
+            )
+        self._checked[shard] = True
+
+    def check_finite(self, x: torch.Tensor, token_indices: torch.Tensor) -> None:
+        """Stop at the first NaN / Inf of activations x [tokens, d_model] as `gather(token_indices)`
+        returned them (in sorted index order)."""
+        bad = ~torch.isfinite(x).all(-1)
+        if bad.any():
+            where = self.locate(int(token_indices.sort().values[int(bad.nonzero()[0, 0])]))
+            raise ShardError(
+                f"NaN or Inf in the stored activations at {where}; delete that shard and re-run the harvest command"
+            )
+
+    def locate(self, token_index: int) -> str:
+        """Where a global token index is stored: shard file, window and position, for messages."""
+        ctx = self.manifest.context_length
+        shard = int(torch.searchsorted(self._starts, token_index, right=True)) - 1
+        window, position = divmod(token_index, ctx)
+        return f"{self.directory / self.manifest.shards[shard].name} (window {window}, position {position})"
 
     def _as_torch(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.require(array, requirements=["C", "W"]))
@@ -336,6 +387,7 @@ class ShardSet:
     def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [context_length], activations [context_length, d_model]) of one stored window."""
         shard = int(torch.searchsorted(self._starts, index * self.manifest.context_length, right=True)) - 1
+        self._check(shard)
         local = index - int(self._starts[shard]) // self.manifest.context_length
         return torch.from_numpy(np.array(self._tokens[shard][local])), self._as_torch(
             self._acts[shard][local]
@@ -345,6 +397,7 @@ class ShardSet:
         """(shard, mask into token_indices, indices local to that shard's flattened tokens)."""
         shard_of = torch.searchsorted(self._starts, token_indices, right=True) - 1
         for shard in torch.unique(shard_of).tolist():
+            self._check(shard)
             mask = shard_of == shard
             yield shard, mask, (token_indices[mask] - self._starts[shard]).numpy()
 
@@ -356,6 +409,7 @@ class ShardSet:
             lo = int(self._starts[shard])
             a, b = max(start, lo) - lo, min(stop, lo + tokens.size) - lo
             if a < b:
+                self._check(shard)
                 count += int(np.count_nonzero(tokens.reshape(-1)[a:b] == token))
         return count
 

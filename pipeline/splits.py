@@ -12,8 +12,10 @@ Analyze and compare read the leading windows of the whole set.
 
 from __future__ import annotations
 
+from pipeline.errors import PipelineError
 
-class SplitError(ValueError):
+
+class SplitError(PipelineError, ValueError):
     """The stored windows cannot give the split asked for; the message says what to change."""
 
 

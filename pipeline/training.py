@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
+from pipeline.errors import PipelineError
 from pipeline.metrics import StreamingReconstructionStats
 from pipeline.optim import Signum
 from pipeline.sae import Sae
@@ -26,7 +27,7 @@ from pipeline.sae.base import normalize_rows_
 from pipeline.shards import ShardSet
 
 
-class TrainError(ValueError):
+class TrainError(PipelineError, ValueError):
     """Training cannot start or go on as configured; the message says how to fix it."""
 
 

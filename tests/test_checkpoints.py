@@ -12,14 +12,16 @@ def _member(seed):
 
 
 def test_roundtrip_restores_weights_optimizer_and_counters(tmp_path):
+    path = tmp_path / "checkpoints" / "abc.safetensors"
     m = _member(0)
     m.sae.W_enc.sum().backward()
     m.opt.step()
     m.since_fired.fill_(7)
-    save_checkpoint(tmp_path, [m], step=5, state={"config_hash": "abc", "scale": 2.0})
+    save_checkpoint(path, [m], step=5, state={"config_hash": "abc", "scale": 2.0})
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # one file: whole or absent
 
     fresh = _member(1)
-    meta = load_checkpoint(tmp_path, [fresh], "abc")
+    meta = load_checkpoint(path, [fresh], "abc")
     assert meta["step"] == 5 and meta["scale"] == 2.0
     for (name, a), b in zip(m.sae.state_dict().items(), fresh.sae.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
@@ -29,6 +31,13 @@ def test_roundtrip_restores_weights_optimizer_and_counters(tmp_path):
     assert int(fresh.since_fired[0]) == 7
 
     with pytest.raises(CheckpointError, match="another training configuration"):
-        load_checkpoint(tmp_path, [fresh], "other")
-    remove_checkpoint(tmp_path)
-    assert not tmp_path.exists() and load_checkpoint(tmp_path, [fresh], "abc") is None
+        load_checkpoint(path, [fresh], "other")
+    remove_checkpoint(path)
+    assert not path.parent.exists() and load_checkpoint(path, [fresh], "abc") is None
+
+
+def test_an_unreadable_checkpoint_is_named(tmp_path):
+    path = tmp_path / "abc.safetensors"
+    path.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} is unreadable.*delete it"):
+        load_checkpoint(path, [_member(0)], "abc")

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.faults import KILL_VARIABLE
+from pipeline.locks import LockedError, exclusive
 from pipeline.rundir import RunDir
 from pipeline.sae import Sae, SaeConfig, architectures
 from pipeline.shards import ShardError, shard_name
@@ -53,6 +55,15 @@ def _weights(directory: Path) -> dict:
     return load_file(directory / "sae.safetensors")
 
 
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").rglob("*.safetensors"))
+
+
+def _checkpoint_step(path: Path) -> int:
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["state"])["step"]
+
+
 def test_train_saves_a_loadable_dictionary(run_dir):
     out = train_saes(_cfg(), SAE, run_dir, OFF)["topk-k4-x4"]
     assert out == run_dir / "sae" / HOOK / "topk-k4-x4"
@@ -64,7 +75,7 @@ def test_train_saves_a_loadable_dictionary(run_dir):
     assert metrics["fvu"] < 0.3 and metrics["l0"] <= 4
     assert 0 <= metrics["silent_fraction"] <= 1 and 0 <= metrics["dead_fraction"] <= 1
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
-    assert not RunDir(run_dir).checkpoint(HOOK).exists()
+    assert _checkpoints(run_dir) == []
 
 
 def test_variants_train_together_exactly_as_alone(run_dir, tmp_path_factory):
@@ -113,12 +124,12 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_facto
     env = {**os.environ, KILL_VARIABLE: "train.step:10"}
     proc = subprocess.run([sys.executable, "-c", script, str(run_dir)], cwd=REPO, env=env, timeout=300)
     assert proc.returncode == -signal.SIGKILL
-    state = json.loads((RunDir(run_dir).checkpoint(HOOK) / "state.json").read_text())
-    assert state["step"] == 8
+    (checkpoint,) = _checkpoints(run_dir)
+    assert _checkpoint_step(checkpoint) == 8
     assert not (run_dir / "sae" / HOOK / "topk-k4-x4" / "sae.safetensors").exists()
 
     resumed = train_saes(_cfg(checkpoint_every=4), SAE, run_dir, OFF)["topk-k4-x4"]
-    assert not RunDir(run_dir).checkpoint(HOOK).exists()
+    assert _checkpoints(run_dir) == []
     fresh_dir = tmp_path_factory.mktemp("fresh")
     make_shard_set(fresh_dir / "activations" / HOOK)
     fresh = train_saes(_cfg(checkpoint_every=4), SAE, fresh_dir, OFF)["topk-k4-x4"]
@@ -126,7 +137,9 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_facto
         torch.testing.assert_close(_weights(resumed)[name], tensor, msg=name, rtol=0, atol=0)
 
 
-def test_checkpoint_of_another_config_is_refused(run_dir, monkeypatch):
+def test_checkpoints_of_other_settings_live_side_by_side(run_dir, monkeypatch, caplog, tmp_path_factory):
+    """A training killed at its final save keeps its checkpoint while a training with other settings
+    runs to the end on the same run directory; re-run, it resumes and ends as if never stopped."""
     from pipeline.stages import train
 
     def crash(*args, **kwargs):
@@ -136,8 +149,28 @@ def test_checkpoint_of_another_config_is_refused(run_dir, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_saes(_cfg(checkpoint_every=3), SAE, run_dir, OFF)
     monkeypatch.undo()
-    with pytest.raises(TrainError, match="checkpoint of another training configuration"):
-        train_saes(_cfg(checkpoint_every=3, lr=1e-3), SAE, run_dir, OFF)
+    (kept,) = _checkpoints(run_dir)
+    train_saes(_cfg(checkpoint_every=3, lr=1e-3), SaeConfig(architecture="topk", expansion=4, k=4, name="other"),
+               run_dir, OFF)  # fmt: skip
+    assert _checkpoints(run_dir) == [kept]
+    caplog.set_level("INFO")
+    resumed = train_saes(_cfg(checkpoint_every=3), SAE, run_dir, OFF)["topk-k4-x4"]
+    assert "resuming from" in caplog.text and _checkpoints(run_dir) == []
+    fresh_dir = tmp_path_factory.mktemp("fresh")
+    make_shard_set(fresh_dir / "activations" / HOOK)
+    fresh = train_saes(_cfg(checkpoint_every=3), SAE, fresh_dir, OFF)["topk-k4-x4"]
+    for name, tensor in _weights(fresh).items():
+        torch.testing.assert_close(_weights(resumed)[name], tensor, msg=name, rtol=0, atol=0)
+
+
+def test_a_dictionary_being_written_is_locked_others_train_beside_it(run_dir):
+    held = RunDir(run_dir).sae(HOOK, "topk-k4-x4")
+    with exclusive(held, "test"):
+        with pytest.raises(LockedError, match=rf"topk-k4-x4 is being written by process {os.getpid()} "):
+            train_saes(_cfg(), SAE, run_dir, OFF)
+        other = train_saes(_cfg(), SaeConfig(architecture="topk", expansion=4, k=8), run_dir, OFF)
+        assert Sae.load(other["topk-k8-x4"]).d_sae == 64
+    assert Sae.load(train_saes(_cfg(), SAE, run_dir, OFF)["topk-k4-x4"]).d_sae == 64
 
 
 def test_bad_inputs(run_dir, tmp_path):

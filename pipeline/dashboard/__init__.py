@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.fileio import atomic_write
+from pipeline.fileio import atomic_write, remove_stale_temporaries
 
 CHUNK = 256
 INDEX_FILE = "features.json"
@@ -52,8 +52,10 @@ def summary(record: dict, vocab: list[str]) -> dict:
 
 
 def write_dashboard(out: Path, meta: dict, chunks: Iterable[list[dict]], vocab: list[str]) -> Path:
-    """Write the data scripts, the pages and, last, features.json into `out`; return index.html.
-    `chunks` yields the records of features 0, 1, ... CHUNK at a time (the last may be shorter)."""
+    """Write the data scripts, the pages and, last, features.json into `out` (removed first, so that it
+    never vouches for files being replaced); return index.html. `chunks` yields the records of
+    features 0, 1, ... CHUNK at a time (the last may be shorter)."""
+    (out / INDEX_FILE).unlink(missing_ok=True)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     summaries = []
@@ -67,6 +69,12 @@ def write_dashboard(out: Path, meta: dict, chunks: Iterable[list[dict]], vocab: 
         atomic_write(out / page.name, page.read_bytes())
     atomic_write(out / INDEX_FILE, json.dumps(index).encode())
     return out / INDEX_PAGE
+
+
+def remove_dashboard_temporaries(out: Path) -> None:
+    """Delete what a killed writer of this dashboard left half-written (its writer holds the lock)."""
+    remove_stale_temporaries(out)
+    remove_stale_temporaries(out / "data")
 
 
 def load_features(directory: str | Path) -> tuple[dict, list[dict]]:

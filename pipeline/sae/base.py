@@ -256,9 +256,11 @@ class Sae(nn.Module):
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write `sae.safetensors`, then `cfg.json` into `directory` (each atomically; cfg.json, written
-        last, marks the dictionary complete)."""
+        """Write `sae.safetensors`, then `cfg.json` into `directory` (each atomically). cfg.json marks
+        the dictionary complete: written last, and removed first so that it never vouches for weights
+        being replaced."""
         directory = Path(directory)
+        (directory / CONFIG_FILE).unlink(missing_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.file_tensors().items()}
         atomic_write(directory / WEIGHTS_FILE, safetensors_bytes(tensors))
         atomic_write(directory / CONFIG_FILE, json.dumps(self.config_dict(), indent=2).encode())

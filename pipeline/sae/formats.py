@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write
 from pipeline.hooks import HookError, parse_hook_name
 from pipeline.sae.base import CONFIG_FILE, WEIGHTS_FILE, Sae, SaeConfig, architectures
@@ -32,7 +33,7 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 _TL_PREFIX = "hook_"  # TransformerLens names the same points blocks.<L>.hook_<point>
 
 
-class FormatError(ValueError):
+class FormatError(PipelineError, ValueError):
     """A directory is not a readable SAE, or uses a feature this converter cannot represent."""
 
 

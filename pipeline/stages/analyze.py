@@ -36,7 +36,7 @@ from pipeline.attribution import (
     loss_contribution,
 )
 from pipeline.config import CONF_DIR, to_dataclass
-from pipeline.dashboard import CHUNK, INDEX_PAGE, write_dashboard
+from pipeline.dashboard import CHUNK, INDEX_PAGE, remove_dashboard_temporaries, write_dashboard
 from pipeline.dashboard.pages import highlighted_examples
 from pipeline.dictionaries import (
     Dictionary,
@@ -50,6 +50,7 @@ from pipeline.dictionaries import (
 )
 from pipeline.feature_stats import FeaturePass, FeaturePassSettings, feature_pass
 from pipeline.hooks import HookPoint, validate_hooks
+from pipeline.locks import exclusive
 from pipeline.models import LoadedModel, ModelConfig, load_model
 from pipeline.rundir import RunDir
 from pipeline.shards import ShardSet
@@ -383,13 +384,15 @@ def _analyze(
         log.info("%s/%s: already analyzed with this configuration -> %s", d.hook, d.name, out / INDEX_PAGE)
         return out
     log.info("analyzing %s/%s on %d tokens", d.hook, d.name, n_windows * ctx)
-    passed = feature_pass(sae, shards, n_windows, cfg, loaded.device)
-    frequency = passed.frequency()
-    n_table = min(cfg.wandb_features, int((frequency > 0).sum()))
-    for_wandb, table_records = set(torch.argsort(frequency, descending=True)[:n_table].tolist()), []
-    chunks = _keeping(feature_records(d, passed, loaded, hook, shards, cfg), for_wandb, table_records)
-    meta = _meta(d, loaded, shards, passed, cfg, hash_)
-    index = write_dashboard(out, meta, chunks, vocab)
+    with exclusive(out, f"the dashboard {out}"):
+        remove_dashboard_temporaries(out)
+        passed = feature_pass(sae, shards, n_windows, cfg, loaded.device)
+        frequency = passed.frequency()
+        n_table = min(cfg.wandb_features, int((frequency > 0).sum()))
+        for_wandb, table_records = set(torch.argsort(frequency, descending=True)[:n_table].tolist()), []
+        chunks = _keeping(feature_records(d, passed, loaded, hook, shards, cfg), for_wandb, table_records)
+        meta = _meta(d, loaded, shards, passed, cfg, hash_)
+        index = write_dashboard(out, meta, chunks, vocab)
     _wandb_table(tracker, table_records, frequency, vocab, f"{d.hook}/{d.name}")
     log.info(
         "%s/%s: %d features (%d silent) -> %s", d.hook, d.name, sae.d_sae, meta["silent_features"], index

@@ -36,7 +36,8 @@ from pipeline.dashboard.pages import comparison_page
 from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
 from pipeline.feature_stats import FeaturePassSettings, feature_pass
-from pipeline.fileio import atomic_write
+from pipeline.fileio import atomic_write, remove_stale_temporaries
+from pipeline.locks import exclusive
 from pipeline.models import ModelConfig, load_model, resolve_device
 from pipeline.rundir import RunDir, is_dictionary
 from pipeline.shards import ShardSet
@@ -353,7 +354,9 @@ def compare_dictionaries(
     overlap = _drift_summary(report["summary"], matches, drift, base.sae.d_sae)
     report["most_changed"] = _most_changed(matches, classes, drift, overlap, cfg.top_changed)
     run = RunDir(run_dir)
-    page = _write(run.comparison, report, matches, classes, overlap, drift, sides)
+    with exclusive(run.comparison, f"the comparison {run.comparison}"):
+        remove_stale_temporaries(run.comparison)
+        page = _write(run.comparison, report, matches, classes, overlap, drift, sides)
     _log_wandb(report, cfg, run.root, wandb_cfg)
     s = report["summary"]
     log.info("kept %d, shifted %d, vanished %d, new %d (mean assigned decoder cos %.3f) -> %s",

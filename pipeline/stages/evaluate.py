@@ -12,6 +12,7 @@ settings is not evaluated again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -26,7 +27,8 @@ from safetensors.torch import save
 from pipeline.config import CONF_DIR, to_dataclass
 from pipeline.dictionaries import DictionarySelection, check_model, find_dictionaries
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
-from pipeline.fileio import atomic_write
+from pipeline.fileio import atomic_write, remove_stale_temporaries
+from pipeline.locks import exclusive
 from pipeline.models import LoadedModel, ModelConfig, load_model
 from pipeline.plots import density_plot, pareto_plot
 from pipeline.rundir import RunDir
@@ -44,8 +46,10 @@ class EvaluateConfig(DictionarySelection, EvaluationSettings):
 
 
 def _write_outputs(run: RunDir, report: dict, result: dict, windows: torch.Tensor) -> Path:
-    """per_token.safetensors, density.png, then metrics.json (the marker that the evaluation is done)."""
+    """per_token.safetensors, density.png, then metrics.json (the marker that the evaluation is done,
+    removed first so that it never vouches for files being replaced)."""
     out = run.evaluation(report["hook"], report["sae"])
+    run.evaluation_report(report["hook"], report["sae"]).unlink(missing_ok=True)
     per_token = {k: v.contiguous() for k, v in result["per_token"].items()}
     per_token["counted"] = per_token["counted"].to(torch.uint8)
     per_token["tokens"] = windows.to(torch.int32).contiguous()
@@ -98,14 +102,20 @@ def _evaluate_hook_group(
         else:
             log.info("%s/%s: already evaluated with this configuration", hook_name, d.name)
             reports[d.name] = previous
-    for name, (report, result) in (evaluate_dictionaries(loaded, held, todo, cfg) if todo else {}).items():
-        out = _write_outputs(run, report, result, held.windows)
-        tracker.summary(
-            {f"{hook_name}/{name}/{k}": v for k, v in summary_row(report).items() if isinstance(v, float)}
-        )
-        tracker.log_images({f"{hook_name}/{name}/density": out / "density.png"})
-        log.info("evaluated %s/%s -> %s", hook_name, name, out)
-        reports[name] = report
+    with contextlib.ExitStack() as locks:
+        for d in todo:
+            out = run.evaluation(hook_name, d.name)
+            locks.enter_context(exclusive(out, f"the evaluation {out}"))
+            remove_stale_temporaries(out)
+        for name, (report, result) in (
+            evaluate_dictionaries(loaded, held, todo, cfg) if todo else {}
+        ).items():
+            out = _write_outputs(run, report, result, held.windows)
+            row = summary_row(report)
+            tracker.summary({f"{hook_name}/{name}/{k}": v for k, v in row.items() if isinstance(v, float)})
+            tracker.log_images({f"{hook_name}/{name}/density": out / "density.png"})
+            log.info("evaluated %s/%s -> %s", hook_name, name, out)
+            reports[name] = report
     return reports
 
 

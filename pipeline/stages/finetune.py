@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from pipeline.config import CONF_DIR, to_dataclass
 from pipeline.corpus import CorpusConfig, iter_texts, load_documents, pack_windows
 from pipeline.fileio import atomic_write
+from pipeline.locks import exclusive
 from pipeline.models import ModelConfig, load_model
 
 log = logging.getLogger(__name__)
@@ -48,23 +49,12 @@ class FinetuneConfig:
     progress: bool = True
 
 
-def finetune(cfg: FinetuneConfig) -> Path:
-    """Fine-tune and save; a directory already holding this configuration's result is kept."""
-    out = Path(cfg.out)
-    settings = json.dumps(asdict(cfg), sort_keys=True, default=str)
-    done = out / DONE
-    if done.exists() and done.read_text() == settings:
-        log.info("%s already holds this fine-tuned model", out)
-        return out
+def _train(cfg: FinetuneConfig, loaded) -> torch.nn.Module:
+    """`cfg.steps` AdamW steps of next-token loss on packed windows of the corpus (bf16 autocast)."""
     torch.manual_seed(cfg.seed)
-    loaded = load_model(cfg.model)
     model = loaded.model.float().train().requires_grad_(True)
-    windows = pack_windows(
-        iter_texts(load_documents(cfg.corpus), cfg.corpus.text_field),
-        loaded.tokenizer,
-        cfg.context_length,
-        "window",
-    )
+    texts = iter_texts(load_documents(cfg.corpus), cfg.corpus.text_field)
+    windows = pack_windows(texts, loaded.tokenizer, cfg.context_length, "window")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     use_bf16 = loaded.device.type == "cuda" or torch.backends.mkldnn.is_available()
     bar = tqdm(range(cfg.steps), desc="finetune", unit="step", disable=not cfg.progress)
@@ -76,11 +66,26 @@ def finetune(cfg: FinetuneConfig) -> Path:
         opt.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval().to(loaded.dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(out)
-    atomic_write(done, settings.encode())
+    return model.eval().to(loaded.dtype)
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Fine-tune and save; a directory already holding this configuration's result is kept. The
+    done marker (finetune.json) is removed first and written last, after the model and tokenizer."""
+    out = Path(cfg.out)
+    settings = json.dumps(asdict(cfg), sort_keys=True, default=str)
+    done = out / DONE
+    if done.exists() and done.read_text() == settings:
+        log.info("%s already holds this fine-tuned model", out)
+        return out
+    with exclusive(out, f"the fine-tuned model {out}"):
+        done.unlink(missing_ok=True)
+        loaded = load_model(cfg.model)
+        model = _train(cfg, loaded)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(out)
+        atomic_write(done, settings.encode())
     log.info("fine-tuned %s for %d steps on %s -> %s", loaded.model_id, cfg.steps, cfg.corpus.name, out)
     return out
 

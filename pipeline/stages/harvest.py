@@ -12,6 +12,7 @@ array); each writes its own shards and the last to finish writes the merged mani
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -34,9 +35,11 @@ from pipeline.corpus import (
     pack_windows,
     special_token_ids,
 )
+from pipeline.errors import PipelineError
 from pipeline.faults import kill_point
-from pipeline.fileio import file_sha256
+from pipeline.fileio import file_sha256, stale_temporaries
 from pipeline.hooks import HookPoint, capture_activations, validate_hooks
+from pipeline.locks import exclusive
 from pipeline.models import LoadedModel, ModelConfig, dtype_name, load_model, resolve_dtype
 from pipeline.rundir import RunDir
 from pipeline.shards import (
@@ -45,10 +48,12 @@ from pipeline.shards import (
     ShardError,
     ShardRecord,
     ShardWriter,
+    checksum_name,
     merge_worker_manifests,
     read_manifest,
     read_shard_header,
     read_shard_tokens,
+    recorded_checksums,
     shard_name,
     worker_manifest_name,
     write_manifest,
@@ -59,7 +64,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "harvest-state.json"
 
 
-class HarvestError(ValueError):
+class HarvestError(PipelineError, ValueError):
     """The harvest cannot start or continue as configured; the message says how to fix it."""
 
 
@@ -157,10 +162,12 @@ def _claim(dirs: dict[str, Path], planned: dict[str, Manifest]) -> None:
 
 
 def _remove_stale_temporaries(directory: Path, cfg: HarvestConfig) -> None:
-    """Delete temporary shard files a killed run of this worker left behind."""
-    for tmp in directory.glob(".shard-*.tmp"):
-        index = int(tmp.name.split("-")[1].split(".")[0])
-        if index % cfg.num_workers == cfg.worker:
+    """Delete the temporary files a killed run of this worker left behind: its shards, their checksum
+    files and its manifest (with one worker, every temporary file in the directory is its own)."""
+    own_manifest = worker_manifest_name(cfg.worker, cfg.num_workers)
+    for tmp, target in stale_temporaries(directory):
+        own_shard = target.startswith("shard-") and int(target[6:11]) % cfg.num_workers == cfg.worker
+        if cfg.num_workers == 1 or own_shard or target == own_manifest:
             tmp.unlink(missing_ok=True)
 
 
@@ -171,10 +178,19 @@ def _shards_of_windows(windows: Iterator[torch.Tensor], per_shard: int) -> Itera
 
 
 def _completed_shard(
-    path: Path, tokens: torch.Tensor, d_model: int, dtype: torch.dtype
+    path: Path, tokens: torch.Tensor, d_model: int, dtype: torch.dtype, expected: str | None
 ) -> ShardRecord | None:
-    """The record of an already written shard holding exactly these tokens, else None."""
+    """The record of an already written shard holding exactly these tokens and the bytes its writer
+    recorded (sha256 `expected`), else None: the shard is then computed again."""
     if not path.exists():
+        return None
+    if expected is None:
+        log.info(
+            "%s has no recorded checksum (its writer was killed before recording it); recomputing it", path
+        )
+        return None
+    if file_sha256(path) != expected:
+        log.warning("%s does not hold the bytes recorded when it was written (corrupt); recomputing it", path)
         return None
     try:
         header = read_shard_header(path)
@@ -189,7 +205,7 @@ def _completed_shard(
             f"{path} holds other tokens than this corpus now yields for it: the corpus or its packing "
             "changed since it was written. Use another run_dir, or delete that directory to start over."
         )
-    return ShardRecord(path.name, tokens.shape[0], file_sha256(path))
+    return ShardRecord(path.name, tokens.shape[0], expected)
 
 
 def forward_shard(
@@ -241,8 +257,6 @@ def _prepare(
     planned = {h.name: _identity(loaded, corpus_cfg, cfg, h.name, dtype) for h in hooks}
     for name, directory in dirs.items():
         _check_compatible(directory, planned[name])
-        directory.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(directory, cfg)
     return hooks, dtype, dirs, planned
 
 
@@ -258,6 +272,7 @@ def _write_shards(
     """Compute and write this worker's shards, keeping those already complete; ({hook: {shard index:
     record}}, number of shards kept)."""
     records: dict[str, dict[int, ShardRecord]] = {name: {} for name in dirs}
+    checksums = {name: recorded_checksums(directory) for name, directory in dirs.items()}
     writer = ShardWriter()
     resumed = 0
     total = cfg.tokens // cfg.num_workers if cfg.tokens else None
@@ -267,8 +282,9 @@ def _write_shards(
             if index % cfg.num_workers != cfg.worker:
                 continue
             kill_point("harvest.shard", index)
+            name = shard_name(index)
             done = {
-                n: _completed_shard(d / shard_name(index), tokens, loaded.d_model, dtype)
+                n: _completed_shard(d / name, tokens, loaded.d_model, dtype, checksums[n].get(name))
                 for n, d in dirs.items()
             }
             if all(done.values()):
@@ -305,11 +321,16 @@ def harvest_activations(
     loaded = loaded or load_model(model_cfg)
     hooks, dtype, dirs, planned = _prepare(loaded, corpus_cfg, cfg, run)
     started = time.perf_counter()
-    records, resumed = _write_shards(
-        loaded, hooks, dirs, planned, _windows(loaded, corpus_cfg, cfg), cfg, dtype
-    )
+    with contextlib.ExitStack() as locks:
+        for directory in dirs.values():
+            part = f"worker-{cfg.worker}-of-{cfg.num_workers}"
+            locks.enter_context(exclusive(directory, f"the activations in {directory} ({part})", part))
+            directory.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(directory, cfg)
+        windows = _windows(loaded, corpus_cfg, cfg)
+        records, resumed = _write_shards(loaded, hooks, dirs, planned, windows, cfg, dtype)
+        manifests = {name: _finish(dirs[name], planned[name], records[name], cfg) for name in dirs}
     elapsed = time.perf_counter() - started
-    manifests = {name: _finish(dirs[name], planned[name], records[name], cfg) for name in dirs}
     n_tokens = sum(r.n_sequences for r in next(iter(records.values())).values()) * cfg.context_length
     log.info("harvested %d tokens at %d hooks in %.1fs (%d shards resumed) into %s",
              n_tokens, len(hooks), elapsed, resumed, ", ".join(map(str, dirs.values())))  # fmt: skip
@@ -323,6 +344,7 @@ def _finish(
     manifest = Manifest(**{**planned.identity(), "shards": [records[i] for i in sorted(records)]})
     if cfg.num_workers > 1:
         write_manifest(directory, manifest, worker_manifest_name(cfg.worker, cfg.num_workers))
+        _remove_checksum_files(directory, records)
         merged = merge_worker_manifests(directory)
         if merged is None:
             log.info("%s: waiting for the other workers; the last to finish writes %s", directory, MANIFEST)
@@ -333,8 +355,15 @@ def _finish(
         not existing.exists() or existing.read_text() != manifest.to_json()
     ):  # a finished re-run changes nothing
         write_manifest(directory, manifest)
+    _remove_checksum_files(directory, records)
     (directory / STATE_FILE).unlink(missing_ok=True)
     return manifest
+
+
+def _remove_checksum_files(directory: Path, records: dict[int, ShardRecord]) -> None:
+    """A manifest now lists these shards with their checksums: their checksum files are done."""
+    for record in records.values():
+        (directory / checksum_name(record.name)).unlink(missing_ok=True)
 
 
 def run(cfg: DictConfig) -> dict[str, Manifest]:

@@ -15,9 +15,11 @@ every batch (training.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -27,9 +29,11 @@ import torch.distributed as torch_dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pipeline.checkpoints import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
+from pipeline.checkpoints import load_checkpoint, remove_checkpoint, save_checkpoint
 from pipeline.config import CONF_DIR, to_dataclass
 from pipeline.faults import kill_point
+from pipeline.fileio import remove_stale_temporaries, stale_temporaries
+from pipeline.locks import exclusive
 from pipeline.models import resolve_device
 from pipeline.optim import lr_multiplier
 from pipeline.rundir import RunDir, config_hash
@@ -74,6 +78,10 @@ class _Plan:
 
     def out_dir(self, name: str) -> Path:
         return self.run.sae(self.cfg.hook, name)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run.checkpoint(self.cfg.hook, self.config_hash)
 
 
 def _variant_configs(base: SaeConfig, variants: list[dict], d_in: int) -> list[SaeConfig]:
@@ -153,14 +161,10 @@ def _members(plan: _Plan) -> tuple[list[TrainingMember], float]:
 
 def _resume(plan: _Plan, members: list[TrainingMember]) -> int:
     """Restore the members from the checkpoint, if there is one; return the step to start at."""
-    directory = plan.run.checkpoint(plan.cfg.hook)
-    try:
-        resumed = load_checkpoint(directory, members, plan.config_hash)
-    except CheckpointError as err:
-        raise TrainError(str(err)) from err
+    resumed = load_checkpoint(plan.checkpoint, members, plan.config_hash)
     if not resumed:
         return 0
-    log.info("resuming from %s at step %d of %d", directory, resumed["step"], plan.total_steps)
+    log.info("resuming from %s at step %d of %d", plan.checkpoint, resumed["step"], plan.total_steps)
     return resumed["step"]
 
 
@@ -192,11 +196,10 @@ def _train_loop(
     steps = [make_step(m, cfg, dist, device) for m in members]
     local = dist.local_slice(cfg.batch_size)
     bar = tqdm(
-        total=total, initial=start_step, unit="step", desc="train", disable=not cfg.progress or dist.rank
+        total=total, initial=start_step, unit="step", desc="train", disable=not cfg.progress or dist.rank != 0
     )
-    first_bad = torch.tensor(
-        -1, device=device
-    )  # first step whose batch held NaN / Inf (checked when logging)
+    # the first step whose batch held NaN / Inf, kept on the device and checked when logging (no sync per step)
+    first_bad = torch.tensor(-1, device=device)
     window_start, window_tokens = time.perf_counter(), 0
     batches = prefetch(training_batches(plan.shards, cfg, plan.n_train, plan.per_epoch, start_step))
     try:
@@ -220,8 +223,9 @@ def _train_loop(
                 _log_window(members, tracker, bar, done, window_tokens / elapsed, lr_mult)
                 window_start, window_tokens = time.perf_counter(), 0
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total and dist.rank == 0:
-                save_checkpoint(plan.run.checkpoint(cfg.hook), members, done,
-                                {"config_hash": plan.config_hash, "scale": scale})  # fmt: skip
+                save_checkpoint(
+                    plan.checkpoint, members, done, {"config_hash": plan.config_hash, "scale": scale}
+                )
     finally:
         bar.close()
 
@@ -251,15 +255,22 @@ def _save(plan: _Plan, m: TrainingMember, scale: float) -> tuple[Path, dict]:
     return out, metrics
 
 
-def train_saes(
-    cfg: TrainConfig, sae_cfg: SaeConfig, run_dir: str | Path, wandb_cfg: WandbConfig | None = None
-) -> dict[str, Path]:
-    """Train every configured SAE on `<run_dir>/activations/<hook>/`; return {name: saved directory}."""
-    plan = plan_training(cfg, sae_cfg, RunDir(run_dir))
-    names = [c.default_name() for c in plan.sae_cfgs]
-    if all(plan.run.trained(plan.cfg.hook, name, plan.config_hash) for name in names):
-        log.info("SAEs %s are already trained with this configuration; nothing to do", names)
-        return {name: plan.out_dir(name) for name in names}
+@contextlib.contextmanager
+def _outputs_locked(plan: _Plan, names: list[str]) -> Iterator[None]:
+    """Rank 0 holds the locks of the dictionaries it writes, and clears what a killed writer of
+    them left behind (temporary files of the dictionaries and of this configuration's checkpoint)."""
+    with contextlib.ExitStack() as locks:
+        if plan.dist.rank == 0:
+            for name in names:
+                locks.enter_context(exclusive(plan.out_dir(name), f"the dictionary {plan.out_dir(name)}"))
+                remove_stale_temporaries(plan.out_dir(name))
+            for tmp, target in stale_temporaries(plan.checkpoint.parent):
+                if target == plan.checkpoint.name:
+                    tmp.unlink(missing_ok=True)
+        yield
+
+
+def _train(plan: _Plan, wandb_cfg: WandbConfig | None) -> dict[str, Path]:
     members, scale = _members(plan)
     start_step = _resume(plan, members)
     config = {
@@ -267,20 +278,34 @@ def train_saes(
         "saes": [asdict(c) for c in plan.sae_cfgs],
         "d_in": plan.shards.d_model,
     }
-    tracker = Tracker(
-        wandb_cfg or WandbConfig(), plan.run.root, f"train-{plan.cfg.hook}", config, plan.dist.rank
-    )
+    name = f"train-{plan.cfg.hook}"
+    tracker = Tracker(wandb_cfg or WandbConfig(), plan.run.root, name, config, plan.dist.rank)
     _train_loop(plan, members, scale, start_step, tracker)
     saved = {}
     if plan.dist.rank == 0:
         for m in members:
             saved[m.name], metrics = _save(plan, m, scale)
             tracker.summary({f"{m.name}/heldout_{k}": v for k, v in metrics.items()})
-        remove_checkpoint(plan.run.checkpoint(plan.cfg.hook))
+        remove_checkpoint(plan.checkpoint)
     tracker.finish()
     if plan.dist.enabled:
         torch_dist.barrier()
     return saved
+
+
+def train_saes(
+    cfg: TrainConfig, sae_cfg: SaeConfig, run_dir: str | Path, wandb_cfg: WandbConfig | None = None
+) -> dict[str, Path]:
+    """Train every configured SAE on `<run_dir>/activations/<hook>/`; return {name: saved directory}."""
+    plan = plan_training(cfg, sae_cfg, RunDir(run_dir))
+    names = [c.default_name() for c in plan.sae_cfgs]
+    with _outputs_locked(plan, names):
+        if all(plan.run.trained(plan.cfg.hook, name, plan.config_hash) for name in names):
+            log.info("SAEs %s are already trained with this configuration; nothing to do", names)
+            if plan.dist.rank == 0:
+                remove_checkpoint(plan.checkpoint)  # left by a kill between the final save and its removal
+            return {name: plan.out_dir(name) for name in names}
+        return _train(plan, wandb_cfg)
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:
