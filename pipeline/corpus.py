@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import check_settings
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,12 @@ class CorpusConfig:
     """Shuffle documents with this seed (null keeps the source order)."""
     shuffle_buffer: int = 10_000
     """Buffer size for shuffling a streamed hub dataset."""
+
+    def __post_init__(self) -> None:
+        check_settings(
+            self, "corpus", CorpusError, positive=("shuffle_buffer",),
+            choices={"source": ("pydoc", "stdlib_source", "hub", "files")},
+        )  # fmt: skip
 
 
 def _stdlib_files() -> list[Path]:
@@ -168,17 +175,13 @@ def load_documents(cfg: CorpusConfig):
             raise CorpusError(
                 f"could not read the {fmt} corpus files at {cfg.path!r}: {err.__cause__ or err}"
             ) from err
-    elif cfg.source == "hub":
+    else:  # hub (CorpusConfig allows no other source)
         if not cfg.path:
             raise CorpusError("corpus.source=hub needs corpus.path, a hub dataset id")
         ds = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split, streaming=True)
         if cfg.shuffle_seed is not None:
             ds = ds.shuffle(seed=cfg.shuffle_seed, buffer_size=cfg.shuffle_buffer)
         return ds
-    else:
-        raise CorpusError(
-            f"unknown corpus.source {cfg.source!r}; expected pydoc, stdlib_source, hub or files"
-        )
     if cfg.text_field not in ds.column_names:
         raise CorpusError(
             f"corpus has no column {cfg.text_field!r}; columns: {ds.column_names} (set corpus.text_field)"

@@ -12,7 +12,7 @@ from pipeline.hooks import HookPoint
 from pipeline.models import LoadedModel
 from pipeline.rundir import RunDir, config_hash, is_dictionary
 from pipeline.sae import Sae
-from pipeline.shards import ShardError, ShardSet
+from pipeline.shards import ShardSet
 
 
 class DictionaryError(PipelineError, ValueError):
@@ -112,13 +112,13 @@ def check_model(dictionaries: list[Dictionary], loaded: LoadedModel, force: bool
 
 def shards_for(run: RunDir, hook: str, loaded: LoadedModel) -> ShardSet:
     """The run's harvested activations at `hook`, checked to come from this model's tokenizer."""
-    try:
-        shards = ShardSet(run.activations(hook))
-    except (ShardError, FileNotFoundError) as err:
+    directory = run.activations(hook)
+    if not directory.is_dir():
         raise DictionaryError(
-            f"no harvested activations for {hook} in {run.root} ({err}); the stage reads its windows "
-            f"from them: python -m pipeline harvest run_dir={run.root} harvest.hooks=[{hook}]"
-        ) from err
+            f"no harvested activations for {hook} in {run.root}: the stage reads its windows from them; "
+            f"harvest them first: python -m pipeline harvest run_dir={run.root} harvest.hooks=[{hook}]"
+        )
+    shards = ShardSet(directory)
     if shards.manifest.tokenizer_id != loaded.tokenizer_id:
         raise DictionaryError(
             f"{shards.directory} was tokenized by {shards.manifest.tokenizer_id}, not by this model's "

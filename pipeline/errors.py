@@ -2,18 +2,10 @@
 
 Every error the pipeline raises on purpose derives from PipelineError (and from the builtin class
 its meaning fits: ValueError for a bad setting, RuntimeError for bad data): its message is one line
-that names the file or setting, what was wrong and what to do. A stage run from the command line
-prints such an error, or an OSError (a full disk, a read-only run directory, a path that is a file),
-as that one line and exits with status 1; the traceback shows only with HYDRA_FULL_ERROR=1 (Hydra's
-convention). Anything else is a bug and keeps its traceback.
+that names the file or setting, what was wrong and what to do. cli.py prints it as that line.
 """
 
 from __future__ import annotations
-
-import contextlib
-import os
-import sys
-from collections.abc import Iterator
 
 
 class PipelineError(Exception):
@@ -26,15 +18,3 @@ def one_line(err: BaseException) -> str:
         return " ".join(str(err).split())
     where = f"{err.filename}: " if getattr(err, "filename", None) else ""
     return f"{where}{err.strerror or err}; check that run_dir and the paths given are writable directories"
-
-
-@contextlib.contextmanager
-def reported_as_one_line() -> Iterator[None]:
-    """Within the block, a PipelineError or OSError ends the process with its one-line message."""
-    try:
-        yield
-    except (PipelineError, OSError) as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        sys.stderr.write(f"error: {one_line(err)}\n(HYDRA_FULL_ERROR=1 shows the traceback)\n")
-        sys.exit(1)

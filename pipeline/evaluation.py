@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import metrics as M
+from pipeline.config import check_settings
 from pipeline.dictionaries import (
     Dictionary,
     DictionaryError,
@@ -88,10 +89,15 @@ class EvaluationSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise EvaluationError(f"evaluate.batch_size must be positive, got {self.batch_size}")
+        check_settings(
+            self,
+            "evaluate",
+            EvaluationError,
+            positive=("batch_size",),
+            non_negative=("holdout_tokens", "worst_tokens"),
+        )
         if self.tokens is not None and self.tokens < 2:
-            raise EvaluationError(f"evaluate.tokens={self.tokens}: too few evaluation tokens")
+            raise EvaluationError(f"evaluate.tokens={self.tokens}: too few evaluation tokens (at least 2)")
 
 
 # ---------------------------------------------------------------- ablations

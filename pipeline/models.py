@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,13 +24,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.config import check_settings
 from pipeline.errors import PipelineError
 from pipeline.fileio import file_sha256
 from pipeline.hooks import decoder_layers
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(PipelineError, RuntimeError):
@@ -54,6 +56,11 @@ class ModelConfig:
     """Compute dtype: float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU)."""
     device: str = "auto"
     """auto (cuda when present) | cpu | cuda | cuda:N."""
+
+    def __post_init__(self) -> None:
+        check_settings(self, "model", ModelLoadError, choices={"dtype": ("auto", *DTYPES)})
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ModelLoadError(f"model.device={self.device!r} is not one of auto, cpu, mps, cuda, cuda:N")
 
 
 @dataclass
@@ -80,9 +87,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Map a dtype name to torch; `auto` is bf16 on GPU and fp32 on CPU."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config import check_settings
+
 log = logging.getLogger(__name__)
 
 
@@ -26,6 +28,9 @@ class WandbConfig:
     project: str = "sae-pipeline"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_settings(self, "wandb", choices={"mode": ("offline", "online", "disabled")})
 
 
 # W&B's own files (artifact staging, cache, settings), which it would otherwise keep under ~/

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
+from pipeline.config import check_settings
 from pipeline.errors import PipelineError
 from pipeline.metrics import StreamingReconstructionStats
 from pipeline.optim import Signum
@@ -79,16 +80,16 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adam", "signum"):
-            raise TrainError(f"train.optimizer={self.optimizer!r}; expected adam or signum")
-        if self.autocast not in ("auto", "bfloat16", "float32"):
-            raise TrainError(f"train.autocast={self.autocast!r}; expected auto, bfloat16 or float32")
-        if self.batch_size < 1 or self.log_every < 1:
-            raise TrainError("train.batch_size and train.log_every must be positive")
-        if self.lr is not None and self.lr <= 0:
-            raise TrainError(f"train.lr={self.lr} must be positive (or null for the size-scaled default)")
-        if self.lr_base <= 0:
-            raise TrainError(f"train.lr_base={self.lr_base} must be positive")
+        check_settings(
+            self, "train", TrainError,
+            positive=("tokens", "epochs", "batch_size", "lr", "lr_base", "grad_clip", "dead_tokens", "log_every"),
+            non_negative=("holdout_tokens", "lr_warmup_steps", "checkpoint_every"),
+            fractions=("lr_decay_start", "sparsity_warmup"),
+            choices={"optimizer": ("adam", "signum"), "autocast": ("auto", "bfloat16", "float32"),
+                     "lr_decay": ("linear", "cosine", "constant")},
+        )  # fmt: skip
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise TrainError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
 
     def learning_rate(self, d_sae: int) -> float:
         """`lr`, or lr_base scaled by the dictionary size."""

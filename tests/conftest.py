@@ -228,3 +228,35 @@ def trained_run(tmp_path_factory, model_cfg, loaded):
                         checkpoint_every=0, lr=3e-3)  # fmt: skip
     train_saes(train, SaeConfig(architecture="topk", expansion=4, k=8), run_dir, WandbConfig(mode="disabled"))
     return run_dir
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    """A copy of a run directory's activations and dictionaries (for tests that damage them)."""
+    shutil.copytree(
+        run_dir, to, ignore=shutil.ignore_patterns("eval", "features", "wandb", "logs", ".*.lock")
+    )
+    return to
+
+
+def poison_activation(hook_dir: Path, window: int, position: int) -> None:
+    """Write NaN into the stored fp32 activation at (window, position) of a shard directory and record
+    the new checksum: a well-formed shard holding a bad value (as a broken harvest would write)."""
+    from pipeline.fileio import file_sha256
+    from pipeline.shards import read_shard_header
+
+    manifest = json.loads((hook_dir / "manifest.json").read_text())
+    first = 0
+    for record in manifest["shards"]:
+        if window < first + record["n_sequences"]:
+            path = hook_dir / record["name"]
+            info = read_shard_header(path)["activations"]
+            d_model = info.shape[-1]
+            offset = info.offset + (((window - first) * manifest["context_length"] + position) * d_model) * 4
+            data = bytearray(path.read_bytes())
+            data[offset : offset + 4] = bytes.fromhex("0000c07f")
+            path.write_bytes(bytes(data))
+            record["sha256"] = file_sha256(path)
+            (hook_dir / "manifest.json").write_text(json.dumps(manifest))
+            return
+        first += record["n_sequences"]
+    raise IndexError(window)

@@ -11,10 +11,12 @@ import torch
 from pipeline.dashboard import load_features, write_dashboard
 from pipeline.dashboard.pages import highlighted_examples
 from pipeline.dictionaries import DictionaryError
+from pipeline.locks import LockedError, exclusive
 from pipeline.sae import Sae
-from pipeline.shards import ShardSet
+from pipeline.shards import ShardError, ShardSet
 from pipeline.stages.analyze import AnalyzeConfig, AnalyzeError, analyze_saes
 from pipeline.tracking import WandbConfig
+from tests.conftest import copy_run, poison_activation
 
 HOOK = "blocks.1.resid_post"
 OFF = WandbConfig(mode="disabled")
@@ -102,7 +104,7 @@ def test_bad_inputs(trained_run, model_cfg, loaded, tmp_path):
         analyze_saes(
             model_cfg, _cfg(saes=["topk-k8-x4"], hook="blocks.0.resid_post"), trained_run, OFF, loaded=loaded
         )
-    with pytest.raises(AnalyzeError, match="analyze.top_k must be positive"):
+    with pytest.raises(AnalyzeError, match="analyze.top_k=0 must be positive"):
         AnalyzeConfig(top_k=0)
 
 
@@ -220,3 +222,36 @@ def test_a_dictionary_at_an_mlp_output(trained_run, model_cfg, loaded, tmp_path)
     detailed = [r for r in records if r["top"] and "loss" in r["top"][0]]
     assert len(detailed) == 2
     assert all(r["components"] is None for r in records)
+
+
+def test_bad_activations_stop_the_analysis_with_shard_and_position(trained_run, model_cfg, loaded, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    poison_activation(run / "activations" / HOOK, window=3, position=9)
+    with pytest.raises(ShardError, match=r"NaN or Inf .*shard-00000.safetensors \(window 3, position 9\)"):
+        analyze_saes(model_cfg, _cfg(saes=["topk-k8-x4"]), run, OFF, loaded=loaded)
+    assert not (run / "features" / HOOK / "topk-k8-x4" / "features.json").exists()
+
+
+def test_a_dashboard_interrupted_while_written_is_not_taken_as_done(trained_run, model_cfg, loaded, tmp_path):
+    """features.json, the done marker, is removed before and written after everything else: an
+    interrupted rewrite leaves no marker, and the next run analyzes again (and clears temporaries)."""
+    run = copy_run(trained_run, tmp_path / "run")
+    out = analyze_saes(model_cfg, _cfg(saes=["topk-k8-x4"]), run, OFF, loaded=loaded)[f"{HOOK}/topk-k8-x4"]
+
+    def interrupted():
+        yield []
+        raise KeyboardInterrupt  # a kill while the data and pages are being written
+
+    with pytest.raises(KeyboardInterrupt):
+        write_dashboard(out, {"config_hash": "new"}, interrupted(), ["a"])
+    assert not (out / "features.json").exists()
+    (out / "data" / ".chunk-001.js.abc.tmp").write_text("half")
+    analyze_saes(model_cfg, _cfg(saes=["topk-k8-x4"]), run, OFF, loaded=loaded)
+    assert (out / "features.json").exists() and not list(out.rglob(".*.tmp"))
+
+
+def test_a_dashboard_being_written_is_locked(trained_run, model_cfg, loaded, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    held = exclusive(run / "features" / HOOK / "topk-k8-x4", "test")
+    with held, pytest.raises(LockedError, match="the dashboard .*topk-k8-x4 is being written by process"):
+        analyze_saes(model_cfg, _cfg(saes=["topk-k8-x4"]), run, OFF, loaded=loaded)

@@ -85,7 +85,9 @@ def test_bad_file_corpora(tmp_path):
         load_documents(CorpusConfig(source="files", path=str(tmp_path)))
     with pytest.raises(CorpusError, match="no column 'body'"):
         load_documents(CorpusConfig(source="files", path=str(tmp_path / "b.jsonl"), text_field="body"))
-    with pytest.raises(CorpusError, match="unknown corpus.source"):
+    with pytest.raises(
+        CorpusError, match="corpus.source='web' is not one of pydoc, stdlib_source, hub, files"
+    ):
         load_documents(CorpusConfig(source="web"))
 
 

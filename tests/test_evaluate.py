@@ -9,14 +9,16 @@ from safetensors.torch import load_file
 
 from pipeline import metrics as M
 from pipeline.dictionaries import DictionaryError
-from pipeline.evaluation import evaluate_hook
+from pipeline.evaluation import NonFiniteActivations, evaluate_hook
 from pipeline.hooks import splice_activations, validate_hooks
 from pipeline.rundir import RunDir
 from pipeline.sae import Sae
 from pipeline.sae.formats import write_saelens
+from pipeline.shards import ShardError
 from pipeline.splits import SplitError
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes
 from pipeline.tracking import WandbConfig
+from tests.conftest import copy_run, poison_activation
 
 HOOK = "blocks.1.resid_post"
 CTX = 32
@@ -255,3 +257,45 @@ def test_pareto_plot_collects_other_runs(trained_run, model_cfg, loaded, tmp_pat
     assert len(reports) == 2 * len(collect_reports([RunDir(trained_run)]))
     evaluate_saes(model_cfg, _cfg(tokens=CTX * 2, compare_with=[str(other)]), trained_run, OFF, loaded=loaded)
     assert (trained_run / "eval" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_activations_stop_the_evaluation_with_shard_and_position(
+    trained_run, model_cfg, loaded, tmp_path
+):
+    run = copy_run(trained_run, tmp_path / "run")
+    hook_dir = run / "activations" / HOOK
+    poison_activation(hook_dir, window=36, position=5)  # a held-out window
+    with pytest.raises(ShardError, match=r"NaN or Inf .*shard-00000.safetensors \(window 36, position 5\)"):
+        evaluate_saes(model_cfg, _cfg(), run, OFF, loaded=loaded)
+    assert not (run / "eval" / HOOK / "topk-k8-x4" / "metrics.json").exists()
+    path = hook_dir / "shard-00000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # corrupt bytes, checksum not updated
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="shard-00000.safetensors is corrupt"):
+        evaluate_saes(model_cfg, _cfg(), run, OFF, loaded=loaded)
+
+
+def test_non_finite_activations_from_the_model_are_located(trained_run, loaded, monkeypatch):
+    """Where the clean pass computes the activations itself, a NaN there is reported too."""
+    hook = validate_hooks(loaded.model, [HOOK])[0]
+    d = loaded.d_model
+    overflow = splice_activations(
+        loaded.model, hook, lambda a: a.index_fill(1, torch.tensor([7]), float("inf"))
+    )
+    where = r"blocks.1.resid_post, evaluation window 0, position 7"
+    with overflow, pytest.raises(NonFiniteActivations, match=where):
+        evaluate_hook(
+            loaded, hook, {"identity": _identity_sae(d)}, _windows(trained_run), torch.zeros(d), 0, _cfg()
+        )
+
+
+def test_leftover_temporaries_are_cleared_and_the_marker_comes_last(trained_run, model_cfg, loaded, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    out = run / "eval" / HOOK / "topk-k8-x4"
+    out.mkdir(parents=True)
+    (out / ".metrics.json.abc.tmp").write_text("{")
+    (out / "metrics.json").write_text('{"config_hash": "stale"}')
+    evaluate_saes(model_cfg, _cfg(tokens=CTX * 2), run, OFF, loaded=loaded)
+    assert not list(out.glob(".*.tmp"))
+    assert json.loads((out / "metrics.json").read_text())["config_hash"] != "stale"

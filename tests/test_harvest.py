@@ -1,4 +1,5 @@
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +17,9 @@ from pipeline.corpus import CorpusConfig, CorpusError
 from pipeline.faults import KILL_VARIABLE
 from pipeline.fileio import DiskFullError
 from pipeline.hooks import HookError
+from pipeline.locks import LockedError, exclusive
 from pipeline.models import ModelConfig, ModelLoadError, load_model
-from pipeline.shards import MANIFEST, ShardSet
+from pipeline.shards import MANIFEST, ShardError, ShardSet
 from pipeline.stages import harvest
 from pipeline.stages.harvest import HarvestConfig, HarvestError, harvest_activations
 
@@ -114,6 +116,68 @@ def test_extending_a_harvest_reuses_its_shards(llama_cfg, text_corpus, tmp_path,
     assert "2 shards resumed" in caplog.text
     fresh = harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 14), tmp_path / "fresh")
     assert extended == fresh
+
+
+def _flip_bytes(path: Path, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + n] = bytes(b ^ 0xFF for b in data[middle : middle + n])
+    path.write_bytes(bytes(data))
+
+
+def test_a_re_harvest_recomputes_corrupt_shards_and_never_blesses_them(llama_cfg, text_corpus, tmp_path):
+    harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 12), tmp_path)
+    hook_dir = tmp_path / "activations" / "blocks.1.resid_post"
+    fresh = _shard_bytes(hook_dir)
+    assert not list(hook_dir.glob("*.sha256"))  # checksum files go once the manifest lists the shards
+    _flip_bytes(hook_dir / "shard-00001.safetensors")
+    with pytest.raises(ShardError, match="shard-00001.safetensors is corrupt"):
+        ShardSet(hook_dir).sequence(5)
+    harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 12), tmp_path)
+    assert _shard_bytes(hook_dir) == fresh
+    ShardSet(hook_dir, verify=True)
+
+    manifest = json.loads((hook_dir / MANIFEST).read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64  # an edited checksum is noticed, then repaired
+    (hook_dir / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="shard-00000.safetensors is corrupt"):
+        ShardSet(hook_dir).sequence(0)
+    harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 12), tmp_path)
+    assert _shard_bytes(hook_dir) == fresh
+    ShardSet(hook_dir, verify=True)
+
+
+def test_a_shard_without_a_recorded_checksum_is_recomputed(llama_cfg, text_corpus, tmp_path, caplog):
+    """What a writer killed between a shard and its checksum file leaves is never taken as done."""
+    harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 12), tmp_path)
+    hook_dir = tmp_path / "activations" / "blocks.1.resid_post"
+    fresh = _shard_bytes(hook_dir)
+    (hook_dir / MANIFEST).unlink()
+    _flip_bytes(hook_dir / "shard-00002.safetensors")
+    caplog.set_level("INFO")
+    harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 12), tmp_path)
+    assert "shard-00002.safetensors has no recorded checksum" in caplog.text
+    assert _shard_bytes(hook_dir) == fresh
+
+
+def test_leftover_temporaries_are_cleared_and_a_second_harvest_is_refused(llama_cfg, text_corpus, tmp_path):
+    hook_dir = tmp_path / "activations" / "blocks.1.resid_post"
+    hook_dir.mkdir(parents=True)
+    for name in (".shard-00001.safetensors.abc.tmp", ".manifest.json.abc.tmp", ".shard-00001.sha256.x.tmp"):
+        (hook_dir / name).write_bytes(b"half")
+    harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 8), tmp_path)
+    assert not list(hook_dir.glob(".*.tmp"))
+    with (
+        exclusive(hook_dir, "test", "worker-0-of-1"),
+        pytest.raises(LockedError, match=rf"activations in .* is being written by process {os.getpid()}"),
+    ):
+        harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 8), tmp_path)
+    two = tmp_path / "two" / "activations" / "blocks.1.resid_post"
+    with exclusive(two, "test", "worker-0-of-2"):  # the other worker of a split harvest works beside it
+        harvest_activations(
+            llama_cfg, text_corpus, _cfg(tokens=32 * 8, num_workers=2, worker=1), tmp_path / "two"
+        )
+    assert (two / "manifest.worker-1-of-2.json").exists()
 
 
 def test_another_model_in_the_same_run_dir_is_refused(tiny_model_dirs, llama_cfg, text_corpus, tmp_path):

@@ -1,5 +1,6 @@
 import errno
 import hashlib
+import json
 
 import pytest
 import torch
@@ -117,6 +118,38 @@ def test_corrupt_shard_is_named(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError, match="shard-00001.safetensors is corrupt"):
         ShardSet(tmp_path, verify=True)
+
+
+def test_a_corrupt_shard_is_never_read(tmp_path):
+    """Each shard is checked against the manifest before its first read, without verify=True."""
+    shards = _write_set(tmp_path)
+    path = tmp_path / shard_name(1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # 64 bytes in the middle of the activations
+    path.write_bytes(bytes(data))
+    shards = ShardSet(tmp_path)
+    assert shards.gather(torch.arange(16)).shape == (16, 4)  # shard 0 is intact and readable
+    for read in (lambda: shards.gather(torch.tensor([40])), lambda: shards.sequence(3),
+                 lambda: shards.tokens_at(torch.tensor([40])), lambda: shards.count_token(0)):  # fmt: skip
+        with pytest.raises(ShardError, match="shard-00001.safetensors is corrupt.*re-run the harvest"):
+            read()
+
+
+def test_an_edited_manifest_checksum_is_noticed(tmp_path):
+    _write_set(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="shard-00000.safetensors is corrupt"):
+        ShardSet(tmp_path).gather(torch.tensor([0]))
+
+
+def test_non_finite_activations_are_located(tmp_path):
+    shards = _write_set(tmp_path)
+    x = shards.gather(torch.arange(32, 48)).float()
+    x[5, 2] = float("nan")
+    with pytest.raises(ShardError, match=r"NaN or Inf .*shard-00001.safetensors \(window 4, position 5\)"):
+        shards.check_finite(x, torch.arange(32, 48))
 
 
 def test_truncated_and_missing_shards_are_named(tmp_path):

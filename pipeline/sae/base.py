@@ -17,16 +17,21 @@ from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import torch
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from pipeline.config import check_settings
+from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write
 
 FORMAT_VERSION = 2  # 2: held-out `silent_fraction` (was `dead_fraction_heldout`)
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 _REGISTRY: dict[str, type[Sae]] = {}
+
+
+class SaeConfigError(PipelineError, ValueError):
+    """A dictionary's settings are out of range or do not fit its input; the message names the key."""
 
 
 @dataclass
@@ -59,13 +64,14 @@ class SaeConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in _REGISTRY:
-            raise ValueError(
+            raise SaeConfigError(
                 f"unknown SAE architecture {self.architecture!r}; expected one of {', '.join(sorted(_REGISTRY))}"
             )
-        if self.expansion < 1 and self.d_sae is None:
-            raise ValueError(f"sae.expansion must be >= 1, got {self.expansion}")
-        if self.k < 1:
-            raise ValueError(f"sae.k must be >= 1, got {self.k}")
+        check_settings(
+            self, "sae", SaeConfigError,
+            positive=("expansion", "d_in", "d_sae", "k", "k_aux", "jumprelu_bandwidth", "jumprelu_init_threshold"),
+            non_negative=("aux_coefficient", "l1_coefficient", "l0_coefficient"),
+        )  # fmt: skip
 
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
@@ -73,13 +79,13 @@ class SaeConfig:
     def check_input_width(self, d_in: int) -> None:
         """Raise ValueError unless a dictionary of this config can read inputs of width d_in."""
         if self.d_in is not None and self.d_in != d_in:
-            raise ValueError(
+            raise SaeConfigError(
                 f"the SAE config expects inputs of width {self.d_in}, but the activations hold d_model {d_in}; "
                 "fix sae.d_in (or drop it) or use other activations"
             )
         d_sae = self.width(d_in)
         if _REGISTRY[self.architecture].uses_k and self.k >= d_sae:
-            raise ValueError(
+            raise SaeConfigError(
                 f"sae.k={self.k} must be smaller than d_sae={d_sae} (expansion {self.expansion} x d_in {d_in})"
             )
 
@@ -226,11 +232,11 @@ class Sae(nn.Module):
     def load_file_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         expected = set(self.file_tensors())
         if set(tensors) != expected:
-            raise ValueError(f"SAE file holds tensors {sorted(tensors)}, expected {sorted(expected)}")
+            raise SaeConfigError(f"SAE file holds tensors {sorted(tensors)}, expected {sorted(expected)}")
         for name, tensor in tensors.items():
             target = getattr(self, name)
             if target.shape != tensor.shape:
-                raise ValueError(
+                raise SaeConfigError(
                     f"SAE tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
                 )
             target.copy_(tensor)
@@ -271,7 +277,7 @@ class Sae(nn.Module):
         config = dict(config)
         arch = config.get("architecture")
         if arch not in _REGISTRY:
-            raise ValueError(f"cfg.json names unknown architecture {arch!r}; known: {sorted(_REGISTRY)}")
+            raise SaeConfigError(f"cfg.json names unknown architecture {arch!r}; known: {sorted(_REGISTRY)}")
         fields = SaeConfig.__dataclass_fields__
         sae_cfg = SaeConfig(**{k: v for k, v in config.items() if k in fields})
         sae_cfg.d_sae = config["d_sae"]
@@ -284,13 +290,6 @@ class Sae(nn.Module):
         from pipeline.sae.formats import load_any
 
         return load_any(Path(directory), device)
-
-    @classmethod
-    def _load_native(cls, directory: Path, device) -> Sae:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        sae = cls.from_config_dict(config)
-        sae.load_file_tensors(load_file(directory / WEIGHTS_FILE))
-        return sae.to(device)
 
 
 _DERIVED_KEYS = {"format_version", "d_in", "d_sae", "decoder_unit_norm", "dtype"}

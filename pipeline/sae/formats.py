@@ -21,13 +21,14 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write
 from pipeline.hooks import HookError, parse_hook_name
-from pipeline.sae.base import CONFIG_FILE, WEIGHTS_FILE, Sae, SaeConfig, architectures
+from pipeline.sae.base import CONFIG_FILE, WEIGHTS_FILE, Sae, SaeConfig, SaeConfigError, architectures
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 _TL_PREFIX = "hook_"  # TransformerLens names the same points blocks.<L>.hook_<point>
@@ -35,6 +36,35 @@ _TL_PREFIX = "hook_"  # TransformerLens names the same points blocks.<L>.hook_<p
 
 class FormatError(PipelineError, ValueError):
     """A directory is not a readable SAE, or uses a feature this converter cannot represent."""
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise FormatError(
+            f"{path} is not valid JSON ({err}); restore it from the dictionary's source"
+        ) from err
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, ValueError, OSError) as err:
+        raise FormatError(
+            f"{path} is not a readable safetensors file ({err}); weights are read only as safetensors "
+            "(never pickles): re-save or re-convert the dictionary"
+        ) from err
+
+
+def read_native(directory: Path) -> Sae:
+    """A dictionary in this project's format (cfg.json + sae.safetensors)."""
+    try:
+        sae = Sae.from_config_dict(_json(directory / CONFIG_FILE))
+        sae.load_file_tensors(_tensors(directory / WEIGHTS_FILE))
+    except (SaeConfigError, KeyError, TypeError) as err:
+        raise FormatError(f"{directory} does not hold a readable dictionary: {err}") from err
+    return sae
 
 
 def detect_format(directory: Path) -> str:
@@ -55,7 +85,7 @@ def detect_format(directory: Path) -> str:
         return "saelens"
     if not (directory / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{directory} has cfg.json but neither sae.safetensors nor {SAELENS_WEIGHTS}")
-    config = json.loads(cfg_path.read_text())
+    config = _json(cfg_path)
     if "format_version" in config and "architecture" in config:
         return "native"
     if "expansion_factor" in config or "num_latents" in config:
@@ -65,10 +95,9 @@ def detect_format(directory: Path) -> str:
 
 def load_any(directory: Path, device: str | torch.device = "cpu") -> Sae:
     """Load the SAE in `directory`, whichever supported format it is in."""
-    fmt = detect_format(directory)
-    if fmt == "native":
-        return Sae._load_native(directory, device)
-    reader = read_saelens if fmt == "saelens" else read_sparsify
+    reader = {"native": read_native, "saelens": read_saelens, "sparsify": read_sparsify}[
+        detect_format(directory)
+    ]
     return reader(directory).to(device)
 
 
@@ -104,8 +133,8 @@ def _our_hook(tl_hook: str | None) -> str | None:
 
 def read_saelens(directory: Path) -> Sae:
     """An SAELens (v6, or older standard/topk) directory as a Sae acting on raw activations."""
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    tensors = load_file(directory / SAELENS_WEIGHTS)
+    config = _json(directory / CONFIG_FILE)
+    tensors = _tensors(directory / SAELENS_WEIGHTS)
     arch = config.get("architecture")
     if arch is None:  # SAELens < 6
         arch = (
@@ -179,7 +208,7 @@ def write_saelens(sae: Sae, directory: Path) -> Path:
 
 def read_sparsify(directory: Path) -> Sae:
     """A sparsify SparseCoder directory (TopK, no skip connection) as a Sae."""
-    config = json.loads((directory / CONFIG_FILE).read_text())
+    config = _json(directory / CONFIG_FILE)
     if config.get("activation", "topk") != "topk":
         raise FormatError(
             f"{directory}: sparsify activation {config.get('activation')!r} is not supported (topk is)"
@@ -189,7 +218,7 @@ def read_sparsify(directory: Path) -> Sae:
             raise FormatError(
                 f"{directory}: sparsify {flag}=true has no equivalent here; only plain TopK SAEs convert"
             )
-    tensors = load_file(directory / WEIGHTS_FILE)
+    tensors = _tensors(directory / WEIGHTS_FILE)
     weights = {
         "W_enc": tensors["encoder.weight"].float().t().contiguous(),
         "b_enc": tensors["encoder.bias"].float(),

@@ -16,6 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.cli import reported_as_one_line
 from pipeline.config import CONF_DIR
 from pipeline.dashboard import INDEX_PAGE
 from pipeline.rundir import RunDir
@@ -48,5 +49,6 @@ def run_all(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pipeline")
 def main(cfg: DictConfig) -> None:
-    OmegaConf.resolve(cfg)
-    run_all(cfg)
+    with reported_as_one_line():
+        OmegaConf.resolve(cfg)
+        run_all(cfg)

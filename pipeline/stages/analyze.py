@@ -35,7 +35,8 @@ from pipeline.attribution import (
     logit_effects,
     loss_contribution,
 )
-from pipeline.config import CONF_DIR, to_dataclass
+from pipeline.cli import reported_as_one_line
+from pipeline.config import CONF_DIR, check_settings, to_dataclass
 from pipeline.dashboard import CHUNK, INDEX_PAGE, remove_dashboard_temporaries, write_dashboard
 from pipeline.dashboard.pages import highlighted_examples
 from pipeline.dictionaries import (
@@ -83,9 +84,13 @@ class AnalyzeConfig(DictionarySelection, FeaturePassSettings):
     """Rows of the W&B feature table (the most frequent features)."""
 
     def __post_init__(self) -> None:
-        for key in ("top_k", "samples", "quantile_groups", "detail_examples", "top_logits"):
-            if getattr(self, key) < 1:
-                raise AnalyzeError(f"analyze.{key} must be positive, got {getattr(self, key)}")
+        check_settings(
+            self, "analyze", AnalyzeError,
+            positive=("tokens", "top_k", "samples", "quantile_groups", "detail_examples", "top_logits"),
+            non_negative=("context_before", "context_after", "coactivation_tokens", "wandb_features"),
+        )  # fmt: skip
+        if self.detail_features < -1:
+            raise AnalyzeError(f"analyze.detail_features={self.detail_features} must be -1 (all) or a count")
 
 
 # ---------------------------------------------------------------- records
@@ -431,4 +436,5 @@ def run(cfg: DictConfig) -> dict[str, Path]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported_as_one_line():
+        run(cfg)

@@ -31,7 +31,8 @@ from omegaconf import DictConfig
 from safetensors.torch import save
 from scipy.optimize import linear_sum_assignment
 
-from pipeline.config import CONF_DIR, to_dataclass
+from pipeline.cli import reported_as_one_line
+from pipeline.config import CONF_DIR, check_settings, to_dataclass
 from pipeline.dashboard.pages import comparison_page
 from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
@@ -82,6 +83,8 @@ class CompareConfig:
             raise CompareError(
                 "set base=<run or SAE dir> and other=<run or SAE dir> (compare.base / compare.other)"
             )
+        check_settings(self, "compare", CompareError, positive=("eval_tokens", "tokens", "top_k"),
+                       non_negative=("top_changed",))  # fmt: skip
         if not 0 <= self.shifted <= self.kept <= 1:
             raise CompareError(
                 f"need 0 <= compare.shifted ({self.shifted}) <= compare.kept ({self.kept}) <= 1"
@@ -377,4 +380,5 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compare")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported_as_one_line():
+        run(cfg)

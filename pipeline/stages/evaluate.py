@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import save
 
+from pipeline.cli import reported_as_one_line
 from pipeline.config import CONF_DIR, to_dataclass
 from pipeline.dictionaries import DictionarySelection, check_model, find_dictionaries
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
@@ -158,4 +159,5 @@ def run(cfg: DictConfig) -> dict[str, dict]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported_as_one_line():
+        run(cfg)

@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.config import CONF_DIR, to_dataclass
+from pipeline.cli import reported_as_one_line
+from pipeline.config import CONF_DIR, check_settings, to_dataclass
 from pipeline.corpus import CorpusConfig, iter_texts, load_documents, pack_windows
 from pipeline.fileio import atomic_write
 from pipeline.locks import exclusive
@@ -47,6 +48,9 @@ class FinetuneConfig:
     lr: float = 1e-4
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_settings(self, "finetune", positive=("steps", "batch_size", "context_length", "lr"))
 
 
 def _train(cfg: FinetuneConfig, loaded) -> torch.nn.Module:
@@ -97,4 +101,5 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported_as_one_line():
+        run(cfg)

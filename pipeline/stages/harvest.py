@@ -25,7 +25,8 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.config import CONF_DIR, to_dataclass
+from pipeline.cli import reported_as_one_line
+from pipeline.config import CONF_DIR, check_settings, to_dataclass
 from pipeline.corpus import (
     BOS_POLICIES,
     CorpusConfig,
@@ -40,7 +41,7 @@ from pipeline.faults import kill_point
 from pipeline.fileio import file_sha256, stale_temporaries
 from pipeline.hooks import HookPoint, capture_activations, validate_hooks
 from pipeline.locks import exclusive
-from pipeline.models import LoadedModel, ModelConfig, dtype_name, load_model, resolve_dtype
+from pipeline.models import DTYPES, LoadedModel, ModelConfig, dtype_name, load_model, resolve_dtype
 from pipeline.rundir import RunDir
 from pipeline.shards import (
     MANIFEST,
@@ -62,6 +63,7 @@ from pipeline.shards import (
 log = logging.getLogger(__name__)
 
 STATE_FILE = "harvest-state.json"
+STORAGE_DTYPES = ("auto", *DTYPES)
 
 
 class HarvestError(PipelineError, ValueError):
@@ -94,11 +96,11 @@ class HarvestConfig:
     """Show a progress bar with tokens/s."""
 
     def __post_init__(self) -> None:
-        if self.bos_policy not in BOS_POLICIES:
-            raise HarvestError(f"harvest.bos_policy={self.bos_policy!r}; expected one of {BOS_POLICIES}")
-        for key in ("context_length", "batch_size", "sequences_per_shard", "num_workers"):
-            if getattr(self, key) < 1:
-                raise HarvestError(f"harvest.{key} must be positive, got {getattr(self, key)}")
+        check_settings(
+            self, "harvest", HarvestError,
+            positive=("context_length", "batch_size", "sequences_per_shard", "num_workers", "tokens"),
+            choices={"bos_policy": BOS_POLICIES, "dtype": STORAGE_DTYPES},
+        )  # fmt: skip
         if not 0 <= self.worker < self.num_workers:
             raise HarvestError(
                 f"harvest.worker={self.worker} must lie in 0..{self.num_workers - 1} (num_workers)"
@@ -378,4 +380,5 @@ def run(cfg: DictConfig) -> dict[str, Manifest]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="harvest")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with reported_as_one_line():
+        run(cfg)

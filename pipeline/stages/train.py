@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline.checkpoints import load_checkpoint, remove_checkpoint, save_checkpoint
+from pipeline.cli import reported_as_one_line
 from pipeline.config import CONF_DIR, to_dataclass
 from pipeline.faults import kill_point
 from pipeline.fileio import remove_stale_temporaries, stale_temporaries
@@ -320,5 +321,6 @@ def run(cfg: DictConfig) -> dict[str, Path]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    OmegaConf.resolve(cfg)
-    run(cfg)
+    with reported_as_one_line():
+        OmegaConf.resolve(cfg)
+        run(cfg)

@@ -1,0 +1,53 @@
+"""What every stage's command line shares: errors reported as one line, and run_dir checked before
+Hydra writes its logs into it.
+
+A stage run from the command line prints a PipelineError, or an OSError (a full disk, a read-only
+run directory, a path that is a file), as one line and exits with status 1; the traceback shows only
+with HYDRA_FULL_ERROR=1 (Hydra's convention). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from pipeline.errors import PipelineError, one_line
+
+
+class RunDirError(PipelineError, ValueError):
+    """run_dir cannot hold the run's outputs."""
+
+
+@contextlib.contextmanager
+def reported_as_one_line() -> Iterator[None]:
+    """Within the block, a PipelineError or OSError ends the process with its one-line message."""
+    try:
+        yield
+    except (PipelineError, OSError) as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.stderr.write(f"error: {one_line(err)}\n(HYDRA_FULL_ERROR=1 shows the traceback)\n")
+        sys.exit(1)
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """run_dir must be a directory, or one that can be made, where this user may write."""
+    path = Path(run_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise RunDirError(f"run_dir={run_dir}: {existing} is a file, not a directory; choose another run_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"run_dir={run_dir}: {existing} is not writable; choose a run_dir you may write to")
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (conf/base.yaml): check run_dir before Hydra makes its log folder there."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        with reported_as_one_line():
+            check_run_dir(config.run_dir)
