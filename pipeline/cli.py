@@ -16,11 +16,19 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from pipeline.errors import PipelineError, one_line
+from pipeline.errors import PipelineError
 
 
 class RunDirError(PipelineError, ValueError):
     """run_dir cannot hold the run's outputs."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of a PipelineError or OSError as one line, with what to do for an OSError."""
+    if isinstance(err, PipelineError):
+        return " ".join(str(err).split())
+    where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+    return f"{where}{err.strerror or err}; check that run_dir and the paths given are writable directories"
 
 
 @contextlib.contextmanager

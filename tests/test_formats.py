@@ -152,3 +152,14 @@ def test_convert_command_line(tmp_path, capsys):
     (tmp_path / "lens" / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "layer_norm"}))
     assert convert_main(["--from", "saelens", str(tmp_path / "lens"), str(tmp_path / "y")]) == 1
     assert convert_main(["--from", "saelens", str(tmp_path / "missing"), str(tmp_path / "z")]) == 1
+
+
+def test_unreadable_files_are_named(tmp_path):
+    directory = _sae("topk").save(tmp_path / "garbage")
+    (directory / "cfg.json").write_text("{not json")
+    with pytest.raises(FormatError, match=f"{directory / 'cfg.json'} is not valid JSON"):
+        Sae.load(directory)
+    directory = _sae("topk").save(tmp_path / "pickle")
+    (directory / "sae.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle under that name
+    with pytest.raises(FormatError, match=f"{directory / 'sae.safetensors'} is not a readable safetensors file"):
+        Sae.load(directory)

@@ -190,6 +190,15 @@ def test_bad_inputs(run_dir, tmp_path):
         _cfg(lr=None, lr_base=-1.0)
 
 
+def test_a_corrupt_shard_stops_the_training(run_dir):
+    path = run_dir / "activations" / HOOK / shard_name(1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="shard-00001.safetensors is corrupt"):
+        train_saes(_cfg(), SAE, run_dir, OFF)
+
+
 def test_nan_activations_stop_with_the_batch_index(tmp_path):
     directory = tmp_path / "activations" / HOOK
     make_shard_set(directory)
