@@ -1,5 +1,5 @@
-"""What every stage's command line shares: errors reported as one line, and run_dir checked before
-Hydra writes its logs into it.
+"""What every stage's command line shares: the Hydra entry point, errors reported as one line, and
+run_dir checked before Hydra writes its logs into it.
 
 A stage run from the command line prints a PipelineError, or an OSError (a full disk, a read-only
 run directory, a path that is a file), as one line and exits with status 1; the traceback shows only
@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import hydra
 from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import CONF_DIR
 from pipeline.errors import PipelineError
 
 
@@ -59,3 +62,16 @@ class RunDirCheck(Callback):
     def on_run_start(self, config, **kwargs) -> None:
         with reported_as_one_line():
             check_run_dir(config.run_dir)
+
+
+def stage_main(config_name: str, run: Callable[[DictConfig], object]) -> Callable[[], None]:
+    """The `main` of a stage: Hydra composes conf/<config_name>.yaml with the command line's overrides,
+    and `run(cfg)` runs on it, its errors reported as one line."""
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    def main(cfg: DictConfig) -> None:
+        with reported_as_one_line():
+            OmegaConf.resolve(cfg)
+            run(cfg)
+
+    return main

@@ -13,11 +13,9 @@ from __future__ import annotations
 import logging
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pipeline.cli import reported_as_one_line
-from pipeline.config import CONF_DIR
+from pipeline.cli import stage_main
 from pipeline.dashboard import INDEX_PAGE
 from pipeline.rundir import RunDir
 from pipeline.stages import analyze, evaluate, harvest, train
@@ -47,8 +45,4 @@ def run_all(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pipeline")
-def main(cfg: DictConfig) -> None:
-    with reported_as_one_line():
-        OmegaConf.resolve(cfg)
-        run_all(cfg)
+main = stage_main("pipeline", run_all)

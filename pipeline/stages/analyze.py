@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -35,8 +34,8 @@ from pipeline.attribution import (
     logit_effects,
     loss_contribution,
 )
-from pipeline.cli import reported_as_one_line
-from pipeline.config import CONF_DIR, check_settings, to_dataclass
+from pipeline.cli import stage_main
+from pipeline.config import check_settings, to_dataclass
 from pipeline.dashboard import CHUNK, INDEX_PAGE, remove_dashboard_temporaries, write_dashboard
 from pipeline.dashboard.pages import highlighted_examples
 from pipeline.dictionaries import (
@@ -434,7 +433,4 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
-def main(cfg: DictConfig) -> None:
-    with reported_as_one_line():
-        run(cfg)
+main = stage_main("analyze", run)

@@ -25,14 +25,13 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import save
 from scipy.optimize import linear_sum_assignment
 
-from pipeline.cli import reported_as_one_line
-from pipeline.config import CONF_DIR, check_settings, to_dataclass
+from pipeline.cli import stage_main
+from pipeline.config import check_settings, to_dataclass
 from pipeline.dashboard.pages import comparison_page
 from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
@@ -378,7 +377,4 @@ def run(cfg: DictConfig) -> dict:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compare")
-def main(cfg: DictConfig) -> None:
-    with reported_as_one_line():
-        run(cfg)
+main = stage_main("compare", run)

@@ -19,13 +19,12 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import save
 
-from pipeline.cli import reported_as_one_line
-from pipeline.config import CONF_DIR, to_dataclass
+from pipeline.cli import stage_main
+from pipeline.config import to_dataclass
 from pipeline.dictionaries import DictionarySelection, check_model, find_dictionaries
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
 from pipeline.fileio import atomic_write, remove_stale_temporaries
@@ -157,7 +156,4 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    with reported_as_one_line():
-        run(cfg)
+main = stage_main("evaluate", run)

@@ -15,13 +15,12 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.cli import reported_as_one_line
-from pipeline.config import CONF_DIR, check_settings, to_dataclass
+from pipeline.cli import stage_main
+from pipeline.config import check_settings, to_dataclass
 from pipeline.corpus import CorpusConfig, iter_texts, load_documents, pack_windows
 from pipeline.fileio import atomic_write
 from pipeline.locks import exclusive
@@ -99,7 +98,4 @@ def run(cfg: DictConfig) -> Path:
     return finetune(to_dataclass(FinetuneConfig, cfg.finetune))
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="finetune")
-def main(cfg: DictConfig) -> None:
-    with reported_as_one_line():
-        run(cfg)
+main = stage_main("finetune", run)

@@ -20,13 +20,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.cli import reported_as_one_line
-from pipeline.config import CONF_DIR, check_settings, to_dataclass
+from pipeline.cli import stage_main
+from pipeline.config import check_settings, to_dataclass
 from pipeline.corpus import (
     BOS_POLICIES,
     CorpusConfig,
@@ -378,7 +377,4 @@ def run(cfg: DictConfig) -> dict[str, Manifest]:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="harvest")
-def main(cfg: DictConfig) -> None:
-    with reported_as_one_line():
-        run(cfg)
+main = stage_main("harvest", run)

@@ -23,15 +23,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import hydra
 import torch
 import torch.distributed as torch_dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.checkpoints import load_checkpoint, remove_checkpoint, save_checkpoint
-from pipeline.cli import reported_as_one_line
-from pipeline.config import CONF_DIR, to_dataclass
+from pipeline.cli import stage_main
+from pipeline.config import to_dataclass
 from pipeline.faults import kill_point
 from pipeline.fileio import remove_stale_temporaries, stale_temporaries
 from pipeline.locks import exclusive
@@ -319,8 +318,4 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    with reported_as_one_line():
-        OmegaConf.resolve(cfg)
-        run(cfg)
+main = stage_main("train", run)
