@@ -58,8 +58,8 @@ class RunDir:
 
     root: Path
 
-    def __init__(self, root: str | Path):
-        object.__setattr__(self, "root", Path(root))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))  # a str is welcome too
 
     @classmethod
     def of_dictionary(cls, sae_dir: Path) -> RunDir | None:

@@ -4,10 +4,11 @@
         harvest.tokens=200000 run_dir=outputs/demo
 
 Writes `<run_dir>/activations/<hook>/shard-*.safetensors` and `manifest.json` (see shards.py).
-Crash-safe and resumable: re-running the same command after a kill keeps every complete shard,
-checks it holds the same tokens, and computes only what is missing; the result is byte-identical
-to an uninterrupted run. `num_workers` / `worker` split the shards between processes (e.g. a SLURM
-array); each writes its own shards and the last to finish writes the merged manifest.
+Crash-safe and resumable: re-running the same command after a kill keeps every complete shard whose
+bytes match the checksum recorded when it was written and which holds the same tokens, and computes
+only the rest; the result is byte-identical to an uninterrupted run. `num_workers` / `worker` split
+the shards between processes (e.g. a SLURM array); each writes its own shards (under its own lock,
+locks.py) and the last to finish writes the merged manifest.
 """
 
 from __future__ import annotations
