@@ -55,6 +55,9 @@ format:
 	$(PYTHON) -m venv --system-site-packages .bench-venv
 	.bench-venv/bin/pip install sae-lens eai-sparsify
 
-# Peers' quality with their defaults on this project's shards and budget (needs `make run` first; ~15 min).
+# Dictionary quality over k x width against sparsify's and SAELens' default recipes, on the default
+# activations and batches (harvested first if missing; ~3 h on 2 CPU cores, resumable: finished peers
+# are kept in outputs/bench-quality/rows.jsonl and this project's dictionaries by the train stage).
 bench-quality: .bench-venv/bin/python
-	.bench-venv/bin/python bench/peers_quality.py
+	$(PYTHON) -m pipeline harvest
+	.bench-venv/bin/python bench/quality_sweep.py

@@ -44,17 +44,17 @@ def matmul_peak(dtype: torch.dtype) -> float:
 def _recipe(data, steps):
     """This project's training recipe: inputs scaled to E||x||^2 = d_in, lr warm-up and decay."""
     scale = float((D_IN / data[:BATCH].pow(2).sum(1).mean()).sqrt())
-    cfg = TrainConfig()
-    lr = cfg.lr_base * (D_SAE / 2**14) ** -0.5
+    cfg = TrainConfig(optimizer="adam")  # the peers' optimizer, so that the steps compare
+    lr = cfg.learning_rate(D_SAE)
     return (
         scale,
-        lambda i: lr * lr_multiplier(i, steps, cfg.lr_warmup_steps, cfg.lr_decay, cfg.lr_decay_start),
+        lambda i: lr * lr_multiplier(i, steps, cfg.lr_warmup_steps, cfg.schedule(), cfg.lr_decay_start),
     )
 
 
 def ours(data, autocast_name, steps):
     cfg = TrainConfig(
-        autocast=autocast_name, dead_tokens=10**12, device="cpu"
+        optimizer="adam", autocast=autocast_name, dead_tokens=10**12, device="cpu"
     )  # no dead latents, as for the peers
     scale, lr_at = _recipe(data, steps)
     sae = build_sae(SaeConfig(architecture="topk", expansion=D_SAE // D_IN, k=K), D_IN)

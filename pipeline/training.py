@@ -32,6 +32,13 @@ class TrainError(PipelineError, ValueError):
     """Training cannot start or go on as configured; the message says how to fix it."""
 
 
+OPTIMIZER_DEFAULTS = {
+    "signum": {"lr_base": 5e-3, "lr_decay": "constant"},
+    "adam": {"lr_base": 2e-3, "lr_decay": "linear"},
+}
+"""What `lr_base: null` and `lr_decay: null` mean for each optimizer (measured in the README's sweep)."""
+
+
 @dataclass
 class TrainConfig:
     """How to train (the dictionaries themselves are described by `sae` and `variants`)."""
@@ -45,15 +52,18 @@ class TrainConfig:
     """Tokens at the end of the shard set kept out of training (whole windows), for evaluation."""
     batch_size: int = 4096
     """Tokens per step (over all processes)."""
-    optimizer: str = "adam"
-    """adam | signum (schedule-free sign-SGD, see optim.py)."""
+    optimizer: str = "signum"
+    """signum (schedule-free sign-SGD, see optim.py) | adam."""
     lr: float | None = None
     """Learning rate; null = lr_base * (d_sae / 2**14) ** -0.5 (scaled with the dictionary size)."""
-    lr_base: float = 2e-3
+    lr_base: float | None = None
+    """null = the optimizer's own: 5e-3 for signum (sparsify's), 2e-3 for adam."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lr_warmup_steps: int = 10
-    lr_decay: str = "linear"
-    """linear | cosine | constant, from lr_decay_start (fraction of training) to 0 at the end."""
+    lr_decay: str | None = None
+    """linear | cosine | constant, from lr_decay_start (fraction of training) to 0 at the end;
+    null = the optimizer's own: constant for signum (its weight averaging does the annealing),
+    linear for adam."""
     lr_decay_start: float = 0.5
     sparsity_warmup: float = 0.05
     """Fraction of training over which L1 / L0 penalties ramp up from 0 (relu, jumprelu)."""
@@ -85,15 +95,24 @@ class TrainConfig:
             positive=("tokens", "epochs", "batch_size", "lr", "lr_base", "grad_clip", "dead_tokens", "log_every"),
             non_negative=("holdout_tokens", "lr_warmup_steps", "checkpoint_every"),
             fractions=("lr_decay_start", "sparsity_warmup"),
-            choices={"optimizer": ("adam", "signum"), "autocast": ("auto", "bfloat16", "float32"),
+            choices={"optimizer": tuple(OPTIMIZER_DEFAULTS), "autocast": ("auto", "bfloat16", "float32"),
                      "lr_decay": ("linear", "cosine", "constant")},
         )  # fmt: skip
+        if self.optimizer is None:
+            raise TrainError("train.optimizer=null: choose signum or adam")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise TrainError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
 
     def learning_rate(self, d_sae: int) -> float:
-        """`lr`, or lr_base scaled by the dictionary size."""
-        return self.lr if self.lr is not None else self.lr_base * (d_sae / 2**14) ** -0.5
+        """`lr`, or lr_base (the optimizer's own when null) scaled by the dictionary size."""
+        if self.lr is not None:
+            return self.lr
+        base = self.lr_base if self.lr_base is not None else OPTIMIZER_DEFAULTS[self.optimizer]["lr_base"]
+        return base * (d_sae / 2**14) ** -0.5
+
+    def schedule(self) -> str:
+        """`lr_decay`, or the optimizer's own when null."""
+        return self.lr_decay if self.lr_decay is not None else OPTIMIZER_DEFAULTS[self.optimizer]["lr_decay"]
 
     def dead_window(self, training_tokens: int) -> int:
         """`dead_tokens`, or its default for a training of `training_tokens` tokens."""

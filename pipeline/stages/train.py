@@ -210,7 +210,7 @@ def _train_loop(
             x = x * scale
             variance = global_variance(x, dist)
             warm = min(1.0, (step + 1) / max(1, cfg.sparsity_warmup * total))
-            lr_mult = lr_multiplier(step, total, cfg.lr_warmup_steps, cfg.lr_decay, cfg.lr_decay_start)
+            lr_mult = lr_multiplier(step, total, cfg.lr_warmup_steps, cfg.schedule(), cfg.lr_decay_start)
             for m, train_step in zip(members, steps, strict=True):
                 m.set_lr_multiplier(lr_mult)
                 train_step(x, variance, warm)

