@@ -14,6 +14,11 @@ Every dictionary is then measured the same way: held-out FVU and silent fraction
 stage's held-out split, dead fraction over the train stage's dead window (the last `dead_tokens`
 training tokens), and CE loss recovered from the evaluate stage on the same held-out windows.
 Prints the table, writes <out>/results.json and <out>/pareto.png.
+
+Resumable and splittable: every measured row is appended to <out>/rows.jsonl and peers found there
+are not trained again (this project's dictionaries are kept by the train stage itself), so parts of
+the sweep can run in separate processes with --skip-ce and `--report` then adds CE loss recovered,
+the table and the plot for every row.
 """
 
 from __future__ import annotations
@@ -181,7 +186,7 @@ def table(rows: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -197,37 +202,55 @@ def main() -> None:
     parser.add_argument(
         "--skip-ce", action="store_true", help="train and measure only (for runs split over processes)"
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: CE, table and plot of every row in <out>/rows.jsonl",
+    )
     args = parser.parse_args()
     args.methods = args.methods.split(",")
-    ks = [int(k) for k in args.ks.split(",")]
+    args.ks = [int(k) for k in args.ks.split(",")]
+    args.expansions = [int(x) for x in args.expansions.split(",")]
+    return args
+
+
+def _train_rows(args, run: RunDir) -> list[dict]:
+    """Train and measure every method at every point of the sweep."""
+    rows = []
+    for expansion in args.expansions:
+        ours = {}
+        if "ours" in args.methods:
+            ours["ours"] = train_ours(run, args.ks, expansion, args.tokens, None)
+        if "ours-alt" in args.methods:
+            alt = RunDir(run.root / f"alt-{args.alt_optimizer}")
+            if not alt.activations(args.hook).exists():
+                alt.activations(args.hook).parent.mkdir(parents=True, exist_ok=True)
+                alt.activations(args.hook).symlink_to(run.activations(args.hook).resolve())
+            ours["ours-alt"] = train_ours(alt, args.ks, expansion, args.tokens, args.alt_optimizer)
+        for k in args.ks:
+            plan = plan_training(
+                TrainConfig(hook=args.hook, tokens=args.tokens), SaeConfig(k=k, expansion=expansion), run
+            )
+            rows.extend(_sweep_point(args, run, plan, k, expansion, ours))
+    return rows
+
+
+def main() -> None:
+    args = _arguments()
     run = RunDir(args.out)
     activations = run.activations(args.hook)
     if not activations.exists():
         activations.parent.mkdir(parents=True, exist_ok=True)
         activations.symlink_to(RunDir(args.run_dir).activations(args.hook).resolve())
-    rows = []
-    for expansion in (int(x) for x in args.expansions.split(",")):
-        ours = {}
-        if "ours" in args.methods:
-            ours["ours"] = train_ours(run, ks, expansion, args.tokens, None)
-        if "ours-alt" in args.methods:
-            alt = RunDir(run.root / f"alt-{args.alt_optimizer}")
-            if not alt.activations(args.hook).exists():
-                alt.activations(args.hook).parent.mkdir(parents=True, exist_ok=True)
-                alt.activations(args.hook).symlink_to(activations.resolve())
-            ours["ours-alt"] = train_ours(alt, ks, expansion, args.tokens, args.alt_optimizer)
-        for k in ks:
-            plan = plan_training(
-                TrainConfig(hook=args.hook, tokens=args.tokens), SaeConfig(k=k, expansion=expansion), run
-            )
-            rows.extend(_sweep_point(args, run, plan, k, expansion, ours))
+    rows = list(_cached_rows(run).values()) if args.report else _train_rows(args, run)
     if args.skip_ce:
         return
     ce_recovered(rows, run, args.hook, args.eval_tokens)
     (run.root / "results.json").write_text(json.dumps(rows, indent=2))
     pareto_plot([{"label": f"{r['method']} k{r['k']} x{r['expansion']}", "l0": r["l0"], "fvu": r["fvu"],
                   "ce_loss_score": r["ce_loss_score"]} for r in rows], run.root / "pareto.png")  # fmt: skip
-    print(table(rows, args.methods))
+    methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
+    print(table(rows, methods))
 
 
 if __name__ == "__main__":
