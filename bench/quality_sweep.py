@@ -111,11 +111,11 @@ def train_saelens(plan, k: int, expansion: int, out: Path) -> float:
 
 
 def train_ours(
-    run: RunDir, ks: list[int], expansion: int, tokens: int, optimizer: str | None
+    run: RunDir, hook: str, ks: list[int], expansion: int, tokens: int, optimizer: str | None
 ) -> dict[int, Path]:
     """The train stage, every k in one pass; {k: dictionary directory}."""
     extra = {"optimizer": optimizer} if optimizer else {}
-    cfg = TrainConfig(tokens=tokens, progress=False, variants=[{"k": k} for k in ks], **extra)
+    cfg = TrainConfig(hook=hook, tokens=tokens, progress=False, variants=[{"k": k} for k in ks], **extra)
     saved = train_saes(cfg, SaeConfig(expansion=expansion), run.root, OFF)
     return {k: saved[SaeConfig(k=k, expansion=expansion).default_name()] for k in ks}
 
@@ -127,7 +127,7 @@ def measure(directory: Path, plan) -> dict:
 
 
 def _cached_rows(run: RunDir) -> dict[tuple, dict]:
-    """Rows of peers already trained by an earlier (interrupted) run of this benchmark."""
+    """Rows measured by earlier (interrupted or split) runs of this benchmark, the last per point."""
     path = run.root / "rows.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return {(r["method"], r["k"], r["expansion"]): r for r in rows}
@@ -214,19 +214,25 @@ def _arguments() -> argparse.Namespace:
     return args
 
 
+def _link_activations(run: RunDir, source: RunDir, hook: str) -> None:
+    """Let `run` read `source`'s activations of `hook` (a symlink, made once)."""
+    link = run.activations(hook)
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(source.activations(hook).resolve())
+
+
 def _train_rows(args, run: RunDir) -> list[dict]:
     """Train and measure every method at every point of the sweep."""
     rows = []
     for expansion in args.expansions:
         ours = {}
         if "ours" in args.methods:
-            ours["ours"] = train_ours(run, args.ks, expansion, args.tokens, None)
+            ours["ours"] = train_ours(run, args.hook, args.ks, expansion, args.tokens, None)
         if "ours-alt" in args.methods:
             alt = RunDir(run.root / f"alt-{args.alt_optimizer}")
-            if not alt.activations(args.hook).exists():
-                alt.activations(args.hook).parent.mkdir(parents=True, exist_ok=True)
-                alt.activations(args.hook).symlink_to(run.activations(args.hook).resolve())
-            ours["ours-alt"] = train_ours(alt, args.ks, expansion, args.tokens, args.alt_optimizer)
+            _link_activations(alt, run, args.hook)
+            ours["ours-alt"] = train_ours(alt, args.hook, args.ks, expansion, args.tokens, args.alt_optimizer)
         for k in args.ks:
             plan = plan_training(
                 TrainConfig(hook=args.hook, tokens=args.tokens), SaeConfig(k=k, expansion=expansion), run
@@ -238,10 +244,7 @@ def _train_rows(args, run: RunDir) -> list[dict]:
 def main() -> None:
     args = _arguments()
     run = RunDir(args.out)
-    activations = run.activations(args.hook)
-    if not activations.exists():
-        activations.parent.mkdir(parents=True, exist_ok=True)
-        activations.symlink_to(RunDir(args.run_dir).activations(args.hook).resolve())
+    _link_activations(run, RunDir(args.run_dir), args.hook)
     rows = list(_cached_rows(run).values()) if args.report else _train_rows(args, run)
     if args.skip_ce:
         return

@@ -67,5 +67,5 @@ def check_settings(
             fail(key, "must lie in [0, 1]")
     for key, allowed in (choices or {}).items():
         allowed = tuple(allowed)
-        if getattr(cfg, key) is not None and getattr(cfg, key) not in allowed:
+        if getattr(cfg, key) not in allowed:
             fail(key, f"is not one of {', '.join(map(str, allowed))}")

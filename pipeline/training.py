@@ -96,10 +96,8 @@ class TrainConfig:
             non_negative=("holdout_tokens", "lr_warmup_steps", "checkpoint_every"),
             fractions=("lr_decay_start", "sparsity_warmup"),
             choices={"optimizer": tuple(OPTIMIZER_DEFAULTS), "autocast": ("auto", "bfloat16", "float32"),
-                     "lr_decay": ("linear", "cosine", "constant")},
+                     "lr_decay": ("linear", "cosine", "constant", None)},
         )  # fmt: skip
-        if self.optimizer is None:
-            raise TrainError("train.optimizer=null: choose signum or adam")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise TrainError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
 
