@@ -20,11 +20,11 @@ import torch
 
 from pipeline.corpus import CorpusConfig
 from pipeline.feature_stats import feature_pass
+from pipeline.harvesting import HarvestConfig, harvest_activations
 from pipeline.models import ModelConfig, load_model
 from pipeline.sae import SaeConfig, build_sae
 from pipeline.shards import ShardSet
 from pipeline.stages.analyze import AnalyzeConfig, analyze_saes
-from pipeline.stages.harvest import HarvestConfig, harvest_activations
 from pipeline.tracking import WandbConfig
 
 

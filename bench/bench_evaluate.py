@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from pipeline.corpus import CorpusConfig
+from pipeline.harvesting import HarvestConfig, harvest_activations
 from pipeline.models import ModelConfig, load_model
 from pipeline.sae import SaeConfig, build_sae
 from pipeline.shards import ShardSet
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes
-from pipeline.stages.harvest import HarvestConfig, harvest_activations
 from pipeline.tracking import WandbConfig
 
 

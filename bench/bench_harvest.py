@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from pipeline.corpus import CorpusConfig, pydoc_documents
+from pipeline.harvesting import HarvestConfig, harvest_activations
 from pipeline.hooks import capture_activations, validate_hooks
 from pipeline.models import ModelConfig, load_model
 from pipeline.shards import ShardSet
-from pipeline.stages.harvest import HarvestConfig, harvest_activations
 
 
 def bare_forward(loaded, hooks, tokens: torch.Tensor, batch_size: int) -> float:

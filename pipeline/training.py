@@ -44,9 +44,14 @@ class TrainConfig:
     """How to train (the dictionaries themselves are described by `sae` and `variants`)."""
 
     hook: str = "blocks.9.resid_post"
-    """Activations to train on: <run_dir>/activations/<hook>/."""
+    """Activations to train on: <run_dir>/activations/<hook>/, or the model's at that hook."""
+    source: str = "shards"
+    """shards (the harvested activations) | model (computed while training, none stored; streaming.py)."""
+    buffer_tokens: int = 262_144
+    """source=model: tokens computed and shuffled together; every batch mixes tokens of
+    buffer_tokens / context_length windows (memory: buffer_tokens x d_model in the storage dtype)."""
     tokens: int | None = None
-    """Training tokens; null = `epochs` passes over the training split."""
+    """Training tokens; null = `epochs` passes over the training split (source=shards only)."""
     epochs: float = 2.0
     holdout_tokens: int = 32768
     """Tokens at the end of the shard set kept out of training (whole windows), for evaluation."""
@@ -92,12 +97,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_settings(
             self, "train", TrainError,
-            positive=("tokens", "epochs", "batch_size", "lr", "lr_base", "grad_clip", "dead_tokens", "log_every"),
+            positive=("tokens", "buffer_tokens", "epochs", "batch_size", "lr", "lr_base", "grad_clip", "dead_tokens", "log_every"),
             non_negative=("holdout_tokens", "lr_warmup_steps", "checkpoint_every"),
             fractions=("lr_decay_start", "sparsity_warmup"),
-            choices={"optimizer": tuple(OPTIMIZER_DEFAULTS), "autocast": ("auto", "bfloat16", "float32"),
+            choices={"source": ("shards", "model"), "optimizer": tuple(OPTIMIZER_DEFAULTS), "autocast": ("auto", "bfloat16", "float32"),
                      "lr_decay": ("linear", "cosine", "constant", None)},
         )  # fmt: skip
+        if self.source == "model" and self.tokens is None:
+            raise TrainError(
+                "train.source=model needs train.tokens (the corpus is streamed, so passes are not counted); "
+                "set e.g. train.tokens=10000000"
+            )
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise TrainError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
 

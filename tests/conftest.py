@@ -209,8 +209,8 @@ def trained_run(tmp_path_factory, model_cfg, loaded):
     """A run directory with 40 harvested windows at two hooks and a TopK dictionary (topk-k8-x4) at
     blocks.1.resid_post, from the trained tiny Llama (fp32). Stages add their outputs to it."""
     from pipeline.corpus import CorpusConfig
+    from pipeline.harvesting import HarvestConfig, harvest_activations
     from pipeline.sae import SaeConfig
-    from pipeline.stages.harvest import HarvestConfig, harvest_activations
     from pipeline.stages.train import TrainConfig, train_saes
     from pipeline.tracking import WandbConfig
 

@@ -55,11 +55,11 @@ def test_the_trained_hook_must_be_harvested(tmp_path, trained_llama_dir):
 def test_experiment_presets_compose(experiment):
     from pipeline.config import to_dataclass
     from pipeline.corpus import CorpusConfig
+    from pipeline.harvesting import HarvestConfig
     from pipeline.models import ModelConfig
     from pipeline.sae import SaeConfig
     from pipeline.stages.analyze import AnalyzeConfig
     from pipeline.stages.evaluate import EvaluateConfig
-    from pipeline.stages.harvest import HarvestConfig
     from pipeline.stages.train import TrainConfig
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -3,13 +3,13 @@ import pytest
 from pipeline.config import ConfigError, check_settings, to_dataclass
 from pipeline.corpus import CorpusConfig, CorpusError
 from pipeline.evaluation import EvaluationError, EvaluationSettings
+from pipeline.harvesting import HarvestConfig, HarvestError
 from pipeline.models import ModelConfig, ModelLoadError
 from pipeline.sae import SaeConfig
 from pipeline.sae.base import SaeConfigError
 from pipeline.stages.analyze import AnalyzeConfig, AnalyzeError
 from pipeline.stages.compare import CompareConfig, CompareError
 from pipeline.stages.finetune import FinetuneConfig
-from pipeline.stages.harvest import HarvestConfig, HarvestError
 from pipeline.tracking import WandbConfig
 from pipeline.training import TrainConfig, TrainError
 

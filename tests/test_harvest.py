@@ -11,17 +11,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pipeline import fileio
+from pipeline import fileio, harvesting
 from pipeline.config import CONF_DIR, to_dataclass
 from pipeline.corpus import CorpusConfig, CorpusError
 from pipeline.faults import KILL_VARIABLE
 from pipeline.fileio import DiskFullError
+from pipeline.harvesting import HarvestConfig, HarvestError, harvest_activations
 from pipeline.hooks import HookError
 from pipeline.locks import LockedError, exclusive
 from pipeline.models import ModelConfig, ModelLoadError, load_model
 from pipeline.shards import MANIFEST, ShardError, ShardSet
-from pipeline.stages import harvest
-from pipeline.stages.harvest import HarvestConfig, HarvestError, harvest_activations
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,7 +58,7 @@ def test_harvested_activations_equal_the_model_hidden_states(arch, tiny_model_di
         torch.testing.assert_close(act, out.hidden_states[2][0])
         torch.testing.assert_close(pre.sequence(i)[1], out.hidden_states[0][0])
     assert manifests["blocks.1.mlp_out"].hook == "blocks.1.mlp_out"
-    assert not (tmp_path / "activations" / hooks[0] / harvest.STATE_FILE).exists()
+    assert not (tmp_path / "activations" / hooks[0] / harvesting.STATE_FILE).exists()
 
 
 def test_kill_and_resume_is_byte_identical(llama_cfg, text_corpus, tmp_path):
@@ -69,7 +68,7 @@ def test_kill_and_resume_is_byte_identical(llama_cfg, text_corpus, tmp_path):
         import sys
         from pipeline.corpus import CorpusConfig
         from pipeline.models import ModelConfig
-        from pipeline.stages import harvest
+        from pipeline import harvesting as harvest
         cfg = harvest.HarvestConfig(hooks=["blocks.1.resid_post", "blocks.2.attn_out"], context_length=32,
                                     batch_size=3, sequences_per_shard=4, tokens=32 * 40, progress=False)
         harvest.harvest_activations(ModelConfig(path={str(llama_cfg.path)!r}, dtype="float32", device="cpu"),

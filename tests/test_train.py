@@ -12,11 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.faults import KILL_VARIABLE
+from pipeline.harvesting import HarvestConfig, harvest_activations
 from pipeline.locks import LockedError, exclusive
 from pipeline.rundir import RunDir
 from pipeline.sae import Sae, SaeConfig, architectures
 from pipeline.shards import ShardError, shard_name
-from pipeline.stages.train import train_saes
+from pipeline.stages.train import ModelSource, train_saes
 from pipeline.tracking import WandbConfig
 from pipeline.training import TrainConfig, TrainError
 from tests.conftest import make_shard_set
@@ -114,7 +115,8 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_facto
     script = textwrap.dedent(f"""
         import sys
         from pipeline.sae import SaeConfig
-        from pipeline.stages.train import train_saes
+        from pipeline.harvesting import HarvestConfig, harvest_activations
+from pipeline.stages.train import ModelSource, train_saes
         from pipeline.tracking import WandbConfig
         from pipeline.training import TrainConfig
         cfg = TrainConfig(hook={HOOK!r}, batch_size=128, holdout_tokens=256, epochs=10, lr=3e-3,
@@ -224,14 +226,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_match_one(run_dir, tmp_path_factory):
     """torchrun-style data parallelism (gloo on CPU) gives the single-process result."""
     single = train_saes(_cfg(), SAE, run_dir, OFF)["topk-k4-x4"]
@@ -241,7 +235,8 @@ def test_two_processes_match_one(run_dir, tmp_path_factory):
         import sys
         from pipeline.sae import SaeConfig
         from pipeline.tracking import WandbConfig
-        from pipeline.stages.train import train_saes
+        from pipeline.harvesting import HarvestConfig, harvest_activations
+from pipeline.stages.train import ModelSource, train_saes
         from pipeline.training import TrainConfig
         cfg = TrainConfig(hook={HOOK!r}, batch_size=128, holdout_tokens=256, epochs=10, lr=3e-3, lr_warmup_steps=2,
                           dead_tokens=512, log_every=5, checkpoint_every=0, progress=False, device="cpu")
@@ -312,3 +307,86 @@ def test_command_line_with_offline_wandb(run_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "sae" / HOOK / "topk-k4-x4" / "cfg.json").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+# ---------------------------------------------------------------- train.source=model
+
+MODEL_HOOK = "blocks.1.resid_post"
+
+
+def _model_cfg(**kw):
+    return _cfg(hook=MODEL_HOOK, source="model", tokens=128 * 20, buffer_tokens=512, epochs=1, **kw)
+
+
+def _source(llama_cfg, text_corpus, **harvest):
+    harvest = {"context_length": 32, "batch_size": 8, "sequences_per_shard": 16, "progress": False, **harvest}
+    return ModelSource(llama_cfg, text_corpus, HarvestConfig(**harvest))
+
+
+def test_training_from_the_model_stores_only_the_heldout_split(llama_cfg, text_corpus, tmp_path):
+    out = train_saes(_model_cfg(), SAE, tmp_path, OFF, _source(llama_cfg, text_corpus))["topk-k4-x4"]
+    stored = json.loads((tmp_path / "activations" / MODEL_HOOK / "manifest.json").read_text())
+    assert sum(s["n_sequences"] for s in stored["shards"]) == 8  # holdout_tokens=256: 8 windows of 32
+    cfg = Sae.load(out).config_dict()
+    assert cfg["training_source"] == "model" and cfg["training_tokens"] == 128 * 20
+    assert cfg["training_split_tokens"] == 0  # every stored token is held out
+    assert cfg["metrics"]["heldout_tokens"] == 8 * 31 and cfg["metrics"]["fvu"] < 1
+    assert _checkpoints(tmp_path) == []
+
+
+def test_training_from_the_model_resumes_after_kill_to_the_same_weights(llama_cfg, text_corpus, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        from pipeline.corpus import CorpusConfig
+        from pipeline.harvesting import HarvestConfig
+        from pipeline.models import ModelConfig
+        from pipeline.sae import SaeConfig
+        from pipeline.stages.train import ModelSource, train_saes
+        from pipeline.tracking import WandbConfig
+        from pipeline.training import TrainConfig
+        cfg = TrainConfig(hook={MODEL_HOOK!r}, source="model", tokens=128 * 20, buffer_tokens=512, batch_size=128,
+                          holdout_tokens=256, lr=3e-3, lr_warmup_steps=2, dead_tokens=512, log_every=5,
+                          checkpoint_every=4, progress=False)
+        source = ModelSource(ModelConfig(path={llama_cfg.path!r}, dtype="float32", device="cpu"),
+                             CorpusConfig(source="files", path={text_corpus.path!r}),
+                             HarvestConfig(context_length=32, batch_size=8, sequences_per_shard=16, progress=False))
+        train_saes(cfg, SaeConfig(architecture="topk", expansion=4, k=4), sys.argv[1], WandbConfig(mode="disabled"),
+                   source)
+    """)
+    killed = tmp_path / "killed"
+    env = {**os.environ, KILL_VARIABLE: "train.step:10"}
+    proc = subprocess.run([sys.executable, "-c", script, str(killed)], cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    (checkpoint,) = _checkpoints(killed)
+    assert _checkpoint_step(checkpoint) == 8
+
+    source = _source(llama_cfg, text_corpus)
+    resumed = train_saes(_model_cfg(checkpoint_every=4), SAE, killed, OFF, source)["topk-k4-x4"]
+    fresh = train_saes(_model_cfg(checkpoint_every=4), SAE, tmp_path / "fresh", OFF, source)["topk-k4-x4"]
+    for name, tensor in _weights(fresh).items():
+        torch.testing.assert_close(_weights(resumed)[name], tensor, msg=name, rtol=0, atol=0)
+
+
+def test_training_from_the_model_bad_inputs(llama_cfg, text_corpus, tmp_path):
+    source = _source(llama_cfg, text_corpus)
+    with pytest.raises(TrainError, match="train.source=model needs train.tokens"):
+        _cfg(source="model")
+    with pytest.raises(TrainError, match="train.source=model needs the model, corpus and harvest settings"):
+        train_saes(_model_cfg(), SAE, tmp_path, OFF)
+    with pytest.raises(TrainError, match="holdout_tokens must be > 0"):
+        train_saes(_model_cfg(holdout_tokens=0), SAE, tmp_path, OFF, source)
+    other = HarvestConfig(hooks=[MODEL_HOOK], tokens=16 * 64, context_length=16, progress=False)
+    harvest_activations(llama_cfg, text_corpus, other, tmp_path)
+    with pytest.raises(TrainError, match="context_length: stored 16, now 32"):
+        train_saes(_model_cfg(), SAE, tmp_path, OFF, source)
+
+
+def test_train_from_the_model_on_the_command_line(llama_cfg, text_corpus, tmp_path):
+    cmd = [sys.executable, "-m", "pipeline", "train", f"run_dir={tmp_path}", f"train.hook={MODEL_HOOK}",
+           "train.source=model", "train.tokens=2560", "train.buffer_tokens=512", "train.batch_size=128",
+           "holdout_tokens=256", "sae.expansion=4", "sae.k=4", f"model.path={llama_cfg.path}", "model.package=null",
+           "model.gguf_file=null", "model.dtype=float32", "corpus=files", f"corpus.path={text_corpus.path}",
+           "harvest.context_length=32", "wandb.mode=disabled"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Sae.load(tmp_path / "sae" / MODEL_HOOK / "topk-k4-x4").config_dict()["training_source"] == "model"

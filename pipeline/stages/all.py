@@ -32,6 +32,9 @@ def run_all(cfg: DictConfig) -> dict:
         )
     results = {}
     for name, stage in (("harvest", harvest), ("train", train), ("evaluate", evaluate), ("analyze", analyze)):
+        if name == "harvest" and cfg.train.source == "model":
+            log.info("---- harvest: skipped (train.source=model stores only the held-out split)")
+            continue
         log.info("---- %s", name)
         results[name] = stage.run(cfg)
     run = RunDir(cfg.run_dir)

@@ -2,10 +2,14 @@
 
     python -m pipeline train sae=topk sae.k=32 sae.expansion=16 run_dir=outputs/demo
     python -m pipeline train 'train.variants=[{k: 16}, {k: 64}]'     # a sweep, data read once
+    python -m pipeline train train.source=model train.tokens=100000000   # no shards stored
 
 Reads `<run_dir>/activations/<hook>/`, keeps its last `holdout_tokens` tokens out of training (the
 held-out split later stages evaluate on, splits.py), and writes `<run_dir>/sae/<hook>/<name>/` with
 `sae.safetensors` + `cfg.json` (held-out FVU, L0, silent and dead fractions included).
+With `train.source=model` the training tokens are computed by the model as training goes
+(streaming.py) from the corpus windows after the stored ones; only the held-out split is stored (it
+is harvested first when missing), so evaluate and analyze work on such a dictionary as on any other.
 
 Inputs are scaled so that E||x||^2 = d_in while training; the scale is folded into the saved
 weights. Checkpoints every `checkpoint_every` steps make a killed run resume where it stopped, with
@@ -31,16 +35,20 @@ from tqdm.auto import tqdm
 from pipeline.checkpoints import load_checkpoint, remove_checkpoint, save_checkpoint
 from pipeline.cli import stage_main
 from pipeline.config import to_dataclass
+from pipeline.corpus import CorpusConfig, corpus_id
 from pipeline.faults import kill_point
 from pipeline.fileio import remove_stale_temporaries, stale_temporaries
+from pipeline.harvesting import HarvestConfig, corpus_windows, harvest_activations
+from pipeline.hooks import validate_hooks
 from pipeline.locks import exclusive
-from pipeline.models import resolve_device
+from pipeline.models import DTYPES, ModelConfig, load_model, resolve_device
 from pipeline.optim import lr_multiplier
 from pipeline.rundir import RunDir, config_hash
 from pipeline.sae import SaeConfig, build_sae
 from pipeline.sae.base import FORMAT_VERSION
-from pipeline.shards import ShardSet
-from pipeline.splits import heldout_start
+from pipeline.shards import MANIFEST, ShardSet
+from pipeline.splits import heldout_start, whole_windows
+from pipeline.streaming import ModelStream
 from pipeline.tracking import Tracker, WandbConfig
 from pipeline.training import (
     Dist,
@@ -62,15 +70,26 @@ _NOT_HASHED = {"log_every", "checkpoint_every", "progress", "device", "compile"}
 
 
 @dataclass
+class ModelSource:
+    """What `train.source=model` computes activations with: the model, the corpus, and the harvest
+    settings that cut it into windows (and store the held-out split)."""
+
+    model: ModelConfig
+    corpus: CorpusConfig
+    harvest: HarvestConfig
+
+
+@dataclass
 class _Plan:
     """Everything decided before the first step."""
 
     run: RunDir
     cfg: TrainConfig  # with dead_tokens resolved
     sae_cfgs: list[SaeConfig]
-    shards: ShardSet
-    n_train: int  # leading tokens trained on; the rest is held out
-    per_epoch: int  # batches per pass over the training split
+    shards: ShardSet  # the stored activations: the training split (source=shards) and the held-out one
+    stream: ModelStream | None  # source=model: where the training tokens come from
+    n_train: int  # the first held-out token of the shards; source=shards trains on the tokens before it
+    per_epoch: int  # source=shards: batches per pass over the training split
     total_steps: int
     config_hash: str
     dist: Dist
@@ -115,8 +134,62 @@ def _steps(shards: ShardSet, cfg: TrainConfig, n_train: int) -> tuple[int, int]:
     return per_epoch, total_steps
 
 
-def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir) -> _Plan:
+def _check_stored(directory: Path, stored: ShardSet, loaded, source: ModelSource) -> None:
+    """The stored (held-out) windows must be the ones the model stream would compute first."""
+    expected = {
+        "weights_hash": loaded.weights_hash,
+        "corpus_id": corpus_id(source.corpus),
+        "context_length": source.harvest.context_length,
+        "bos_policy": source.harvest.bos_policy,
+    }
+    diffs = {k: (getattr(stored.manifest, k), v) for k, v in expected.items() if getattr(stored.manifest, k) != v}
+    if diffs:
+        detail = "; ".join(f"{k}: stored {old!r}, now {new!r}" for k, (old, new) in diffs.items())
+        raise TrainError(
+            f"{directory} holds activations of other settings than train.source=model streams ({detail}); "
+            "the held-out split must come from the same model and corpus windows. Use another run_dir, or "
+            "the settings the activations were harvested with."
+        )
+
+
+def _model_stream(cfg: TrainConfig, source: ModelSource | None, run: RunDir) -> ModelStream:
+    """The model-computed training stream, after harvesting the held-out windows if none are stored."""
+    if source is None:
+        raise TrainError("train.source=model needs the model, corpus and harvest settings (source=ModelSource)")
+    if cfg.holdout_tokens == 0:
+        raise TrainError("train.source=model stores only the held-out split, so holdout_tokens must be > 0")
+    loaded = load_model(source.model)
+    hooks = validate_hooks(loaded.model, [cfg.hook])
+    directory = run.activations(cfg.hook)
+    if not (directory / MANIFEST).exists():
+        held = whole_windows(cfg.holdout_tokens, source.harvest.context_length) * source.harvest.context_length
+        log.info("storing the held-out split (%d tokens) in %s; training tokens come from the model", held,
+                 directory)  # fmt: skip
+        only_heldout = replace(source.harvest, hooks=[cfg.hook], tokens=held, num_workers=1, worker=0)
+        harvest_activations(source.model, source.corpus, only_heldout, run.root, loaded=loaded)
+    stored = ShardSet(directory)
+    _check_stored(directory, stored, loaded, source)
+    every_window = replace(source.harvest, tokens=None)
+    return ModelStream(
+        loaded=loaded,
+        windows=lambda: corpus_windows(loaded, source.corpus, every_window),
+        first_window=stored.manifest.n_sequences,
+        hooks=hooks,
+        dtype=DTYPES[stored.manifest.dtype],
+        forward_batch=source.harvest.batch_size,
+        bos_token_id=stored.manifest.bos_token_id if cfg.exclude_bos else None,
+    )
+
+
+def _data_identity(shards: ShardSet, stream: ModelStream | None) -> list:
+    """What the training data depends on, for the config hash."""
+    stored = [shards.manifest.weights_hash, [s.sha256 for s in shards.manifest.shards]]
+    return stored if stream is None else [*stored, "model", stream.first_window, stream.forward_batch]
+
+
+def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: ModelSource | None = None) -> _Plan:
     """Check the settings against the activations and fix the split, the steps and the config hash."""
+    stream = _model_stream(cfg, source, run) if cfg.source == "model" else None
     shards = ShardSet(run.activations(cfg.hook))
     sae_cfgs = _variant_configs(sae_cfg, list(cfg.variants), shards.d_model)
     device = resolve_device(cfg.device)
@@ -124,29 +197,56 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir) -> _Plan:
     if cfg.batch_size % dist.world:
         raise TrainError(f"train.batch_size={cfg.batch_size} must be divisible by the {dist.world} processes")
     n_train = heldout_start(shards.n_tokens, shards.manifest.context_length, cfg.holdout_tokens)
-    if n_train == 0:
+    if stream is not None:
+        per_epoch, total_steps = 0, cfg.tokens // cfg.batch_size
+        if total_steps < 1:
+            raise TrainError(f"train.tokens={cfg.tokens} is less than one batch of {cfg.batch_size}")
+    elif n_train == 0:
         raise TrainError(
             f"train.holdout_tokens={cfg.holdout_tokens} leaves nothing to train on: the shards hold only "
-            f"{shards.n_tokens} tokens. Harvest more or lower train.holdout_tokens."
+            f"{shards.n_tokens} tokens. Harvest more, lower train.holdout_tokens, or train from the model "
+            "(train.source=model)."
         )
-    per_epoch, total_steps = _steps(shards, cfg, n_train)
+    else:
+        per_epoch, total_steps = _steps(shards, cfg, n_train)
     cfg = replace(cfg, dead_tokens=cfg.dead_window(total_steps * cfg.batch_size))
     hash_ = config_hash(
         {
             "format_version": FORMAT_VERSION,
             "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED},
             "saes": [asdict(c) for c in sae_cfgs],
-            "data": [shards.manifest.weights_hash, [s.sha256 for s in shards.manifest.shards]],
+            "data": _data_identity(shards, stream),
         }
     )
-    return _Plan(run, cfg, sae_cfgs, shards, n_train, per_epoch, total_steps, hash_, dist, device)
+    return _Plan(run, cfg, sae_cfgs, shards, stream, n_train, per_epoch, total_steps, hash_, dist, device)
+
+
+def _input_sample(plan: _Plan, n: int = 16_384) -> torch.Tensor:
+    """fp32 training tokens [n, d_in] for the input scale and the b_dec init."""
+    cfg = plan.cfg
+    if plan.stream is None:
+        return input_sample(plan.shards, plan.n_train, n, cfg.seed, cfg.exclude_bos)
+    return plan.stream.sample(n)[cfg.hook].float().cpu()
+
+
+def _batches(plan: _Plan, start_step: int) -> Iterator[torch.Tensor]:
+    """This process' batches [batch_size / processes, d_in] from `start_step` on, read ahead on a thread."""
+    cfg, dist = plan.cfg, plan.dist
+    local = dist.local_slice(cfg.batch_size)
+    if plan.stream is None:
+        batches = training_batches(plan.shards, cfg, plan.n_train, plan.per_epoch, start_step)
+        return prefetch(batch[local] for batch in batches)
+    size = local.stop - local.start
+    block = max(1, cfg.buffer_tokens // size) * size
+    stream = plan.stream.batches(size, block, cfg.seed, start_step, dist.rank, dist.world)
+    return prefetch(batch[cfg.hook] for batch in stream)
 
 
 def _members(plan: _Plan) -> tuple[list[TrainingMember], float]:
     """Freshly initialized dictionaries with their optimizers, and the input scale."""
     cfg = plan.cfg
     torch.manual_seed(cfg.seed)
-    sample = input_sample(plan.shards, plan.n_train, 16_384, cfg.seed, cfg.exclude_bos)
+    sample = _input_sample(plan)
     d_in = plan.shards.d_model
     scale = float((d_in / sample.pow(2).sum(1).mean()).sqrt()) if cfg.normalize_activations else 1.0
     meta = {"model_id": plan.shards.manifest.model_id, "hook": cfg.hook, "config_hash": plan.config_hash}
@@ -168,12 +268,14 @@ def _resume(plan: _Plan, members: list[TrainingMember]) -> int:
     return resumed["step"]
 
 
-def _check_finite(first_bad: torch.Tensor, shards: ShardSet) -> None:
-    if int(first_bad) >= 0:
-        raise TrainError(
-            f"activation batch {int(first_bad)} (training step {int(first_bad)}) contains NaN or Inf; "
-            f"check the shards in {shards.directory} (ShardSet(..., verify=True)) or re-harvest"
-        )
+def _check_finite(first_bad: torch.Tensor, plan: _Plan) -> None:
+    if int(first_bad) < 0:
+        return
+    if plan.stream is None:
+        fix = f"check the shards in {plan.shards.directory} (ShardSet(..., verify=True)) or re-harvest"
+    else:
+        fix = "the model computed them (train.source=model): check its dtype (float32 avoids overflow)"
+    raise TrainError(f"activation batch {int(first_bad)} (training step {int(first_bad)}) contains NaN or Inf; {fix}")
 
 
 def _log_window(members: list[TrainingMember], tracker: Tracker, bar, step: int, tokens_per_s: float,
@@ -194,18 +296,17 @@ def _train_loop(
 ) -> None:
     cfg, dist, device, total = plan.cfg, plan.dist, plan.device, plan.total_steps
     steps = [make_step(m, cfg, dist, device) for m in members]
-    local = dist.local_slice(cfg.batch_size)
     bar = tqdm(
         total=total, initial=start_step, unit="step", desc="train", disable=not cfg.progress or dist.rank != 0
     )
     # the first step whose batch held NaN / Inf, kept on the device and checked when logging (no sync per step)
     first_bad = torch.tensor(-1, device=device)
     window_start, window_tokens = time.perf_counter(), 0
-    batches = prefetch(training_batches(plan.shards, cfg, plan.n_train, plan.per_epoch, start_step))
+    batches = _batches(plan, start_step)
     try:
         for step in range(start_step, total):
             kill_point("train.step", step)
-            x = next(batches)[local].to(device, torch.float32, non_blocking=True)
+            x = next(batches).to(device, torch.float32, non_blocking=True)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(x).all(), step, first_bad)
             x = x * scale
             variance = global_variance(x, dist)
@@ -218,7 +319,7 @@ def _train_loop(
             bar.update(1)
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
-                _check_finite(first_bad, plan.shards)
+                _check_finite(first_bad, plan)
                 elapsed = time.perf_counter() - window_start
                 _log_window(members, tracker, bar, done, window_tokens / elapsed, lr_mult)
                 window_start, window_tokens = time.perf_counter(), 0
@@ -242,6 +343,7 @@ def _save(plan: _Plan, m: TrainingMember, scale: float) -> tuple[Path, dict]:
         {
             "training_tokens": plan.total_steps * cfg.batch_size,
             "training_split_tokens": plan.n_train,
+            "training_source": cfg.source,
             "input_scale": scale,
             "metrics": metrics,
         }
@@ -294,10 +396,15 @@ def _train(plan: _Plan, wandb_cfg: WandbConfig | None) -> dict[str, Path]:
 
 
 def train_saes(
-    cfg: TrainConfig, sae_cfg: SaeConfig, run_dir: str | Path, wandb_cfg: WandbConfig | None = None
+    cfg: TrainConfig,
+    sae_cfg: SaeConfig,
+    run_dir: str | Path,
+    wandb_cfg: WandbConfig | None = None,
+    source: ModelSource | None = None,
 ) -> dict[str, Path]:
-    """Train every configured SAE on `<run_dir>/activations/<hook>/`; return {name: saved directory}."""
-    plan = plan_training(cfg, sae_cfg, RunDir(run_dir))
+    """Train every configured SAE on `<run_dir>/activations/<hook>/`, or on the model's activations
+    (cfg.source=model, computed with `source`); return {name: saved directory}."""
+    plan = plan_training(cfg, sae_cfg, RunDir(run_dir), source)
     names = [c.default_name() for c in plan.sae_cfgs]
     with _outputs_locked(plan, names):
         if all(plan.run.trained(plan.cfg.hook, name, plan.config_hash) for name in names):
@@ -310,12 +417,15 @@ def train_saes(
 
 def run(cfg: DictConfig) -> dict[str, Path]:
     """The train stage on a composed Hydra config."""
-    return train_saes(
-        to_dataclass(TrainConfig, cfg.train),
-        to_dataclass(SaeConfig, cfg.sae),
-        cfg.run_dir,
-        to_dataclass(WandbConfig, cfg.wandb),
-    )
+    train_cfg = to_dataclass(TrainConfig, cfg.train)
+    source = None
+    if train_cfg.source == "model":
+        source = ModelSource(
+            to_dataclass(ModelConfig, cfg.model),
+            to_dataclass(CorpusConfig, cfg.corpus),
+            to_dataclass(HarvestConfig, cfg.harvest),
+        )
+    return train_saes(train_cfg, to_dataclass(SaeConfig, cfg.sae), cfg.run_dir, to_dataclass(WandbConfig, cfg.wandb), source)
 
 
 main = stage_main("train", run)

@@ -1,0 +1,365 @@
+"""Harvesting: stream a corpus through a model and store activations at hook points as shards
+(the harvest stage, stages/harvest.py, is its command line; the train stage harvests the held-out
+windows with it when it trains from the model).
+
+Writes `<run_dir>/activations/<hook>/shard-*.safetensors` and `manifest.json` (see shards.py).
+Crash-safe and resumable: re-running the same command after a kill keeps every complete shard whose
+bytes match the checksum recorded when it was written and which holds the same tokens, and computes
+only the rest; the result is byte-identical to an uninterrupted run. `num_workers` / `worker` split
+the shards between processes (e.g. a SLURM array); each writes its own shards (under its own lock,
+locks.py) and the last to finish writes the merged manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.config import check_settings
+from pipeline.corpus import (
+    BOS_POLICIES,
+    CorpusConfig,
+    corpus_id,
+    iter_texts,
+    load_documents,
+    pack_windows,
+    special_token_ids,
+)
+from pipeline.errors import PipelineError
+from pipeline.faults import kill_point
+from pipeline.fileio import file_sha256, stale_temporaries
+from pipeline.hooks import HookPoint, capture_activations, validate_hooks
+from pipeline.locks import exclusive
+from pipeline.models import DTYPES, LoadedModel, ModelConfig, dtype_name, load_model, resolve_dtype
+from pipeline.rundir import RunDir
+from pipeline.shards import (
+    MANIFEST,
+    Manifest,
+    ShardError,
+    ShardRecord,
+    ShardWriter,
+    checksum_name,
+    merge_worker_manifests,
+    read_manifest,
+    read_shard_header,
+    read_shard_tokens,
+    recorded_checksums,
+    shard_name,
+    worker_manifest_name,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "harvest-state.json"
+STORAGE_DTYPES = ("auto", *DTYPES)
+
+
+class HarvestError(PipelineError, ValueError):
+    """The harvest cannot start or continue as configured; the message says how to fix it."""
+
+
+@dataclass
+class HarvestConfig:
+    """What to harvest and how."""
+
+    hooks: list[str] = field(default_factory=lambda: ["blocks.9.resid_post"])
+    """Hook points `blocks.<L>.<resid_pre|resid_mid|resid_post|attn_out|mlp_out>`, all in one pass."""
+    tokens: int | None = None
+    """Total tokens to harvest over all workers; null harvests the whole corpus."""
+    context_length: int = 256
+    """Tokens per window (sequence)."""
+    bos_policy: str = "window"
+    """window (BOS starts every window) | document (BOS starts every document) | none."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    sequences_per_shard: int = 256
+    """Windows per shard file; a shard is the unit of crash-safe progress."""
+    dtype: str = "auto"
+    """Storage dtype: float32 | bfloat16 | float16 | auto (bf16 on GPU, the model's dtype on CPU)."""
+    num_workers: int = 1
+    """Processes sharing this harvest (shard s belongs to worker s % num_workers)."""
+    worker: int = 0
+    """This process' index in 0..num_workers-1."""
+    progress: bool = True
+    """Show a progress bar with tokens/s."""
+
+    def __post_init__(self) -> None:
+        check_settings(
+            self, "harvest", HarvestError,
+            positive=("context_length", "batch_size", "sequences_per_shard", "num_workers", "tokens"),
+            choices={"bos_policy": BOS_POLICIES, "dtype": STORAGE_DTYPES},
+        )  # fmt: skip
+        if not 0 <= self.worker < self.num_workers:
+            raise HarvestError(
+                f"harvest.worker={self.worker} must lie in 0..{self.num_workers - 1} (num_workers)"
+            )
+        if self.tokens is not None and self.tokens < self.context_length:
+            raise HarvestError(
+                f"harvest.tokens={self.tokens} is less than one window of context_length={self.context_length}"
+            )
+
+
+def storage_dtype(name: str, loaded: LoadedModel) -> torch.dtype:
+    """`auto` stores bf16 on GPU and, on CPU, the model's own dtype (lossless: bf16 compute stays bf16)."""
+    if name == "auto" and loaded.device.type != "cuda":
+        return loaded.dtype
+    return resolve_dtype(name, loaded.device)
+
+
+def _identity(
+    loaded: LoadedModel, corpus: CorpusConfig, cfg: HarvestConfig, hook: str, dtype: torch.dtype
+) -> Manifest:
+    return Manifest(
+        model_id=loaded.model_id,
+        weights_hash=loaded.weights_hash,
+        hook=hook,
+        d_model=loaded.d_model,
+        dtype=dtype_name(dtype),
+        context_length=cfg.context_length,
+        tokenizer_id=loaded.tokenizer_id,
+        bos_policy=cfg.bos_policy,
+        bos_token_id=special_token_ids(loaded.tokenizer)[0] if cfg.bos_policy != "none" else None,
+        corpus_id=corpus_id(corpus),
+        sequences_per_shard=cfg.sequences_per_shard,
+    )
+
+
+def _check_compatible(directory: Path, planned: Manifest) -> None:
+    """Refuse to mix shards of another model, hook, d_model, dtype or corpus into this directory."""
+    sources = [
+        directory / MANIFEST,
+        directory / STATE_FILE,
+        *sorted(directory.glob("manifest.worker-*.json")),
+    ]
+    for path in sources:
+        if not path.exists():
+            continue
+        existing = read_manifest(path).identity()
+        diffs = {k: (existing[k], v) for k, v in planned.identity().items() if existing.get(k) != v}
+        if diffs:
+            detail = "; ".join(f"{k}: existing {old!r}, now {new!r}" for k, (old, new) in diffs.items())
+            raise HarvestError(
+                f"{directory} already holds activations harvested with other settings ({detail}). "
+                "Use another run_dir, or delete that directory to start over."
+            )
+
+
+def _claim(dirs: dict[str, Path], planned: dict[str, Manifest]) -> None:
+    """Record what this directory is being filled with, before its first shard lands."""
+    for name, directory in dirs.items():
+        if not (directory / STATE_FILE).exists():
+            write_manifest(directory, planned[name], STATE_FILE)
+
+
+def _remove_stale_temporaries(directory: Path, cfg: HarvestConfig) -> None:
+    """Delete the temporary files a killed run of this worker left behind: its shards, their checksum
+    files and its manifest (with one worker, every temporary file in the directory is its own)."""
+    own_manifest = worker_manifest_name(cfg.worker, cfg.num_workers)
+    for tmp, target in stale_temporaries(directory):
+        own_shard = target.startswith("shard-") and int(target[6:11]) % cfg.num_workers == cfg.worker
+        if cfg.num_workers == 1 or own_shard or target == own_manifest:
+            tmp.unlink(missing_ok=True)
+
+
+def _shards_of_windows(windows: Iterator[torch.Tensor], per_shard: int) -> Iterator[torch.Tensor]:
+    """Group windows into int32 [n_seq, context_length] shard token tensors."""
+    while group := list(itertools.islice(windows, per_shard)):
+        yield torch.stack(group)
+
+
+def _completed_shard(
+    path: Path, tokens: torch.Tensor, d_model: int, dtype: torch.dtype, expected: str | None
+) -> ShardRecord | None:
+    """The record of an already written shard holding exactly these tokens and the bytes its writer
+    recorded (sha256 `expected`), else None: the shard is then computed again."""
+    if not path.exists():
+        return None
+    if expected is None:
+        log.info(
+            "%s has no recorded checksum (its writer was killed before recording it); recomputing it", path
+        )
+        return None
+    if file_sha256(path) != expected:
+        log.warning("%s does not hold the bytes recorded when it was written (corrupt); recomputing it", path)
+        return None
+    try:
+        header = read_shard_header(path)
+    except ShardError as err:
+        log.warning("%s; rewriting it", err)
+        return None
+    acts = header["activations"]
+    if acts.shape != (*tokens.shape, d_model) or acts.torch_dtype != dtype:
+        return None
+    if not torch.equal(read_shard_tokens(path, header), tokens):
+        raise HarvestError(
+            f"{path} holds other tokens than this corpus now yields for it: the corpus or its packing "
+            "changed since it was written. Use another run_dir, or delete that directory to start over."
+        )
+    return ShardRecord(path.name, tokens.shape[0], expected)
+
+
+def forward_shard(
+    loaded: LoadedModel,
+    hooks: list[HookPoint],
+    tokens: torch.Tensor,
+    batch_size: int,
+    dtype: torch.dtype,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> dict[str, torch.Tensor]:
+    """Run one shard's windows through the truncated model: {hook: [n_seq, context_length, d_model]}."""
+    n_seq, context_length = tokens.shape
+    out = {h.name: torch.empty(n_seq, context_length, loaded.d_model, dtype=dtype) for h in hooks}
+    with torch.inference_mode():
+        for start in range(0, n_seq, batch_size):
+            ids = tokens[start : start + batch_size].to(loaded.device, dtype=torch.long)
+            for name, acts in capture_activations(loaded.model, ids, hooks).items():
+                out[name][start : start + len(ids)] = acts.to("cpu", dtype)
+            on_batch(ids.numel())
+    return out
+
+
+def corpus_windows(loaded: LoadedModel, corpus_cfg: CorpusConfig, cfg: HarvestConfig) -> Iterator[torch.Tensor]:
+    """The corpus packed into windows, as many as `cfg.tokens` asks for (whole windows; all when None)."""
+    windows = pack_windows(
+        iter_texts(load_documents(corpus_cfg), corpus_cfg.text_field),
+        loaded.tokenizer,
+        cfg.context_length,
+        cfg.bos_policy,
+    )
+    if cfg.tokens is not None:
+        windows = itertools.islice(windows, cfg.tokens // cfg.context_length)
+    return windows
+
+
+def _prepare(
+    loaded: LoadedModel, corpus_cfg: CorpusConfig, cfg: HarvestConfig, run: RunDir
+) -> tuple[list[HookPoint], torch.dtype, dict[str, Path], dict[str, Manifest]]:
+    """Check the settings against the model and the directories; (hooks, storage dtype, directory and
+    planned manifest of each hook)."""
+    hooks = validate_hooks(loaded.model, list(cfg.hooks))
+    if loaded.max_context is not None and cfg.context_length > loaded.max_context:
+        raise HarvestError(
+            f"harvest.context_length={cfg.context_length} exceeds the model's limit of {loaded.max_context} "
+            "positions; choose harvest.context_length <= that"
+        )
+    dtype = storage_dtype(cfg.dtype, loaded)
+    dirs = {h.name: run.activations(h.name) for h in hooks}
+    planned = {h.name: _identity(loaded, corpus_cfg, cfg, h.name, dtype) for h in hooks}
+    for name, directory in dirs.items():
+        _check_compatible(directory, planned[name])
+    return hooks, dtype, dirs, planned
+
+
+def _write_shards(
+    loaded: LoadedModel,
+    hooks: list[HookPoint],
+    dirs: dict[str, Path],
+    planned: dict[str, Manifest],
+    windows: Iterator[torch.Tensor],
+    cfg: HarvestConfig,
+    dtype: torch.dtype,
+) -> tuple[dict[str, dict[int, ShardRecord]], int]:
+    """Compute and write this worker's shards, keeping those already complete; ({hook: {shard index:
+    record}}, number of shards kept)."""
+    records: dict[str, dict[int, ShardRecord]] = {name: {} for name in dirs}
+    checksums = {name: recorded_checksums(directory) for name, directory in dirs.items()}
+    writer = ShardWriter()
+    resumed = 0
+    total = cfg.tokens // cfg.num_workers if cfg.tokens else None
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress)
+    try:
+        for index, tokens in enumerate(_shards_of_windows(windows, cfg.sequences_per_shard)):
+            if index % cfg.num_workers != cfg.worker:
+                continue
+            kill_point("harvest.shard", index)
+            name = shard_name(index)
+            done = {
+                n: _completed_shard(d / name, tokens, loaded.d_model, dtype, checksums[n].get(name))
+                for n, d in dirs.items()
+            }
+            if all(done.values()):
+                for name, record in done.items():
+                    records[name][index] = record
+                resumed += 1
+                bar.update(tokens.numel())
+                continue
+            acts = forward_shard(loaded, hooks, tokens, cfg.batch_size, dtype, bar.update)
+            _claim(dirs, planned)
+            for name, directory in dirs.items():
+                writer.submit((name, index), directory / shard_name(index), tokens, acts[name])
+    finally:
+        bar.close()
+        writer.close()
+    for (name, index), record in writer.records.items():
+        records[name][index] = record
+    return records, resumed
+
+
+def harvest_activations(
+    model_cfg: ModelConfig,
+    corpus_cfg: CorpusConfig,
+    cfg: HarvestConfig,
+    run_dir: str | Path,
+    loaded: LoadedModel | None = None,
+) -> dict[str, Manifest]:
+    """Harvest (or resume, or extend) activations into `<run_dir>/activations/<hook>/`.
+
+    Returns each hook's manifest: the merged one, or this worker's part while other workers of a
+    sharded harvest are still running. `loaded` reuses an already loaded model.
+    """
+    run = RunDir(run_dir)
+    loaded = loaded or load_model(model_cfg)
+    hooks, dtype, dirs, planned = _prepare(loaded, corpus_cfg, cfg, run)
+    started = time.perf_counter()
+    with contextlib.ExitStack() as locks:
+        for directory in dirs.values():
+            part = f"worker-{cfg.worker}-of-{cfg.num_workers}"
+            locks.enter_context(exclusive(directory, f"the activations in {directory} ({part})", part))
+            directory.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(directory, cfg)
+        windows = corpus_windows(loaded, corpus_cfg, cfg)
+        records, resumed = _write_shards(loaded, hooks, dirs, planned, windows, cfg, dtype)
+        manifests = {name: _finish(dirs[name], planned[name], records[name], cfg) for name in dirs}
+    elapsed = time.perf_counter() - started
+    n_tokens = sum(r.n_sequences for r in next(iter(records.values())).values()) * cfg.context_length
+    log.info("harvested %d tokens at %d hooks in %.1fs (%d shards resumed) into %s",
+             n_tokens, len(hooks), elapsed, resumed, ", ".join(map(str, dirs.values())))  # fmt: skip
+    return manifests
+
+
+def _finish(
+    directory: Path, planned: Manifest, records: dict[int, ShardRecord], cfg: HarvestConfig
+) -> Manifest:
+    """Write this worker's manifest (and the merged one once every worker is done)."""
+    manifest = Manifest(**{**planned.identity(), "shards": [records[i] for i in sorted(records)]})
+    if cfg.num_workers > 1:
+        write_manifest(directory, manifest, worker_manifest_name(cfg.worker, cfg.num_workers))
+        _remove_checksum_files(directory, records)
+        merged = merge_worker_manifests(directory)
+        if merged is None:
+            log.info("%s: waiting for the other workers; the last to finish writes %s", directory, MANIFEST)
+            return manifest
+        manifest = merged
+    existing = directory / MANIFEST
+    if (
+        not existing.exists() or existing.read_text() != manifest.to_json()
+    ):  # a finished re-run changes nothing
+        write_manifest(directory, manifest)
+    _remove_checksum_files(directory, records)
+    (directory / STATE_FILE).unlink(missing_ok=True)
+    return manifest
+
+
+def _remove_checksum_files(directory: Path, records: dict[int, ShardRecord]) -> None:
+    """A manifest now lists these shards with their checksums: their checksum files are done."""
+    for record in records.values():
+        (directory / checksum_name(record.name)).unlink(missing_ok=True)

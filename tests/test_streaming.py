@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from pipeline.corpus import iter_texts, load_documents, pack_windows
+from pipeline.hooks import validate_hooks
+from pipeline.models import load_model
+from pipeline.streaming import ModelStream, StreamError, WindowWalk
+
+CTX, BOS = 32, 0
+
+
+@pytest.fixture
+def loaded(llama_cfg):
+    return load_model(llama_cfg)
+
+
+def _stream(loaded, corpus, first_window=4, bos_policy="window", windows=None, bos=BOS):
+    def corpus_windows():
+        packed = pack_windows(iter_texts(load_documents(corpus)), loaded.tokenizer, CTX, bos_policy)
+        return (w for i, w in enumerate(packed) if windows is None or i < windows)
+
+    hooks = validate_hooks(loaded.model, ["blocks.1.resid_post"])
+    return ModelStream(loaded, corpus_windows, first_window, hooks, torch.float32, 3, bos)
+
+
+def _trained_tokens(stream: ModelStream, n_windows: int) -> torch.Tensor:
+    """The first trained-on token ids, straight from the windows."""
+    windows = stream.training_windows()
+    return torch.cat([w[stream.positions(w)] for w in (next(windows) for _ in range(n_windows))])
+
+
+@pytest.mark.parametrize("bos_policy", ["window", "document"])
+def test_blocks_cut_the_stream_of_trained_tokens_without_gaps(loaded, text_corpus, bos_policy):
+    stream = _stream(loaded, text_corpus, bos_policy=bos_policy)
+    expected = _trained_tokens(stream, 20)
+    walk = WindowWalk(stream)
+    bounds = [0, 50, 100, 131, 200, 310]
+    got = [torch.cat([w[p] for w, p in walk.covering(lo, hi)]) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    assert [len(g) for g in got] == [50, 50, 31, 69, 110]
+    assert torch.equal(torch.cat(got), expected[:310])
+    assert (expected != BOS).all()
+
+
+def test_a_walk_skips_blocks_it_is_not_asked_for(loaded, text_corpus):
+    stream = _stream(loaded, text_corpus)
+    expected = _trained_tokens(stream, 20)
+    walk = WindowWalk(stream)
+    walk.covering(0, 40)
+    assert torch.equal(torch.cat([w[p] for w, p in walk.covering(200, 260)]), expected[200:260])
+    with pytest.raises(ValueError, match="after the walk passed"):
+        walk.covering(0, 10)
+
+
+def test_batches_are_the_model_activations_of_a_shuffled_block(loaded, text_corpus):
+    """A block's batches together hold each trained-on position's activation exactly once."""
+    stream = _stream(loaded, text_corpus)
+    block = 31 * 8  # 8 windows of 31 trained-on tokens
+    batches = stream.batches(31, block, seed=0, start_step=0)
+    got = torch.cat([next(batches)["blocks.1.resid_post"] for _ in range(8)])
+    windows = stream.training_windows()
+    ids = torch.stack([next(windows) for _ in range(8)]).long()
+    with torch.no_grad():
+        hidden = loaded.model(ids, output_hidden_states=True).hidden_states[2][:, 1:].reshape(-1, 32)
+    assert got.shape == hidden.shape and not torch.allclose(got, hidden)  # shuffled ...
+    order = lambda x: x[torch.argsort(x[:, 0])]  # noqa: E731
+    torch.testing.assert_close(order(got), order(hidden))  # ... the same rows
+
+
+def test_a_resumed_stream_draws_the_uninterrupted_batches(loaded, text_corpus):
+    stream = _stream(loaded, text_corpus)
+    whole = stream.batches(16, 64, seed=3, start_step=0)
+    expected = [next(whole)["blocks.1.resid_post"] for _ in range(11)]
+    resumed = stream.batches(16, 64, seed=3, start_step=6)
+    for step in range(6, 11):
+        assert torch.equal(next(resumed)["blocks.1.resid_post"], expected[step])
+
+
+def test_processes_take_alternate_blocks(loaded, text_corpus):
+    stream = _stream(loaded, text_corpus)
+    alone = stream.batches(16, 64, seed=0, start_step=0)
+    blocks = [torch.cat([next(alone)["blocks.1.resid_post"] for _ in range(4)]) for _ in range(4)]
+    for rank in range(2):
+        mine = stream.batches(16, 64, seed=0, start_step=0, rank=rank, world=2)
+        for j in range(2):
+            got = torch.cat([next(mine)["blocks.1.resid_post"] for _ in range(4)])
+            assert torch.equal(got, blocks[2 * j + rank])
+
+
+def test_the_stream_passes_the_corpus_again_but_never_the_stored_windows(loaded, text_corpus):
+    stream = _stream(loaded, text_corpus, first_window=2, windows=5)
+    firsts = [int(w[1]) for w, _ in zip(stream.training_windows(), range(9), strict=False)]
+    packed = list(pack_windows(iter_texts(load_documents(text_corpus)), loaded.tokenizer, CTX, "window"))[:5]
+    assert firsts == [int(packed[i][1]) for i in (2, 3, 4) * 3]
+
+
+def test_a_corpus_with_only_stored_windows_stops_with_a_clear_error(loaded, text_corpus):
+    stream = _stream(loaded, text_corpus, first_window=5, windows=5)
+    with pytest.raises(StreamError, match="nothing is left to train on"):
+        next(stream.training_windows())
