@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,22 @@ _TMP_SUFFIX = ".tmp"  # temporaries are .<final name>.<random>.tmp beside their 
 
 class DiskFullError(PipelineError, OSError):
     """The disk filled up while writing; whatever was completed before is kept."""
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space on the disk that holds `path` (or would hold it: its nearest existing parent)."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    power = 0
+    while abs(n) >= 1024 and power < len(units) - 1:
+        n, power = n / 1024, power + 1
+    return f"{n:.0f} B" if power == 0 else f"{n:.1f} {units[power]}"
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:

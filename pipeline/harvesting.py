@@ -35,7 +35,7 @@ from pipeline.corpus import (
 )
 from pipeline.errors import PipelineError
 from pipeline.faults import kill_point
-from pipeline.fileio import file_sha256, stale_temporaries
+from pipeline.fileio import file_sha256, free_bytes, human_bytes, stale_temporaries
 from pipeline.hooks import HookPoint, capture_activations, validate_hooks
 from pipeline.locks import exclusive
 from pipeline.models import DTYPES, LoadedModel, ModelConfig, dtype_name, load_model, resolve_dtype
@@ -256,7 +256,32 @@ def _prepare(
     planned = {h.name: _identity(loaded, corpus_cfg, cfg, h.name, dtype) for h in hooks}
     for name, directory in dirs.items():
         _check_compatible(directory, planned[name])
+    check_disk_space(cfg, loaded.d_model, dtype, list(dirs.values()))
     return hooks, dtype, dirs, planned
+
+
+def check_disk_space(cfg: HarvestConfig, d_model: int, dtype: torch.dtype, dirs: list[Path]) -> None:
+    """State the disk this worker's shards need and refuse to start when the run directory's disk has
+    less free space (shards already there count as written)."""
+    if cfg.tokens is None:
+        log.info("harvest.tokens=null: the disk needed grows with the corpus (%s per token and hook)",
+                 human_bytes(d_model * dtype.itemsize + 4))  # fmt: skip
+        return
+    tokens = -(-cfg.tokens // cfg.num_workers)
+    per_hook = tokens * (d_model * dtype.itemsize + 4)  # activations + int32 token ids
+    written = sum(p.stat().st_size for d in dirs for p in d.glob("shard-*.safetensors"))
+    needed = per_hook * len(dirs) - written
+    free = free_bytes(dirs[0])
+    log.info("harvest writes %s (%d tokens x d_model %d x %d bytes x %d hooks); %s free at %s",
+             human_bytes(per_hook * len(dirs)), tokens, d_model, dtype.itemsize, len(dirs), human_bytes(free),
+             dirs[0])  # fmt: skip
+    if needed > free:
+        raise HarvestError(
+            f"harvest needs {human_bytes(needed)} more at {dirs[0]} ({tokens} tokens x d_model {d_model} x "
+            f"{dtype.itemsize} bytes x {len(dirs)} hooks) but the disk has {human_bytes(free)} free: "
+            f"{human_bytes(needed - free)} missing. Harvest fewer tokens (harvest.tokens), choose a run_dir on "
+            "a larger disk, or train straight from the model without storing activations (train.source=model)."
+        )
 
 
 def _write_shards(

@@ -1,9 +1,11 @@
+import json
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import CONF_DIR
+from pipeline.shards import ShardSet
 from pipeline.stages.all import run_all
 from tests.conftest import TEXT
 
@@ -44,6 +46,17 @@ def test_all_stages_run_in_order_and_rerun_skips_finished_work(tmp_path, trained
     after = _mtimes(tmp_path)
     changed = {p.name for p in after if after[p] != before[p]}
     assert changed == {"features.json"}
+
+
+def test_all_stages_on_a_dictionary_trained_from_the_model(tmp_path, trained_llama_dir, caplog):
+    """train.source=model: no harvest, only the held-out split is stored, evaluate and analyze run on it."""
+    caplog.set_level("INFO")
+    run_all(_config(tmp_path, trained_llama_dir, "train.source=model", "train.tokens=2560", "train.buffer_tokens=1024"))
+    assert "harvest: skipped" in caplog.text
+    assert ShardSet(tmp_path / "activations" / "blocks.1.resid_post").n_tokens == 256
+    report = json.loads((tmp_path / "eval" / "blocks.1.resid_post" / "topk-k8-x4" / "metrics.json").read_text())
+    assert report["metrics"]["reconstruction_quality"]["explained_variance"] > 0
+    assert (tmp_path / "features" / "blocks.1.resid_post" / "topk-k8-x4" / "index.html").exists()
 
 
 def test_the_trained_hook_must_be_harvested(tmp_path, trained_llama_dir):

@@ -295,3 +295,23 @@ def test_command_line(tiny_model_dirs, text_corpus, tmp_path):
         usage.returncode == 2
         and "stages: all, analyze, compare, evaluate, finetune, harvest, train" in usage.stderr
     )
+
+
+def test_a_disk_too_small_stops_the_harvest_before_any_compute(llama_cfg, text_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(harvesting, "free_bytes", lambda path: 10_000)
+    cfg = _cfg(tokens=32 * 40, hooks=["blocks.1.resid_post", "blocks.2.resid_post"])
+    # 1280 tokens x (32 x 4 bytes + 4) x 2 hooks = 337,920 bytes
+    message = r"needs 330.0 KiB more .* but the disk has 9.8 KiB free: 320.2 KiB missing.*train.source=model"
+    with pytest.raises(HarvestError, match=message):
+        harvest_activations(llama_cfg, text_corpus, cfg, tmp_path)
+    assert not list(tmp_path.rglob("shard-*"))
+
+
+def test_shards_already_written_count_toward_the_disk_needed(llama_cfg, text_corpus, tmp_path, monkeypatch):
+    cfg = _cfg(tokens=32 * 40)
+    harvest_activations(llama_cfg, text_corpus, cfg, tmp_path)
+    monkeypatch.setattr(harvesting, "free_bytes", lambda path: 0)
+    harvest_activations(llama_cfg, text_corpus, cfg, tmp_path)  # complete: nothing more to write
+    with pytest.raises(HarvestError, match="missing"):
+        harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 80), tmp_path)
+
