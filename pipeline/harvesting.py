@@ -227,10 +227,14 @@ def forward_shard(
     return out
 
 
-def corpus_windows(loaded: LoadedModel, corpus_cfg: CorpusConfig, cfg: HarvestConfig) -> Iterator[torch.Tensor]:
-    """The corpus packed into windows, as many as `cfg.tokens` asks for (whole windows; all when None)."""
+def corpus_windows(
+    loaded: LoadedModel, corpus_cfg: CorpusConfig, cfg: HarvestConfig, documents=None
+) -> Iterator[torch.Tensor]:
+    """The corpus packed into windows, as many as `cfg.tokens` asks for (whole windows; all when None).
+    `documents`: the corpus' documents already loaded (load_documents), for passes after the first."""
+    documents = load_documents(corpus_cfg) if documents is None else documents
     windows = pack_windows(
-        iter_texts(load_documents(corpus_cfg), corpus_cfg.text_field),
+        iter_texts(documents, corpus_cfg.text_field),
         loaded.tokenizer,
         cfg.context_length,
         cfg.bos_policy,

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from pipeline.checkpoints import load_checkpoint, remove_checkpoint, save_checkpoint
 from pipeline.cli import stage_main
 from pipeline.config import to_dataclass
-from pipeline.corpus import CorpusConfig, corpus_id
+from pipeline.corpus import CorpusConfig, corpus_id, load_documents
 from pipeline.faults import kill_point
 from pipeline.fileio import remove_stale_temporaries, stale_temporaries
 from pipeline.harvesting import HarvestConfig, corpus_windows, harvest_activations
@@ -170,9 +170,10 @@ def _model_stream(cfg: TrainConfig, source: ModelSource | None, run: RunDir) -> 
     stored = ShardSet(directory)
     _check_stored(directory, stored, loaded, source)
     every_window = replace(source.harvest, tokens=None)
+    documents = load_documents(source.corpus)  # once: each pass over the corpus only packs them again
     return ModelStream(
         loaded=loaded,
-        windows=lambda: corpus_windows(loaded, source.corpus, every_window),
+        windows=lambda: corpus_windows(loaded, source.corpus, every_window, documents),
         first_window=stored.manifest.n_sequences,
         hooks=hooks,
         dtype=DTYPES[stored.manifest.dtype],
@@ -237,7 +238,7 @@ def _batches(plan: _Plan, start_step: int) -> Iterator[torch.Tensor]:
         batches = training_batches(plan.shards, cfg, plan.n_train, plan.per_epoch, start_step)
         return prefetch(batch[local] for batch in batches)
     size = local.stop - local.start
-    block = max(1, cfg.buffer_tokens // size) * size
+    block = min(max(1, cfg.buffer_tokens // size), plan.total_steps) * size  # never more than training needs
     stream = plan.stream.batches(size, block, cfg.seed, start_step, dist.rank, dist.world)
     return prefetch(batch[cfg.hook] for batch in stream)
 
