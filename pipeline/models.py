@@ -78,8 +78,12 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto` is cuda where present, else cpu; under torchrun, `cuda` is this process' GPU
+    (cuda:LOCAL_RANK), so N processes on one machine use N GPUs."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
 
 

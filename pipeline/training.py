@@ -157,6 +157,8 @@ def init_distributed(device: torch.device) -> Dist:
     if world == 1:
         return Dist()
     if not torch_dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's collectives run on this process' GPU
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(torch_dist.get_rank(), world)
 

@@ -30,6 +30,13 @@ def pytest_configure(config):
         os.environ[var] = str(root / sub)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA is (NCCL ones where two GPUs are); elsewhere they are skipped."""
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(config._home_dirs_root, ignore_errors=True)
 

@@ -299,3 +299,18 @@ def test_leftover_temporaries_are_cleared_and_the_marker_comes_last(trained_run,
     evaluate_saes(model_cfg, _cfg(tokens=CTX * 2), run, OFF, loaded=loaded)
     assert not list(out.glob(".*.tmp"))
     assert json.loads((out / "metrics.json").read_text())["config_hash"] != "stale"
+
+
+@pytest.mark.gpu
+def test_evaluate_on_cuda_gives_the_cpu_metrics(trained_run, model_cfg, loaded, tmp_path):
+    from dataclasses import replace
+
+    from pipeline.evaluation import summary_row
+
+    cpu = evaluate_saes(model_cfg, _cfg(tokens=CTX * 4), copy_run(trained_run, tmp_path / "cpu"), OFF, loaded=loaded)
+    cuda = evaluate_saes(replace(model_cfg, device="cuda"), _cfg(tokens=CTX * 4),
+                         copy_run(trained_run, tmp_path / "cuda"), OFF)  # fmt: skip
+    for key, report in cpu.items():
+        expected, got = summary_row(report), summary_row(cuda[key])
+        for metric in ("fvu", "l0", "ce_loss_with_sae", "ce_loss_score", "kl_div_with_sae"):
+            assert got[metric] == pytest.approx(expected[metric], rel=1e-3, abs=1e-4), metric

@@ -315,3 +315,16 @@ def test_shards_already_written_count_toward_the_disk_needed(llama_cfg, text_cor
     with pytest.raises(HarvestError, match="missing"):
         harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 80), tmp_path)
 
+
+
+@pytest.mark.gpu
+def test_harvest_on_cuda_stores_what_the_model_computes_on_cpu(llama_cfg, text_corpus, tmp_path):
+    on_cuda = ModelConfig(path=llama_cfg.path, dtype="float32", device="cuda")
+    harvest_activations(on_cuda, text_corpus, _cfg(tokens=32 * 6, dtype="float32"), tmp_path)
+    model = load_model(llama_cfg).model
+    shards = ShardSet(tmp_path / "activations" / "blocks.1.resid_post", verify=True)
+    for i in range(6):
+        tokens, act = shards.sequence(i)
+        with torch.no_grad():
+            expected = model(tokens[None].long(), output_hidden_states=True).hidden_states[2][0]
+        torch.testing.assert_close(act, expected, atol=1e-4, rtol=1e-4)

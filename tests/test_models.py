@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from pipeline.models import ModelConfig, ModelLoadError, load_model
 
@@ -23,3 +24,13 @@ def test_missing_model_sources_say_what_to_do(tmp_path):
         load_model(ModelConfig(package="no_such_model_pkg", gguf_file="x.gguf"))
     with pytest.raises(ModelLoadError, match="no model given"):
         load_model(ModelConfig(path=""))
+
+
+def test_under_torchrun_cuda_means_this_process_gpu(monkeypatch):
+    from pipeline.models import resolve_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cuda") == torch.device("cuda") and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")

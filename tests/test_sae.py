@@ -37,11 +37,15 @@ def _naive_topk_loss(sae, x, dead, k_aux):
     return loss + sae.cfg.aux_coefficient * aux, x_hat
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_dead", [0, 5, 60])
-def test_sparse_topk_training_matches_dense_reference(n_dead):
-    sae = _sae()
-    x = torch.randn(64, D_IN)
-    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+def test_sparse_topk_training_matches_dense_reference(n_dead, device):
+    sae = _sae().to(device)
+    x = torch.randn(64, D_IN, device=device)
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
     dead[torch.randperm(sae.d_sae)[:n_dead]] = True
     out = sae.training_forward(x, dead, token_variance(x))
     out.loss.backward()
@@ -60,15 +64,39 @@ def test_sparse_topk_training_matches_dense_reference(n_dead):
         torch.testing.assert_close(fast[name], p.grad, msg=name, atol=1e-5, rtol=1e-4)
 
 
-def test_sparse_kernels_against_dense():
-    x, W, b, b_dec = torch.randn(10, 8), torch.randn(8, 30), torch.randn(30), torch.randn(8)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_kernels_against_dense(device):
+    x, W, b, b_dec = (torch.randn(*shape, device=device) for shape in ((10, 8), (8, 30), (30,), (8,)))
     values, idx, _, _ = topk_encode(x, b_dec, W, b, 4)
     pre = (x - b_dec) @ W + b
     ref_values, _ = pre.topk(4, dim=1)
     torch.testing.assert_close(values.sort(1).values, ref_values.clamp_min(0).sort(1).values)
-    W_dec = torch.randn(30, 8)
-    z = torch.zeros(10, 30).scatter(1, idx, values)
+    W_dec = torch.randn(30, 8, device=device)
+    z = torch.zeros(10, 30, device=device).scatter(1, idx, values)
     torch.testing.assert_close(sparse_decode(values, idx, W_dec), z @ W_dec)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_bf16_autocast_training_step_follows_the_fp32_one(arch, device):
+    """The step the train stage takes on GPU (bf16 matmuls, fp32 weights) against fp32: same loss
+    and gradients up to bf16 rounding."""
+    sae = _sae(arch, l1_coefficient=0.5, l0_coefficient=0.05).to(device)
+    x = torch.randn(256, D_IN, device=device)
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
+    dead[:5] = True
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast(device, dtype=dtype, enabled=dtype == torch.bfloat16):
+            out = sae.training_forward(x, dead, token_variance(x), 1.0)
+        out.loss.backward()
+        grads[dtype] = (float(out.loss.detach()), {n: p.grad.clone().flatten() for n, p in sae.named_parameters()})
+        sae.zero_grad()
+    (loss32, g32), (loss16, g16) = grads[torch.float32], grads[torch.bfloat16]
+    assert loss16 == pytest.approx(loss32, rel=3e-2)
+    for name, g in g32.items():
+        if g.norm() > 0:
+            assert torch.nn.functional.cosine_similarity(g16[name].float(), g, dim=0) > 0.98, name
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -115,8 +115,7 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_facto
     script = textwrap.dedent(f"""
         import sys
         from pipeline.sae import SaeConfig
-        from pipeline.harvesting import HarvestConfig, harvest_activations
-from pipeline.stages.train import ModelSource, train_saes
+        from pipeline.stages.train import train_saes
         from pipeline.tracking import WandbConfig
         from pipeline.training import TrainConfig
         cfg = TrainConfig(hook={HOOK!r}, batch_size=128, holdout_tokens=256, epochs=10, lr=3e-3,
@@ -226,46 +225,46 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_match_one(run_dir, tmp_path_factory):
-    """torchrun-style data parallelism (gloo on CPU) gives the single-process result."""
-    single = train_saes(_cfg(), SAE, run_dir, OFF)["topk-k4-x4"]
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                                            reason="needs two GPUs")])],
+)  # fmt: skip
+def test_two_processes_match_one(run_dir, tmp_path_factory, device):
+    """torchrun-style data parallelism (gloo on CPU, NCCL on two GPUs) gives the single-process result."""
+    single = train_saes(_cfg(device=device), SAE, run_dir, OFF)["topk-k4-x4"]
     ddp_dir = tmp_path_factory.mktemp("ddp")
     make_shard_set(ddp_dir / "activations" / HOOK)
     script = textwrap.dedent(f"""
         import sys
         from pipeline.sae import SaeConfig
         from pipeline.tracking import WandbConfig
-        from pipeline.harvesting import HarvestConfig, harvest_activations
-from pipeline.stages.train import ModelSource, train_saes
+        from pipeline.stages.train import train_saes
         from pipeline.training import TrainConfig
         cfg = TrainConfig(hook={HOOK!r}, batch_size=128, holdout_tokens=256, epochs=10, lr=3e-3, lr_warmup_steps=2,
-                          dead_tokens=512, log_every=5, checkpoint_every=0, progress=False, device="cpu")
+                          dead_tokens=512, log_every=5, checkpoint_every=0, progress=False, device={device!r})
         train_saes(cfg, SaeConfig(architecture="topk", expansion=4, k=4), sys.argv[1], WandbConfig(mode="disabled"))
     """)
     script_path = ddp_dir / "job.py"
     script_path.write_text(script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script_path), str(ddp_dir)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-            str(script_path),
-            str(ddp_dir),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     parallel = ddp_dir / "sae" / HOOK / "topk-k4-x4"
+    tolerance = {"atol": 1e-4, "rtol": 1e-3} if device == "cpu" else {"atol": 2e-2, "rtol": 2e-2}  # bf16 on GPU
     for name, tensor in _weights(single).items():
-        torch.testing.assert_close(_weights(parallel)[name], tensor, msg=name, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(_weights(parallel)[name], tensor, msg=name, **tolerance)
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_in_bf16_reaches_the_cpu_quality(run_dir, tmp_path_factory):
+    cpu = Sae.load(train_saes(_cfg(device="cpu"), SAE, run_dir, OFF)["topk-k4-x4"]).config_dict()["metrics"]
+    gpu_dir = tmp_path_factory.mktemp("gpu")
+    make_shard_set(gpu_dir / "activations" / HOOK)
+    gpu = Sae.load(train_saes(_cfg(device="cuda"), SAE, gpu_dir, OFF)["topk-k4-x4"]).config_dict()["metrics"]
+    assert gpu["fvu"] == pytest.approx(cpu["fvu"], rel=0.1) and gpu["l0"] == pytest.approx(cpu["l0"], rel=0.1)
 
 
 @pytest.mark.parametrize("sae_option", sorted(architectures()))
@@ -315,7 +314,7 @@ MODEL_HOOK = "blocks.1.resid_post"
 
 
 def _model_cfg(**kw):
-    return _cfg(hook=MODEL_HOOK, source="model", tokens=128 * 20, buffer_tokens=512, epochs=1, **kw)
+    return _cfg(**{"hook": MODEL_HOOK, "source": "model", "tokens": 128 * 20, "buffer_tokens": 512, **kw})
 
 
 def _source(llama_cfg, text_corpus, **harvest):
@@ -332,6 +331,24 @@ def test_training_from_the_model_stores_only_the_heldout_split(llama_cfg, text_c
     assert cfg["training_split_tokens"] == 0  # every stored token is held out
     assert cfg["metrics"]["heldout_tokens"] == 8 * 31 and cfg["metrics"]["fvu"] < 1
     assert _checkpoints(tmp_path) == []
+
+
+def test_variants_at_several_hooks_train_from_one_forward_exactly_as_alone(llama_cfg, text_corpus, tmp_path):
+    other = "blocks.2.resid_post"
+    variants = [{"k": 4}, {"k": 4, "hook": other}]
+    source = _source(llama_cfg, text_corpus)
+    both = train_saes(_model_cfg(variants=variants), SAE, tmp_path / "both", OFF, source)
+    assert set(both) == {"topk-k4-x4", f"{other}/topk-k4-x4"}
+    assert both[f"{other}/topk-k4-x4"] == tmp_path / "both" / "sae" / other / "topk-k4-x4"
+    assert Sae.load(both[f"{other}/topk-k4-x4"]).config_dict()["hook"] == other
+    alone = train_saes(_model_cfg(hook=other), SAE, tmp_path / "alone", OFF, source)["topk-k4-x4"]
+    for name, tensor in _weights(alone).items():
+        torch.testing.assert_close(_weights(both[f"{other}/topk-k4-x4"])[name], tensor, msg=name, rtol=0, atol=0)
+
+
+def test_variants_at_other_hooks_need_the_model_as_source(run_dir):
+    with pytest.raises(TrainError, match="need train.source=model"):
+        train_saes(_cfg(variants=[{"k": 4}, {"hook": "blocks.2.resid_post"}]), SAE, run_dir, OFF)
 
 
 def test_training_from_the_model_resumes_after_kill_to_the_same_weights(llama_cfg, text_corpus, tmp_path):
@@ -379,6 +396,47 @@ def test_training_from_the_model_bad_inputs(llama_cfg, text_corpus, tmp_path):
     harvest_activations(llama_cfg, text_corpus, other, tmp_path)
     with pytest.raises(TrainError, match="context_length: stored 16, now 32"):
         train_saes(_model_cfg(), SAE, tmp_path, OFF, source)
+
+
+def test_two_processes_train_from_the_model_on_their_own_windows(llama_cfg, text_corpus, tmp_path):
+    """Under torchrun each process computes other windows (streaming.py); process 0 stores the held-out
+    split first; the run ends with one dictionary."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from pipeline.corpus import CorpusConfig
+        from pipeline.harvesting import HarvestConfig
+        from pipeline.models import ModelConfig
+        from pipeline.sae import SaeConfig
+        from pipeline.stages.train import ModelSource, train_saes
+        from pipeline.tracking import WandbConfig
+        from pipeline.training import TrainConfig
+        cfg = TrainConfig(hook={MODEL_HOOK!r}, source="model", tokens=128 * 8, buffer_tokens=256, batch_size=128,
+                          holdout_tokens=256, lr=3e-3, checkpoint_every=0, progress=False, device="cpu")
+        source = ModelSource(ModelConfig(path={llama_cfg.path!r}, dtype="float32", device="cpu"),
+                             CorpusConfig(source="files", path={text_corpus.path!r}),
+                             HarvestConfig(context_length=32, batch_size=8, progress=False))
+        train_saes(cfg, SaeConfig(architecture="topk", expansion=4, k=4), sys.argv[1], WandbConfig(mode="disabled"),
+                   source)
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script), str(tmp_path / "run")]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = Sae.load(tmp_path / "run" / "sae" / MODEL_HOOK / "topk-k4-x4").config_dict()
+    assert cfg["training_tokens"] == 128 * 8 and cfg["training_source"] == "model"
+
+
+@pytest.mark.gpu
+def test_training_from_the_model_on_cuda(llama_cfg, text_corpus, tmp_path):
+    from dataclasses import replace
+
+    source = _source(replace(llama_cfg, device="cuda"), text_corpus)
+    out = train_saes(_model_cfg(device="cuda"), SAE, tmp_path, OFF, source)["topk-k4-x4"]
+    cpu = train_saes(_model_cfg(), SAE, tmp_path / "cpu", OFF, _source(llama_cfg, text_corpus))["topk-k4-x4"]
+    fvu = [Sae.load(d).config_dict()["metrics"]["fvu"] for d in (out, cpu)]
+    assert fvu[0] == pytest.approx(fvu[1], rel=0.1)
 
 
 def test_train_from_the_model_on_the_command_line(llama_cfg, text_corpus, tmp_path):

@@ -86,7 +86,8 @@ class _Plan:
     run: RunDir
     cfg: TrainConfig  # with dead_tokens resolved
     sae_cfgs: list[SaeConfig]
-    shards: ShardSet  # the stored activations: the training split (source=shards) and the held-out one
+    hooks: list[str]  # each dictionary's hook (train.hook unless its variant names another)
+    stored: dict[str, ShardSet]  # each hook's stored activations: the training split (source=shards), the held-out one
     stream: ModelStream | None  # source=model: where the training tokens come from
     n_train: int  # the first held-out token of the shards; source=shards trains on the tokens before it
     per_epoch: int  # source=shards: batches per pass over the training split
@@ -95,28 +96,48 @@ class _Plan:
     dist: Dist
     device: torch.device
 
-    def out_dir(self, name: str) -> Path:
-        return self.run.sae(self.cfg.hook, name)
+    @property
+    def shards(self) -> ShardSet:
+        """train.hook's stored activations."""
+        return self.stored[self.cfg.hook]
+
+    def out_dir(self, i: int) -> Path:
+        return self.run.sae(self.hooks[i], self.sae_cfgs[i].default_name())
+
+    def label(self, i: int) -> str:
+        """Dictionary i's name, prefixed by its hook where that is not train.hook."""
+        name = self.sae_cfgs[i].default_name()
+        return name if self.hooks[i] == self.cfg.hook else f"{self.hooks[i]}/{name}"
 
     @property
     def checkpoint(self) -> Path:
         return self.run.checkpoint(self.cfg.hook, self.config_hash)
 
 
-def _variant_configs(base: SaeConfig, variants: list[dict], d_in: int) -> list[SaeConfig]:
-    """The dictionaries to train: `base`, or each variant's overrides of it; checked against d_in."""
-    configs = [base] if not variants else [
-        to_dataclass(SaeConfig, {**asdict(base), "name": None, **dict(v)}) for v in variants
-    ]  # fmt: skip
-    names = [c.default_name() for c in configs]
-    if len(set(names)) != len(names):
-        raise TrainError(f"train.variants give duplicate SAE names {names}; set a distinct `name` in each")
+def _variant_configs(base: SaeConfig, cfg: TrainConfig) -> tuple[list[SaeConfig], list[str]]:
+    """The dictionaries to train and their hooks: `base` at train.hook, or each variant's overrides of
+    it (a variant's `hook` key puts it at another hook)."""
+    specs = [dict(v) for v in cfg.variants]
+    hooks = [spec.pop("hook", cfg.hook) for spec in specs] or [cfg.hook]
+    configs = [to_dataclass(SaeConfig, {**asdict(base), "name": None, **spec}) for spec in specs] or [base]
+    keys = [f"{h}/{c.default_name()}" for h, c in zip(hooks, configs, strict=True)]
+    if len(set(keys)) != len(keys):
+        raise TrainError(f"train.variants give duplicate SAEs {keys}; set a distinct `name` in each")
+    if cfg.source == "shards" and set(hooks) != {cfg.hook}:
+        raise TrainError(
+            f"train.variants at other hooks than train.hook ({sorted(set(hooks))}) need train.source=model, "
+            "where one forward feeds them all; harvested activations are read one hook at a time, so run "
+            "the train stage once per hook"
+        )
+    return configs, hooks
+
+
+def _check_widths(configs: list[SaeConfig], d_in: int) -> None:
     for c in configs:
         try:
             c.check_input_width(d_in)
         except ValueError as err:
             raise TrainError(str(err)) from err
-    return configs
 
 
 def _steps(shards: ShardSet, cfg: TrainConfig, n_train: int) -> tuple[int, int]:
@@ -152,49 +173,76 @@ def _check_stored(directory: Path, stored: ShardSet, loaded, source: ModelSource
         )
 
 
-def _model_stream(cfg: TrainConfig, source: ModelSource | None, run: RunDir) -> ModelStream:
-    """The model-computed training stream, after harvesting the held-out windows if none are stored."""
+def _store_heldout(
+    cfg: TrainConfig, source: ModelSource, run: RunDir, hooks: list[str], loaded, dist: Dist
+) -> dict[str, ShardSet]:
+    """Each hook's stored activations, harvesting the held-out windows where none are stored (process
+    0 does, the others wait); all must hold the same windows, the first the model stream computes."""
+    missing = [h for h in hooks if not (run.activations(h) / MANIFEST).exists()]
+    if missing and dist.rank == 0:
+        ctx = source.harvest.context_length
+        held = whole_windows(cfg.holdout_tokens, ctx) * ctx
+        log.info("storing the held-out split (%d tokens) at %s; training tokens come from the model", held,
+                 ", ".join(missing))  # fmt: skip
+        only_heldout = replace(source.harvest, hooks=missing, tokens=held, num_workers=1, worker=0)
+        harvest_activations(source.model, source.corpus, only_heldout, run.root, loaded=loaded)
+    if dist.enabled:
+        torch_dist.barrier()
+    stored = {h: ShardSet(run.activations(h)) for h in hooks}
+    for h, shards in stored.items():
+        _check_stored(run.activations(h), shards, loaded, source)
+    windows = {h: shards.manifest.n_sequences for h, shards in stored.items()}
+    if len(set(windows.values())) > 1:
+        raise TrainError(
+            f"the stored activations hold different numbers of windows per hook ({windows}); one stream feeds "
+            "them all, so they must match. Harvest them together, or train these hooks in another run_dir."
+        )
+    return stored
+
+
+def _model_stream(
+    cfg: TrainConfig, source: ModelSource | None, run: RunDir, hooks: list[str], dist: Dist
+) -> tuple[ModelStream, dict[str, ShardSet]]:
+    """The model-computed training stream of every hook, and their stored (held-out) activations."""
     if source is None:
         raise TrainError("train.source=model needs the model, corpus and harvest settings (source=ModelSource)")
     if cfg.holdout_tokens == 0:
         raise TrainError("train.source=model stores only the held-out split, so holdout_tokens must be > 0")
     loaded = load_model(source.model)
-    hooks = validate_hooks(loaded.model, [cfg.hook])
-    directory = run.activations(cfg.hook)
-    if not (directory / MANIFEST).exists():
-        held = whole_windows(cfg.holdout_tokens, source.harvest.context_length) * source.harvest.context_length
-        log.info("storing the held-out split (%d tokens) in %s; training tokens come from the model", held,
-                 directory)  # fmt: skip
-        only_heldout = replace(source.harvest, hooks=[cfg.hook], tokens=held, num_workers=1, worker=0)
-        harvest_activations(source.model, source.corpus, only_heldout, run.root, loaded=loaded)
-    stored = ShardSet(directory)
-    _check_stored(directory, stored, loaded, source)
+    points = validate_hooks(loaded.model, list(dict.fromkeys(hooks)))
+    stored = _store_heldout(cfg, source, run, [p.name for p in points], loaded, dist)
+    manifest = stored[cfg.hook].manifest if cfg.hook in stored else next(iter(stored.values())).manifest
     every_window = replace(source.harvest, tokens=None)
     documents = load_documents(source.corpus)  # once: each pass over the corpus only packs them again
-    return ModelStream(
+    stream = ModelStream(
         loaded=loaded,
         windows=lambda: corpus_windows(loaded, source.corpus, every_window, documents),
-        first_window=stored.manifest.n_sequences,
-        hooks=hooks,
-        dtype=DTYPES[stored.manifest.dtype],
+        first_window=manifest.n_sequences,
+        hooks=points,
+        dtype=DTYPES[manifest.dtype],
         forward_batch=source.harvest.batch_size,
-        bos_token_id=stored.manifest.bos_token_id if cfg.exclude_bos else None,
+        bos_token_id=manifest.bos_token_id if cfg.exclude_bos else None,
     )
+    return stream, stored
 
 
-def _data_identity(shards: ShardSet, stream: ModelStream | None) -> list:
+def _data_identity(stored: dict[str, ShardSet], stream: ModelStream | None) -> list:
     """What the training data depends on, for the config hash."""
-    stored = [shards.manifest.weights_hash, [s.sha256 for s in shards.manifest.shards]]
-    return stored if stream is None else [*stored, "model", stream.first_window, stream.forward_batch]
+    data = [[s.manifest.weights_hash, [r.sha256 for r in s.manifest.shards]] for s in stored.values()]
+    return data if stream is None else [*data, "model", stream.first_window, stream.forward_batch]
 
 
 def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: ModelSource | None = None) -> _Plan:
     """Check the settings against the activations and fix the split, the steps and the config hash."""
-    stream = _model_stream(cfg, source, run) if cfg.source == "model" else None
-    shards = ShardSet(run.activations(cfg.hook))
-    sae_cfgs = _variant_configs(sae_cfg, list(cfg.variants), shards.d_model)
+    sae_cfgs, hooks = _variant_configs(sae_cfg, cfg)
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
+    if cfg.source == "model":
+        stream, stored = _model_stream(cfg, source, run, hooks, dist)
+    else:
+        stream, stored = None, {cfg.hook: ShardSet(run.activations(cfg.hook))}
+    shards = next(iter(stored.values()))
+    _check_widths(sae_cfgs, shards.d_model)
     if cfg.batch_size % dist.world:
         raise TrainError(f"train.batch_size={cfg.batch_size} must be divisible by the {dist.world} processes")
     n_train = heldout_start(shards.n_tokens, shards.manifest.context_length, cfg.holdout_tokens)
@@ -216,48 +264,51 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
             "format_version": FORMAT_VERSION,
             "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED},
             "saes": [asdict(c) for c in sae_cfgs],
-            "data": _data_identity(shards, stream),
+            "data": _data_identity(stored, stream),
         }
     )
-    return _Plan(run, cfg, sae_cfgs, shards, stream, n_train, per_epoch, total_steps, hash_, dist, device)
+    return _Plan(run, cfg, sae_cfgs, hooks, stored, stream, n_train, per_epoch, total_steps, hash_, dist, device)
 
 
-def _input_sample(plan: _Plan, n: int = 16_384) -> torch.Tensor:
-    """fp32 training tokens [n, d_in] for the input scale and the b_dec init."""
+def _input_samples(plan: _Plan, n: int = 16_384) -> dict[str, torch.Tensor]:
+    """fp32 training tokens {hook: [n, d_in]} for the input scales and the b_dec inits."""
     cfg = plan.cfg
     if plan.stream is None:
-        return input_sample(plan.shards, plan.n_train, n, cfg.seed, cfg.exclude_bos)
-    return plan.stream.sample(n)[cfg.hook].float().cpu()
+        return {cfg.hook: input_sample(plan.shards, plan.n_train, n, cfg.seed, cfg.exclude_bos)}
+    return {hook: x.float().cpu() for hook, x in plan.stream.sample(n).items()}
 
 
-def _batches(plan: _Plan, start_step: int) -> Iterator[torch.Tensor]:
-    """This process' batches [batch_size / processes, d_in] from `start_step` on, read ahead on a thread."""
+def _batches(plan: _Plan, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This process' batches {hook: [batch_size / processes, d_in]} from `start_step` on, read ahead on
+    a thread."""
     cfg, dist = plan.cfg, plan.dist
     local = dist.local_slice(cfg.batch_size)
     if plan.stream is None:
         batches = training_batches(plan.shards, cfg, plan.n_train, plan.per_epoch, start_step)
-        return prefetch(batch[local] for batch in batches)
+        return prefetch({cfg.hook: batch[local]} for batch in batches)
     size = local.stop - local.start
     block = min(max(1, cfg.buffer_tokens // size), plan.total_steps) * size  # never more than training needs
-    stream = plan.stream.batches(size, block, cfg.seed, start_step, dist.rank, dist.world)
-    return prefetch(batch[cfg.hook] for batch in stream)
+    return prefetch(plan.stream.batches(size, block, cfg.seed, start_step, dist.rank, dist.world))
 
 
-def _members(plan: _Plan) -> tuple[list[TrainingMember], float]:
-    """Freshly initialized dictionaries with their optimizers, and the input scale."""
+def _members(plan: _Plan) -> tuple[list[TrainingMember], dict[str, float]]:
+    """Freshly initialized dictionaries with their optimizers, and each hook's input scale."""
     cfg = plan.cfg
     torch.manual_seed(cfg.seed)
-    sample = _input_sample(plan)
+    samples = _input_samples(plan)
     d_in = plan.shards.d_model
-    scale = float((d_in / sample.pow(2).sum(1).mean()).sqrt()) if cfg.normalize_activations else 1.0
-    meta = {"model_id": plan.shards.manifest.model_id, "hook": cfg.hook, "config_hash": plan.config_hash}
+    scales = {
+        hook: float((d_in / x.pow(2).sum(1).mean()).sqrt()) if cfg.normalize_activations else 1.0
+        for hook, x in samples.items()
+    }
     members = []
-    for c in plan.sae_cfgs:
+    for c, hook in zip(plan.sae_cfgs, plan.hooks, strict=True):
+        meta = {"model_id": plan.shards.manifest.model_id, "hook": hook, "config_hash": plan.config_hash}
         sae = build_sae(c, d_in, meta)
         sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
-        sae.init_from_data(sample * scale)
+        sae.init_from_data(samples[hook] * scales[hook])
         members.append(TrainingMember(sae.to(plan.device), cfg))
-    return members, scale
+    return members, scales
 
 
 def _resume(plan: _Plan, members: list[TrainingMember]) -> int:
@@ -279,21 +330,30 @@ def _check_finite(first_bad: torch.Tensor, plan: _Plan) -> None:
     raise TrainError(f"activation batch {int(first_bad)} (training step {int(first_bad)}) contains NaN or Inf; {fix}")
 
 
-def _log_window(members: list[TrainingMember], tracker: Tracker, bar, step: int, tokens_per_s: float,
-                lr_mult: float) -> None:  # fmt: skip
+def _log_window(members: list[TrainingMember], labels: list[str], tracker: Tracker, bar, step: int,
+                tokens_per_s: float, lr_mult: float) -> None:  # fmt: skip
     """Log the means since the last log (W&B) and the first dictionary's FVU, L0 and dead (progress bar)."""
     metrics = {"tokens_per_s": tokens_per_s}
-    for m in members:
-        metrics.update({f"{m.name}/{key}": value for key, value in m.drain().items()})
-        metrics[f"{m.name}/lr"] = m.lr * lr_mult
+    for m, label in zip(members, labels, strict=True):
+        metrics.update({f"{label}/{key}": value for key, value in m.drain().items()})
+        metrics[f"{label}/lr"] = m.lr * lr_mult
     tracker.log(metrics, step=step)
-    first = members[0].name
+    first = labels[0]
     bar.set_postfix({key: f"{metrics[f'{first}/{key}']:.3g}" for key in ("fvu", "l0", "dead")
                      if f"{first}/{key}" in metrics})  # fmt: skip
 
 
+def _scaled(batch: dict[str, torch.Tensor], scales: dict[str, float], plan: _Plan) -> tuple[dict, dict, torch.Tensor]:
+    """(each hook's fp32 batch on the device times its input scale, its variance over all processes,
+    whether every value was finite)."""
+    xs = {hook: x.to(plan.device, torch.float32, non_blocking=True) for hook, x in batch.items()}
+    finite = torch.stack([torch.isfinite(x).all() for x in xs.values()]).all()
+    xs = {hook: x * scales[hook] for hook, x in xs.items()}
+    return xs, {hook: global_variance(x, plan.dist) for hook, x in xs.items()}, finite
+
+
 def _train_loop(
-    plan: _Plan, members: list[TrainingMember], scale: float, start_step: int, tracker: Tracker
+    plan: _Plan, members: list[TrainingMember], scales: dict[str, float], start_step: int, tracker: Tracker
 ) -> None:
     cfg, dist, device, total = plan.cfg, plan.dist, plan.device, plan.total_steps
     steps = [make_step(m, cfg, dist, device) for m in members]
@@ -307,37 +367,36 @@ def _train_loop(
     try:
         for step in range(start_step, total):
             kill_point("train.step", step)
-            x = next(batches).to(device, torch.float32, non_blocking=True)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(x).all(), step, first_bad)
-            x = x * scale
-            variance = global_variance(x, dist)
+            xs, variances, finite = _scaled(next(batches), scales, plan)
+            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
             warm = min(1.0, (step + 1) / max(1, cfg.sparsity_warmup * total))
             lr_mult = lr_multiplier(step, total, cfg.lr_warmup_steps, cfg.schedule(), cfg.lr_decay_start)
-            for m, train_step in zip(members, steps, strict=True):
+            for m, hook, train_step in zip(members, plan.hooks, steps, strict=True):
                 m.set_lr_multiplier(lr_mult)
-                train_step(x, variance, warm)
+                train_step(xs[hook], variances[hook], warm)
             window_tokens += cfg.batch_size
             bar.update(1)
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
                 _check_finite(first_bad, plan)
                 elapsed = time.perf_counter() - window_start
-                _log_window(members, tracker, bar, done, window_tokens / elapsed, lr_mult)
+                labels = [plan.label(i) for i in range(len(members))]
+                _log_window(members, labels, tracker, bar, done, window_tokens / elapsed, lr_mult)
                 window_start, window_tokens = time.perf_counter(), 0
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total and dist.rank == 0:
                 save_checkpoint(
-                    plan.checkpoint, members, done, {"config_hash": plan.config_hash, "scale": scale}
+                    plan.checkpoint, members, done, {"config_hash": plan.config_hash, "scales": scales}
                 )
     finally:
         bar.close()
 
 
-def _save(plan: _Plan, m: TrainingMember, scale: float) -> tuple[Path, dict]:
-    """Save one trained dictionary, acting on raw activations, with its held-out metrics."""
+def _save(plan: _Plan, i: int, m: TrainingMember, scale: float) -> tuple[Path, dict]:
+    """Save dictionary i, acting on raw activations, with its held-out metrics."""
     cfg = plan.cfg
     sae = copy.deepcopy(m.final_weights())
     sae.fold_input_scale(scale)
-    metrics = heldout_metrics(sae, plan.shards, plan.n_train, cfg.exclude_bos)
+    metrics = heldout_metrics(sae, plan.stored[plan.hooks[i]], plan.n_train, cfg.exclude_bos)
     # dead (DESIGN.md): never active over the last `dead_tokens` training tokens
     metrics["dead_fraction"] = float((m.since_fired >= cfg.dead_tokens).float().mean())
     sae.meta.update(
@@ -349,24 +408,24 @@ def _save(plan: _Plan, m: TrainingMember, scale: float) -> tuple[Path, dict]:
             "metrics": metrics,
         }
     )
-    out = sae.save(plan.out_dir(m.name))
+    out = sae.save(plan.out_dir(i))
     log.info(
         "saved %s: held-out FVU %.4f, L0 %.1f, dead %.2f%% (%.2f%% silent on the held-out tokens) -> %s",
-        m.name, metrics.get("fvu", float("nan")), metrics.get("l0", float("nan")),
+        plan.label(i), metrics.get("fvu", float("nan")), metrics.get("l0", float("nan")),
         100 * metrics["dead_fraction"], 100 * metrics.get("silent_fraction", float("nan")), out,
     )  # fmt: skip
     return out, metrics
 
 
 @contextlib.contextmanager
-def _outputs_locked(plan: _Plan, names: list[str]) -> Iterator[None]:
+def _outputs_locked(plan: _Plan) -> Iterator[None]:
     """Rank 0 holds the locks of the dictionaries it writes, and clears what a killed writer of
     them left behind (temporary files of the dictionaries and of this configuration's checkpoint)."""
     with contextlib.ExitStack() as locks:
         if plan.dist.rank == 0:
-            for name in names:
-                locks.enter_context(exclusive(plan.out_dir(name), f"the dictionary {plan.out_dir(name)}"))
-                remove_stale_temporaries(plan.out_dir(name))
+            for out in map(plan.out_dir, range(len(plan.sae_cfgs))):
+                locks.enter_context(exclusive(out, f"the dictionary {out}"))
+                remove_stale_temporaries(out)
             for tmp, target in stale_temporaries(plan.checkpoint.parent):
                 if target == plan.checkpoint.name:
                     tmp.unlink(missing_ok=True)
@@ -374,7 +433,7 @@ def _outputs_locked(plan: _Plan, names: list[str]) -> Iterator[None]:
 
 
 def _train(plan: _Plan, wandb_cfg: WandbConfig | None) -> dict[str, Path]:
-    members, scale = _members(plan)
+    members, scales = _members(plan)
     start_step = _resume(plan, members)
     config = {
         "train": asdict(plan.cfg),
@@ -383,12 +442,12 @@ def _train(plan: _Plan, wandb_cfg: WandbConfig | None) -> dict[str, Path]:
     }
     name = f"train-{plan.cfg.hook}"
     tracker = Tracker(wandb_cfg or WandbConfig(), plan.run.root, name, config, plan.dist.rank)
-    _train_loop(plan, members, scale, start_step, tracker)
+    _train_loop(plan, members, scales, start_step, tracker)
     saved = {}
     if plan.dist.rank == 0:
-        for m in members:
-            saved[m.name], metrics = _save(plan, m, scale)
-            tracker.summary({f"{m.name}/heldout_{k}": v for k, v in metrics.items()})
+        for i, m in enumerate(members):
+            saved[plan.label(i)], metrics = _save(plan, i, m, scales[plan.hooks[i]])
+            tracker.summary({f"{plan.label(i)}/heldout_{k}": v for k, v in metrics.items()})
         remove_checkpoint(plan.checkpoint)
     tracker.finish()
     if plan.dist.enabled:
@@ -404,15 +463,17 @@ def train_saes(
     source: ModelSource | None = None,
 ) -> dict[str, Path]:
     """Train every configured SAE on `<run_dir>/activations/<hook>/`, or on the model's activations
-    (cfg.source=model, computed with `source`); return {name: saved directory}."""
+    (cfg.source=model, computed with `source`); return {name: saved directory}, the name prefixed by
+    its hook for a variant at another hook than train.hook."""
     plan = plan_training(cfg, sae_cfg, RunDir(run_dir), source)
-    names = [c.default_name() for c in plan.sae_cfgs]
-    with _outputs_locked(plan, names):
-        if all(plan.run.trained(plan.cfg.hook, name, plan.config_hash) for name in names):
-            log.info("SAEs %s are already trained with this configuration; nothing to do", names)
+    indices = range(len(plan.sae_cfgs))
+    with _outputs_locked(plan):
+        trained = [plan.run.trained(plan.hooks[i], plan.sae_cfgs[i].default_name(), plan.config_hash) for i in indices]
+        if all(trained):
+            log.info("SAEs %s are already trained with this configuration; nothing to do", list(map(plan.label, indices)))
             if plan.dist.rank == 0:
                 remove_checkpoint(plan.checkpoint)  # left by a kill between the final save and its removal
-            return {name: plan.out_dir(name) for name in names}
+            return {plan.label(i): plan.out_dir(i) for i in indices}
         return _train(plan, wandb_cfg)
 
 
