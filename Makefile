@@ -1,7 +1,7 @@
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-slow run run-full compare-demo bench bench-quality lint format
+.PHONY: install test test-slow run run-full compare-demo bench bench-quality gpu-wheels lint format
 
 # torch first: `torch==2.13.0` resolves to the local CPU wheel on the dev machines (a normal build elsewhere);
 # installing anything that depends on torch before it would pull a multi-GB CUDA build.
@@ -61,3 +61,14 @@ format:
 bench-quality: .bench-venv/bin/python
 	$(PYTHON) -m pipeline harvest
 	.bench-venv/bin/python bench/quality_sweep.py
+
+# The packages a bare GPU machine without network lacks (its Python is 3.12; torch, transformers,
+# tokenizers, pyarrow and pandas are there), as wheels in .whl/ for bench/gpu.sh to install:
+#   make gpu-wheels; then on the GPU machine, in the repository: sh bench/gpu.sh
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+	eai-sparsify==1.3.3 schedulefree==1.4.1 natsort simple-parsing docstring-parser
+gpu-wheels:
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl $(GPU_WHEELS)
+	$(PIP) wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	@du -sh .whl

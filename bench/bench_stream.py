@@ -1,14 +1,16 @@
 """Training straight from the model (`train.source=model`) against the bare truncated forward, and its
-held-out FVU against training from shards with the same budget on the same held-out windows.
+held-out FVU against training from shards on the same windows with the same budget.
 
     make bench            (or: python bench/bench_stream.py --tokens 262144)
 
-  shards  harvest holdout + tokens tokens, train on the first `tokens` (held out: the last windows)
-  model   the same stored windows; train.source=model streams the corpus windows after them, the same
-          number of steps, and is measured on the same held-out windows
+  model   the held-out split (the corpus' first `holdout` tokens) is stored; train.source=model
+          streams the windows after it
+  shards  a shard set of exactly those windows, the streamed ones first and the held-out ones last,
+          trained on by the train stage (its held-out split: the last windows, so the same ones)
 Prints the training loop's tokens/s from the model / the bare truncated forward over the windows it
 streams (target >= 0.85: the SAE step hides under the forward), and FVU model / FVU shards (target:
-within 2%). Both dictionaries use the train stage's defaults (SaeConfig(), TrainConfig()).
+within 2%; what differs is only the order: one shuffled block against a shuffle of the whole split).
+Both dictionaries use the train stage's defaults (SaeConfig(), TrainConfig()).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import torch
 from bench_harvest import bare_forward
 
 from pipeline.corpus import CorpusConfig
-from pipeline.harvesting import HarvestConfig, corpus_windows, harvest_activations
+from pipeline.harvesting import HarvestConfig, corpus_windows, forward_shard, harvest_activations
 from pipeline.hooks import validate_hooks
 from pipeline.models import ModelConfig, load_model
 from pipeline.sae import Sae, SaeConfig
+from pipeline.shards import Manifest, ShardSet, ShardWriter, shard_name, write_manifest
 from pipeline.stages import train as train_stage
 from pipeline.tracking import WandbConfig
 from pipeline.training import TrainConfig
@@ -54,6 +57,22 @@ def timed_training(cfg: TrainConfig, run_dir: Path, source=None) -> tuple[float,
     return seconds[0], Sae.load(next(iter(saved.values()))).config_dict()["metrics"]
 
 
+def same_windows_shards(loaded, stored: Path, streamed: torch.Tensor, out: Path, batch_size: int) -> None:
+    """Write `out`: the streamed windows [n, ctx] then the stored ones, as shards of the stored set's kind."""
+    held = ShardSet(stored)
+    windows = torch.cat([streamed, held.tokens_at(torch.arange(held.n_tokens)).view(-1, streamed.shape[1])])
+    hooks = validate_hooks(loaded.model, [HOOK])
+    writer, per_shard = ShardWriter(), held.manifest.sequences_per_shard
+    out.mkdir(parents=True)
+    for index, start in enumerate(range(0, len(windows), per_shard)):
+        tokens = windows[start : start + per_shard].to(torch.int32)
+        acts = forward_shard(loaded, hooks, tokens, batch_size, held.dtype)[HOOK]
+        writer.submit(index, out / shard_name(index), tokens, acts)
+    writer.close()
+    records = [writer.records[i] for i in sorted(writer.records)]
+    write_manifest(out, Manifest(**{**held.manifest.identity(), "shards": records}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=262_144, help="training tokens of both dictionaries")
@@ -66,23 +85,21 @@ def main() -> None:
     loaded = load_model(model_cfg)
     windows_cfg = HarvestConfig(hooks=[HOOK], progress=False)
     ctx = windows_cfg.context_length
-    stored_windows = -(-(args.holdout + args.tokens * ctx // (ctx - 1)) // ctx) + 1
     base = TrainConfig(hook=HOOK, tokens=args.tokens, holdout_tokens=args.holdout, progress=False)
-    source = train_stage.ModelSource(model_cfg, corpus, windows_cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        shards_run, model_run = Path(tmp) / "shards", Path(tmp) / "model"
-        stored = HarvestConfig(hooks=[HOOK], tokens=stored_windows * ctx, progress=False)
-        harvest_activations(model_cfg, corpus, stored, shards_run, loaded=loaded)
-        (model_run / "activations").mkdir(parents=True)
-        (model_run / "activations" / HOOK).symlink_to(shards_run / "activations" / HOOK)
-        shards_s, shards_metrics = timed_training(base, shards_run)
+        model_run, shards_run = Path(tmp) / "model", Path(tmp) / "shards"
+        held = replace(windows_cfg, tokens=-(-args.holdout // ctx) * ctx)
+        harvest_activations(model_cfg, corpus, held, model_run, loaded=loaded)
+        first = held.tokens // ctx
+        streamed = torch.stack(list(itertools.islice(corpus_windows(loaded, corpus, windows_cfg), first,
+                                                     first + -(-args.tokens // (ctx - 1)))))  # fmt: skip
+        source = train_stage.ModelSource(model_cfg, corpus, windows_cfg)
         model_s, model_metrics = timed_training(replace(base, source="model"), model_run, source)
-    streamed = itertools.islice(corpus_windows(loaded, corpus, windows_cfg), stored_windows,
-                                stored_windows + -(-args.tokens // (ctx - 1)))  # fmt: skip
-    tokens = torch.stack(list(streamed))
-    bare_s = bare_forward(loaded, validate_hooks(loaded.model, [HOOK]), tokens, windows_cfg.batch_size)
-    bare_rate = tokens[:, 1:].numel() / bare_s  # trained-on tokens (BOS excluded) per second
-
+        same_windows_shards(loaded, model_run / "activations" / HOOK, streamed,
+                            shards_run / "activations" / HOOK, windows_cfg.batch_size)  # fmt: skip
+        shards_s, shards_metrics = timed_training(base, shards_run)
+    bare_s = bare_forward(loaded, validate_hooks(loaded.model, [HOOK]), streamed, windows_cfg.batch_size)
+    bare_rate = streamed[:, 1:].numel() / bare_s  # trained-on tokens (BOS excluded) per second
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")  # fmt: skip
     print(f"model: SmolLM2-135M ({args.dtype}) {HOOK}; dictionary: {SaeConfig().default_name()}, "

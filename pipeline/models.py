@@ -56,9 +56,13 @@ class ModelConfig:
     """Compute dtype: float32 | bfloat16 | float16 | auto (bf16 on GPU, fp32 on CPU)."""
     device: str = "auto"
     """auto (cuda when present) | cpu | cuda | cuda:N."""
+    device_map: str | None = None
+    """null: the whole model on `device` | auto | balanced | sequential: accelerate spreads the layers
+    over the GPUs (then the CPU), for models larger than one GPU; inputs go to the embedding's device."""
 
     def __post_init__(self) -> None:
-        check_settings(self, "model", ModelLoadError, choices={"dtype": ("auto", *DTYPES)})
+        check_settings(self, "model", ModelLoadError,
+                       choices={"dtype": ("auto", *DTYPES), "device_map": (None, "auto", "balanced", "sequential")})  # fmt: skip
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ModelLoadError(f"model.device={self.device!r} is not one of auto, cpu, mps, cuda, cuda:N")
 
@@ -208,12 +212,19 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     source, model_id, kwargs = _resolve_source(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    placement = {"device_map": cfg.device_map} if cfg.device_map else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=False, **placement, **kwargs
+        )
     except OSError as err:
         raise ModelLoadError(f"could not load model {model_id!r} from {source!r}: {err}") from err
-    model.to(device).eval().requires_grad_(False)
+    if cfg.device_map:
+        device = model.get_input_embeddings().weight.device  # where token ids go in
+    else:
+        model.to(device)
+    model.eval().requires_grad_(False)
     config = model.config
     max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return LoadedModel(

@@ -108,6 +108,25 @@ def test_workers_write_the_single_process_shard_set(llama_cfg, text_corpus, tmp_
     assert ShardSet(hook_dir).manifest == single["blocks.1.resid_post"]
 
 
+def test_submitit_workers_write_the_single_process_shard_set(llama_cfg, text_corpus, tmp_path):
+    """Two harvest workers launched by Hydra's submitit launcher (its local executor: real submitit,
+    separate processes) write the shard set one process writes."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    split = tmp_path / "split"
+    cmd = [sys.executable, "-m", "pipeline", "harvest", "-m", "hydra/launcher=submitit_local",
+           "harvest.num_workers=2", "harvest.worker=0,1", f"run_dir={split}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+           f"model.path={llama_cfg.path}", "model.package=null", "model.gguf_file=null", "model.dtype=float32",
+           "model.device=cpu", "corpus=files", f"corpus.path={text_corpus.path}", "harvest.hooks=[blocks.1.resid_post]",
+           "harvest.tokens=576", "harvest.context_length=32", "harvest.sequences_per_shard=4", "harvest.batch_size=3",
+           "harvest.progress=false"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = harvest_activations(llama_cfg, text_corpus, _cfg(tokens=576), tmp_path / "one")
+    split_dir, one_dir = (d / "activations" / "blocks.1.resid_post" for d in (split, tmp_path / "one"))
+    assert ShardSet(split_dir).manifest == single["blocks.1.resid_post"]
+    assert _shard_bytes(split_dir) == _shard_bytes(one_dir) and len(_shard_bytes(one_dir)) == 5
+
+
 def test_extending_a_harvest_reuses_its_shards(llama_cfg, text_corpus, tmp_path, caplog):
     harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 8), tmp_path / "run")
     caplog.set_level("INFO")

@@ -34,3 +34,22 @@ def test_under_torchrun_cuda_means_this_process_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert resolve_device("cuda") == torch.device("cuda", 3)
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
+
+
+def test_device_map_places_the_model_with_accelerate_and_inputs_follow_its_embedding(llama_cfg, text_corpus, tmp_path):
+    from dataclasses import replace
+
+    from pipeline.harvesting import HarvestConfig, harvest_activations
+    from pipeline.shards import ShardSet
+
+    placed = replace(llama_cfg, device_map="auto")  # no GPU here: accelerate keeps every layer on the CPU
+    loaded = load_model(placed)
+    assert loaded.device == loaded.model.get_input_embeddings().weight.device
+    assert loaded.weights_hash == load_model(llama_cfg).weights_hash
+    cfg = HarvestConfig(hooks=["blocks.1.resid_post"], tokens=32 * 4, context_length=32, progress=False)
+    harvest_activations(placed, text_corpus, cfg, tmp_path / "placed")
+    harvest_activations(llama_cfg, text_corpus, cfg, tmp_path / "plain")
+    a, b = (ShardSet(tmp_path / d / "activations" / "blocks.1.resid_post") for d in ("placed", "plain"))
+    torch.testing.assert_close(a.sequence(3)[1], b.sequence(3)[1])
+    with pytest.raises(ModelLoadError, match="device_map"):
+        ModelConfig(device_map="everywhere")
