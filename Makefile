@@ -39,6 +39,7 @@ compare-demo:
 
 bench: .bench-venv/bin/python
 	$(PYTHON) bench/bench_harvest.py
+	$(PYTHON) bench/bench_stream.py
 	$(PYTHON) bench/bench_train.py --peer-python .bench-venv/bin/python
 	$(PYTHON) bench/bench_evaluate.py
 	$(PYTHON) bench/bench_analyze.py
