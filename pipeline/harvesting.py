@@ -276,14 +276,14 @@ def check_disk_space(cfg: HarvestConfig, d_model: int, dtype: torch.dtype, dirs:
     written = sum(p.stat().st_size for d in dirs for p in d.glob("shard-*.safetensors"))
     needed = per_hook * len(dirs) - written
     free = free_bytes(dirs[0])
-    log.info("harvest writes %s (%d tokens x d_model %d x %d bytes x %d hooks); %s free at %s",
-             human_bytes(per_hook * len(dirs)), tokens, d_model, dtype.itemsize, len(dirs), human_bytes(free),
+    size = f"{tokens} tokens x d_model {d_model} x {dtype.itemsize} bytes x {len(dirs)} hook{'s' * (len(dirs) > 1)}"
+    log.info("harvest writes %s (%s); %s free at %s", human_bytes(per_hook * len(dirs)), size, human_bytes(free),
              dirs[0])  # fmt: skip
     if needed > free:
         raise HarvestError(
-            f"harvest needs {human_bytes(needed)} more at {dirs[0]} ({tokens} tokens x d_model {d_model} x "
-            f"{dtype.itemsize} bytes x {len(dirs)} hooks) but the disk has {human_bytes(free)} free: "
-            f"{human_bytes(needed - free)} missing. Harvest fewer tokens (harvest.tokens), choose a run_dir on "
+            f"harvest needs {human_bytes(needed)} more at {dirs[0]} ({size}) but the disk has "
+            f"{human_bytes(free)} free: {human_bytes(needed - free)} missing. Harvest fewer tokens "
+            "(harvest.tokens), choose a run_dir on "
             "a larger disk, or train straight from the model without storing activations (train.source=model)."
         )
 
