@@ -346,6 +346,12 @@ def test_variants_at_several_hooks_train_from_one_forward_exactly_as_alone(llama
         torch.testing.assert_close(_weights(both[f"{other}/topk-k4-x4"])[name], tensor, msg=name, rtol=0, atol=0)
 
 
+def test_variants_all_at_other_hooks_than_train_hook(llama_cfg, text_corpus, tmp_path):
+    only_other = [{"k": 4, "hook": "blocks.2.resid_post"}, {"k": 8, "hook": "blocks.2.resid_post"}]
+    saved = train_saes(_model_cfg(variants=only_other), SAE, tmp_path, OFF, _source(llama_cfg, text_corpus))
+    assert set(saved) == {"blocks.2.resid_post/topk-k4-x4", "blocks.2.resid_post/topk-k8-x4"}
+
+
 def test_variants_at_other_hooks_need_the_model_as_source(run_dir):
     with pytest.raises(TrainError, match="need train.source=model"):
         train_saes(_cfg(variants=[{"k": 4}, {"hook": "blocks.2.resid_post"}]), SAE, run_dir, OFF)

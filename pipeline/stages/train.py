@@ -98,8 +98,8 @@ class _Plan:
 
     @property
     def shards(self) -> ShardSet:
-        """train.hook's stored activations."""
-        return self.stored[self.cfg.hook]
+        """train.hook's stored activations (the first variant's hook's when no variant is at train.hook)."""
+        return self.stored.get(self.cfg.hook) or next(iter(self.stored.values()))
 
     def out_dir(self, i: int) -> Path:
         return self.run.sae(self.hooks[i], self.sae_cfgs[i].default_name())
