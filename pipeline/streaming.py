@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.hooks import HookPoint, capture_activations
@@ -45,6 +46,8 @@ class ModelStream:
     """Windows per forward pass."""
     bos_token_id: int | None
     """Positions holding this token are left out (None: none are)."""
+    progress: bool = False
+    """Show a progress bar while a block's windows go through the model (training waits meanwhile)."""
 
     def training_windows(self) -> Iterator[torch.Tensor]:
         """The windows trained on, pass after pass over the corpus."""
@@ -71,12 +74,15 @@ class ModelStream:
     def compute(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Activations {hook: [tokens, d_model]} of the given (window, positions) pieces, in order."""
         out: dict[str, list[torch.Tensor]] = {h.name: [] for h in self.hooks}
+        bar = tqdm(total=len(pieces), unit="window", desc="activations", leave=False, disable=not self.progress)
         for start in range(0, len(pieces), self.forward_batch):
             group = pieces[start : start + self.forward_batch]
             ids = torch.stack([w for w, _ in group]).to(self.loaded.device, torch.long)
             acts = capture_activations(self.loaded.model, ids, self.hooks)
             for name, a in acts.items():  # a: [windows, context_length, d_model]
                 out[name] += [a[i, p.to(a.device)].to(self.dtype) for i, (_, p) in enumerate(group)]
+            bar.update(len(group))
+        bar.close()
         return {name: torch.cat(parts) for name, parts in out.items()}
 
     def block(self, walk: WindowWalk, lo: int, hi: int) -> dict[str, torch.Tensor]:

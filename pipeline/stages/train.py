@@ -222,6 +222,7 @@ def _model_stream(
         dtype=DTYPES[manifest.dtype],
         forward_batch=source.harvest.batch_size,
         bos_token_id=manifest.bos_token_id if cfg.exclude_bos else None,
+        progress=cfg.progress and dist.rank == 0,
     )
     return stream, stored
 
