@@ -33,6 +33,7 @@ from pipeline.models import ModelConfig, load_model
 from pipeline.sae import Sae, SaeConfig
 from pipeline.shards import Manifest, ShardSet, ShardWriter, shard_name, write_manifest
 from pipeline.stages import train as train_stage
+from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
 from pipeline.training import TrainConfig
 
@@ -93,7 +94,7 @@ def main() -> None:
         first = held.tokens // ctx
         streamed = torch.stack(list(itertools.islice(corpus_windows(loaded, corpus, windows_cfg), first,
                                                      first + -(-args.tokens // (ctx - 1)))))  # fmt: skip
-        source = train_stage.ModelSource(model_cfg, corpus, windows_cfg)
+        source = ModelSource(model_cfg, corpus, windows_cfg)
         model_s, model_metrics = timed_training(replace(base, source="model"), model_run, source)
         same_windows_shards(loaded, model_run / "activations" / HOOK, streamed,
                             shards_run / "activations" / HOOK, windows_cfg.batch_size)  # fmt: skip

@@ -36,7 +36,7 @@ from pipeline.models import ModelConfig, load_model
 from pipeline.sae import SaeConfig, build_sae
 from pipeline.shards import ShardSet
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes
-from pipeline.stages.train import ModelSource
+from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
 from pipeline.training import Dist, TrainConfig, TrainingMember, make_step
 

@@ -11,19 +11,33 @@ Under `torchrun`, process r takes blocks r, r + world, r + 2 world, ...: N proce
 the activations. A training step fixes its block and its place in the block, so a resumed training
 rebuilds exactly the batches an uninterrupted one would have drawn (the windows before the block are
 tokenized again, not run through the model).
+
+`model_stream` sets a training run's stream up: it stores the held-out split (harvesting it when
+missing) and checks that the stored windows are the ones the stream would compute first.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
+from pipeline.corpus import CorpusConfig, corpus_id, load_documents
 from pipeline.errors import PipelineError
-from pipeline.hooks import HookPoint, capture_activations
-from pipeline.models import LoadedModel
+from pipeline.harvesting import HarvestConfig, corpus_windows, harvest_activations
+from pipeline.hooks import HookPoint, capture_activations, validate_hooks
+from pipeline.models import DTYPES, LoadedModel, ModelConfig, load_model
+from pipeline.rundir import RunDir
+from pipeline.shards import MANIFEST, ShardSet
+from pipeline.splits import whole_windows
+from pipeline.training import Dist, TrainConfig, TrainError
+
+log = logging.getLogger(__name__)
 
 
 class StreamError(PipelineError, ValueError):
@@ -139,3 +153,88 @@ class WindowWalk:
             self._start, self._current = end, None
             if end == hi:
                 return pieces
+
+
+# ---------------------------------------------------------------- a run's stream
+
+
+@dataclass
+class ModelSource:
+    """What `train.source=model` computes activations with: the model, the corpus, and the harvest
+    settings that cut it into windows (and store the held-out split)."""
+
+    model: ModelConfig
+    corpus: CorpusConfig
+    harvest: HarvestConfig
+
+
+def check_stored(directory: Path, stored: ShardSet, loaded, source: ModelSource) -> None:
+    """The stored (held-out) windows must be the ones the model stream would compute first."""
+    expected = {
+        "weights_hash": loaded.weights_hash,
+        "corpus_id": corpus_id(source.corpus),
+        "context_length": source.harvest.context_length,
+        "bos_policy": source.harvest.bos_policy,
+    }
+    diffs = {k: (getattr(stored.manifest, k), v) for k, v in expected.items() if getattr(stored.manifest, k) != v}
+    if diffs:
+        detail = "; ".join(f"{k}: stored {old!r}, now {new!r}" for k, (old, new) in diffs.items())
+        raise TrainError(
+            f"{directory} holds activations of other settings than train.source=model streams ({detail}); "
+            "the held-out split must come from the same model and corpus windows. Use another run_dir, or "
+            "the settings the activations were harvested with."
+        )
+
+
+def store_heldout(
+    cfg: TrainConfig, source: ModelSource, run: RunDir, hooks: list[str], loaded, dist: Dist
+) -> dict[str, ShardSet]:
+    """Each hook's stored activations, harvesting the held-out windows where none are stored (process
+    0 does, the others wait); all must hold the same windows, the first the model stream computes."""
+    missing = [h for h in hooks if not (run.activations(h) / MANIFEST).exists()]
+    if missing and dist.rank == 0:
+        ctx = source.harvest.context_length
+        held = whole_windows(cfg.holdout_tokens, ctx) * ctx
+        log.info("storing the held-out split (%d tokens) at %s; training tokens come from the model", held,
+                 ", ".join(missing))  # fmt: skip
+        only_heldout = replace(source.harvest, hooks=missing, tokens=held, num_workers=1, worker=0)
+        harvest_activations(source.model, source.corpus, only_heldout, run.root, loaded=loaded)
+    if dist.enabled:
+        torch_dist.barrier()
+    stored = {h: ShardSet(run.activations(h)) for h in hooks}
+    for h, shards in stored.items():
+        check_stored(run.activations(h), shards, loaded, source)
+    windows = {h: shards.manifest.n_sequences for h, shards in stored.items()}
+    if len(set(windows.values())) > 1:
+        raise TrainError(
+            f"the stored activations hold different numbers of windows per hook ({windows}); one stream feeds "
+            "them all, so they must match. Harvest them together, or train these hooks in another run_dir."
+        )
+    return stored
+
+
+def model_stream(
+    cfg: TrainConfig, source: ModelSource | None, run: RunDir, hooks: list[str], dist: Dist
+) -> tuple[ModelStream, dict[str, ShardSet]]:
+    """The model-computed training stream of every hook, and their stored (held-out) activations."""
+    if source is None:
+        raise TrainError("train.source=model needs the model, corpus and harvest settings (source=ModelSource)")
+    if cfg.holdout_tokens == 0:
+        raise TrainError("train.source=model stores only the held-out split, so holdout_tokens must be > 0")
+    loaded = load_model(source.model)
+    points = validate_hooks(loaded.model, list(dict.fromkeys(hooks)))
+    stored = store_heldout(cfg, source, run, [p.name for p in points], loaded, dist)
+    manifest = stored[cfg.hook].manifest if cfg.hook in stored else next(iter(stored.values())).manifest
+    every_window = replace(source.harvest, tokens=None)
+    documents = load_documents(source.corpus)  # once: each pass over the corpus only packs them again
+    stream = ModelStream(
+        loaded=loaded,
+        windows=lambda: corpus_windows(loaded, source.corpus, every_window, documents),
+        first_window=manifest.n_sequences,
+        hooks=points,
+        dtype=DTYPES[manifest.dtype],
+        forward_batch=source.harvest.batch_size,
+        bos_token_id=manifest.bos_token_id if cfg.exclude_bos else None,
+        progress=cfg.progress and dist.rank == 0,
+    )
+    return stream, stored

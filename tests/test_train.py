@@ -17,7 +17,8 @@ from pipeline.locks import LockedError, exclusive
 from pipeline.rundir import RunDir
 from pipeline.sae import Sae, SaeConfig, architectures
 from pipeline.shards import ShardError, shard_name
-from pipeline.stages.train import ModelSource, train_saes
+from pipeline.stages.train import train_saes
+from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
 from pipeline.training import TrainConfig, TrainError
 from tests.conftest import make_shard_set
@@ -364,7 +365,8 @@ def test_training_from_the_model_resumes_after_kill_to_the_same_weights(llama_cf
         from pipeline.harvesting import HarvestConfig
         from pipeline.models import ModelConfig
         from pipeline.sae import SaeConfig
-        from pipeline.stages.train import ModelSource, train_saes
+        from pipeline.stages.train import train_saes
+        from pipeline.streaming import ModelSource
         from pipeline.tracking import WandbConfig
         from pipeline.training import TrainConfig
         cfg = TrainConfig(hook={MODEL_HOOK!r}, source="model", tokens=128 * 20, buffer_tokens=512, batch_size=128,
@@ -414,7 +416,8 @@ def test_two_processes_train_from_the_model_on_their_own_windows(llama_cfg, text
         from pipeline.harvesting import HarvestConfig
         from pipeline.models import ModelConfig
         from pipeline.sae import SaeConfig
-        from pipeline.stages.train import ModelSource, train_saes
+        from pipeline.stages.train import train_saes
+        from pipeline.streaming import ModelSource
         from pipeline.tracking import WandbConfig
         from pipeline.training import TrainConfig
         cfg = TrainConfig(hook={MODEL_HOOK!r}, source="model", tokens=128 * 8, buffer_tokens=256, batch_size=128,
