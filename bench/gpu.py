@@ -7,7 +7,8 @@
    Adam) and of sparsify 1.3's (SparseCoder with its schedule-free SignSGD) on the same data
    (target: >= 1.4x sparsify).
 2. A Llama-3.2-1B-shaped model built from its config with random weights (nothing is downloaded) and a
-   tokenizer trained here on the embedded pydoc corpus; hook blocks.8.resid_post (of 16 layers):
+   tokenizer trained here on the embedded pydoc corpus; the embedded standard-library source corpus
+   (large enough that the stream continues after the harvested windows); hook blocks.8.resid_post:
    harvest / the bare truncated forward (target >= 0.9), training from the model / the bare forward,
    evaluate / the bare forward to logits.
 Prints one table; --json writes the figures. `--smoke` runs the same code at toy sizes on the CPU
@@ -144,7 +145,7 @@ def llama_1b_like(sizes: Sizes, directory: Path) -> ModelConfig:
 
 def model_side(model_cfg: ModelConfig, sizes: Sizes, run: Path, tokens: int, train_tokens: int) -> dict:
     loaded = load_model(model_cfg)
-    corpus = CorpusConfig(name="pydoc", source="pydoc")
+    corpus = CorpusConfig(name="stdlib_source", source="stdlib_source")
     harvest_cfg = HarvestConfig(hooks=[HOOK], tokens=tokens, batch_size=64, progress=False)
     start = time.perf_counter()
     harvest_activations(model_cfg, corpus, harvest_cfg, run, loaded=loaded)
