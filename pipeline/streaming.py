@@ -86,18 +86,24 @@ class ModelStream:
 
     @torch.inference_mode()
     def compute(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Activations {hook: [tokens, d_model]} of the given (window, positions) pieces, in order."""
-        out: dict[str, list[torch.Tensor]] = {h.name: [] for h in self.hooks}
+        """Activations {hook: [tokens, d_model]} of the given (window, positions) pieces, in order,
+        written into one preallocated tensor per hook (memory: the block, once)."""
+        n = sum(len(positions) for _, positions in pieces)
+        d_model, device = self.loaded.d_model, self.loaded.device
+        out = {h.name: torch.empty(n, d_model, dtype=self.dtype, device=device) for h in self.hooks}
         bar = tqdm(total=len(pieces), unit="window", desc="activations", leave=False, disable=not self.progress)
+        row = 0
         for start in range(0, len(pieces), self.forward_batch):
             group = pieces[start : start + self.forward_batch]
-            ids = torch.stack([w for w, _ in group]).to(self.loaded.device, torch.long)
-            acts = capture_activations(self.loaded.model, ids, self.hooks)
-            for name, a in acts.items():  # a: [windows, context_length, d_model]
-                out[name] += [a[i, p.to(a.device)].to(self.dtype) for i, (_, p) in enumerate(group)]
+            ids = torch.stack([w for w, _ in group]).to(device, torch.long)
+            acts = capture_activations(self.loaded.model, ids, self.hooks)  # {hook: [windows, ctx, d_model]}
+            for i, (_, positions) in enumerate(group):
+                for name, a in acts.items():
+                    out[name][row : row + len(positions)] = a[i, positions.to(a.device)]
+                row += len(positions)
             bar.update(len(group))
         bar.close()
-        return {name: torch.cat(parts) for name, parts in out.items()}
+        return out
 
     def block(self, walk: WindowWalk, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """Activations of tokens [lo, hi) of the training stream: {hook: [hi - lo, d_model]}."""
@@ -122,6 +128,7 @@ class ModelStream:
             for i in range(offset, per_block):
                 rows = order[i * batch_size : (i + 1) * batch_size]
                 yield {name: a[rows.to(a.device)] for name, a in acts.items()}
+            del acts  # before the next block is computed: one block in memory at a time
             block, offset = block + 1, 0
 
 
