@@ -53,3 +53,23 @@ def test_device_map_places_the_model_with_accelerate_and_inputs_follow_its_embed
     torch.testing.assert_close(a.sequence(3)[1], b.sequence(3)[1])
     with pytest.raises(ModelLoadError, match="device_map"):
         ModelConfig(device_map="everywhere")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_device_map_spreads_the_layers_over_two_gpus_and_harvests_what_the_cpu_computes(
+    llama_cfg, text_corpus, tmp_path
+):
+    from dataclasses import replace
+
+    from pipeline.harvesting import HarvestConfig, harvest_activations
+    from pipeline.shards import ShardSet
+
+    placed = replace(llama_cfg, device="cuda", device_map="balanced")
+    loaded = load_model(placed)
+    assert len({p.device for p in loaded.model.parameters()}) == 2
+    cfg = HarvestConfig(hooks=["blocks.2.resid_post"], tokens=32 * 4, context_length=32, dtype="float32", progress=False)
+    harvest_activations(placed, text_corpus, cfg, tmp_path / "placed")
+    harvest_activations(llama_cfg, text_corpus, cfg, tmp_path / "cpu")
+    a, b = (ShardSet(tmp_path / d / "activations" / "blocks.2.resid_post") for d in ("placed", "cpu"))
+    torch.testing.assert_close(a.sequence(3)[1], b.sequence(3)[1], atol=1e-4, rtol=1e-4)
