@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONF_DIR
 from pipeline.errors import PipelineError
+from pipeline.fileio import nearest_existing
 
 
 class RunDirError(PipelineError, ValueError):
@@ -48,8 +49,7 @@ def reported_as_one_line() -> Iterator[None]:
 
 def check_run_dir(run_dir: str | Path) -> None:
     """run_dir must be a directory, or one that can be made, where this user may write."""
-    path = Path(run_dir).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = nearest_existing(run_dir)
     if not existing.is_dir():
         raise RunDirError(f"run_dir={run_dir}: {existing} is a file, not a directory; choose another run_dir")
     if not os.access(existing, os.W_OK | os.X_OK):

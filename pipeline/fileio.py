@@ -19,11 +19,15 @@ class DiskFullError(PipelineError, OSError):
     """The disk filled up while writing; whatever was completed before is kept."""
 
 
+def nearest_existing(path: str | Path) -> Path:
+    """`path` itself if it exists, else its nearest existing parent (where it would be made)."""
+    path = Path(path).absolute()
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def free_bytes(path: str | Path) -> int:
     """Free space on the disk that holds `path` (or would hold it: its nearest existing parent)."""
-    path = Path(path).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    return shutil.disk_usage(existing).free
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def human_bytes(n: float) -> str:

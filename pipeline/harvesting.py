@@ -143,10 +143,8 @@ def _check_compatible(directory: Path, planned: Manifest) -> None:
     for path in sources:
         if not path.exists():
             continue
-        existing = read_manifest(path).identity()
-        diffs = {k: (existing[k], v) for k, v in planned.identity().items() if existing.get(k) != v}
-        if diffs:
-            detail = "; ".join(f"{k}: existing {old!r}, now {new!r}" for k, (old, new) in diffs.items())
+        detail = read_manifest(path).differences(planned.identity())
+        if detail:
             raise HarvestError(
                 f"{directory} already holds activations harvested with other settings ({detail}). "
                 "Use another run_dir, or delete that directory to start over."

@@ -100,6 +100,14 @@ class Manifest:
         del ident["shards"]
         return ident
 
+    def differences(self, expected: dict, found_as: str = "existing") -> str:
+        """The identity fields that differ from `expected`, for a message ("" when none do):
+        `hook: existing 'a', now 'b'; ...`."""
+        ident = self.identity()
+        return "; ".join(
+            f"{k}: {found_as} {ident.get(k)!r}, now {v!r}" for k, v in expected.items() if ident.get(k) != v
+        )
+
     def to_json(self) -> str:
         data = asdict(self)
         data["n_sequences"] = self.n_sequences

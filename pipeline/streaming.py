@@ -183,9 +183,8 @@ def check_stored(directory: Path, stored: ShardSet, loaded, source: ModelSource)
         "context_length": source.harvest.context_length,
         "bos_policy": source.harvest.bos_policy,
     }
-    diffs = {k: (getattr(stored.manifest, k), v) for k, v in expected.items() if getattr(stored.manifest, k) != v}
-    if diffs:
-        detail = "; ".join(f"{k}: stored {old!r}, now {new!r}" for k, (old, new) in diffs.items())
+    detail = stored.manifest.differences(expected, found_as="stored")
+    if detail:
         raise TrainError(
             f"{directory} holds activations of other settings than train.source=model streams ({detail}); "
             "the held-out split must come from the same model and corpus windows. Use another run_dir, or "

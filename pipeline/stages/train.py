@@ -284,6 +284,7 @@ def _train_loop(
     first_bad = torch.tensor(-1, device=device)
     window_start, window_tokens = time.perf_counter(), 0
     batches = _batches(plan, start_step)
+    labels = [plan.label(i) for i in range(len(members))]
     try:
         for step in range(start_step, total):
             kill_point("train.step", step)
@@ -300,7 +301,6 @@ def _train_loop(
             if done % cfg.log_every == 0 or done == total:
                 _check_finite(first_bad, plan)
                 elapsed = time.perf_counter() - window_start
-                labels = [plan.label(i) for i in range(len(members))]
                 _log_window(members, labels, tracker, bar, done, window_tokens / elapsed, lr_mult)
                 window_start, window_tokens = time.perf_counter(), 0
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total and dist.rank == 0:
