@@ -36,6 +36,8 @@ def bare_forward(model, tokens: torch.Tensor, batch_size: int) -> float:
             model(
                 input_ids=tokens[i : i + batch_size].long().to(model.device), use_cache=False
             ).logits.float()
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)  # the last batch's kernels, queued asynchronously
     return time.perf_counter() - start
 
 

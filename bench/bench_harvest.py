@@ -30,6 +30,8 @@ def bare_forward(loaded, hooks, tokens: torch.Tensor, batch_size: int) -> float:
     with torch.inference_mode():
         for i in range(0, len(tokens), batch_size):
             capture_activations(loaded.model, tokens[i : i + batch_size].long().to(loaded.device), hooks)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)  # the last batch's kernels, queued asynchronously
     return time.perf_counter() - start
 
 

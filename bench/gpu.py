@@ -21,6 +21,7 @@ import argparse
 import json
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,9 @@ def synthetic(sizes: Sizes, n: int, seed: int = 0) -> torch.Tensor:
     idx = torch.randint(0, len(basis), (n, 32), device=sizes.device, generator=gen)
     mags = torch.empty(n, 32, device=sizes.device).exponential_(generator=gen)
     noise = 0.05 * torch.randn(n, sizes.d_in, device=sizes.device, generator=gen)
-    return torch.einsum("nk,nkd->nd", mags, basis[idx]) + noise + 0.5
+    # summed in chunks of rows: basis[idx] for all n at once would be n x 32 x d_in floats
+    sums = torch.cat([torch.einsum("nk,nkd->nd", m, basis[i]) for m, i in zip(mags.split(4096), idx.split(4096), strict=True)])
+    return sums + noise + 0.5
 
 
 def tokens_per_s(step, data: torch.Tensor, sizes: Sizes, warmup: int = 5) -> float:
@@ -139,7 +142,8 @@ def llama_1b_like(sizes: Sizes, directory: Path) -> ModelConfig:
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>").save_pretrained(directory)
     config = LlamaConfig(**sizes.model, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=500_000.0)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(directory)
+    with torch.device(sizes.device):  # random init on the GPU: a minute of CPU time saved
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(directory)
     return ModelConfig(name="llama-1b-shaped", path=str(directory), dtype="bfloat16", device=sizes.device)
 
 
@@ -171,26 +175,9 @@ def model_side(model_cfg: ModelConfig, sizes: Sizes, run: Path, tokens: int, tra
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="SAE steps per measurement")
-    parser.add_argument("--tokens", type=int, default=1_048_576, help="tokens harvested")
-    parser.add_argument("--train-tokens", type=int, default=4_194_304, help="tokens trained from the model")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the script only")
-    args = parser.parse_args()
-    sizes = SMOKE if args.smoke else FULL
-    if sizes.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/gpu.py needs CUDA (--smoke runs it at toy sizes on the CPU)")
-    if args.smoke:
-        args.tokens, args.train_tokens, args.steps = 32_768, 8192, 8
-    step = sae_step(sizes, args.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_cfg = llama_1b_like(sizes, Path(tmp) / "model")
-        model = model_side(model_cfg, sizes, Path(tmp) / "run", args.tokens, args.train_tokens)
-    device = torch.cuda.get_device_name() if sizes.device == "cuda" else "cpu (smoke: toy sizes)"
-    print(f"device: {device}, torch {torch.__version__}")
+def report(figures: dict, sizes: Sizes) -> None:
     print(f"TopK step, d_in {sizes.d_in}, {sizes.latents} latents, k {sizes.k}, batch {sizes.batch}, bf16 autocast (tokens/s):")
+    step, model = figures.get("sae_step", {}), figures.get("model", {})
     for name, rate in step.items():
         print(f"  {name:24}{rate:>12,.0f}")
     if "sparsify" in step:
@@ -198,11 +185,49 @@ def main() -> None:
     print(f"Llama-3.2-1B-shaped model (random weights, bf16), {HOOK} (tokens/s):")
     for name, rate in model.items():
         print(f"  {name:24}{rate:>12,.0f}")
-    forward, logits = model["bare truncated forward"], model["bare forward to logits"]
-    print(f"  harvest / forward {model['harvest'] / forward:.2f} (target >= 0.9), train from the model / forward "
-          f"{model['train from the model'] / forward:.2f}, evaluate / forward to logits {model['evaluate'] / logits:.2f}")  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps({"device": device, "sae_step": step, "model": model}))
+    if "evaluate" in model:
+        forward, logits = model["bare truncated forward"], model["bare forward to logits"]
+        print(f"  harvest / forward {model['harvest'] / forward:.2f} (target >= 0.9), train from the model / forward "
+              f"{model['train from the model'] / forward:.2f}, evaluate / forward to logits {model['evaluate'] / logits:.2f}")  # fmt: skip
+
+
+def measure(name: str, work, figures: dict, json_path: Path | None) -> None:
+    """Runs one section; a failure is printed and the next section still runs (device time is scarce)."""
+    try:
+        figures[name] = work()
+    except Exception:  # noqa: BLE001  (the traceback is the report)
+        traceback.print_exc()
+        figures[name] = {}
+    print(f"{name}: {figures[name]}", flush=True)
+    if json_path:
+        json_path.write_text(json.dumps(figures))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="SAE steps per measurement")
+    parser.add_argument("--tokens", type=int, default=1_048_576, help="tokens harvested")
+    parser.add_argument("--train-tokens", type=int, default=4_194_304, help="tokens trained from the model")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--only-step", action="store_true", help="the SAE step alone")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the script only")
+    args = parser.parse_args()
+    sizes = SMOKE if args.smoke else FULL
+    if sizes.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py needs CUDA (--smoke runs it at toy sizes on the CPU)")
+    if args.smoke:
+        args.tokens, args.train_tokens, args.steps = 32_768, 8192, 8
+    device = torch.cuda.get_device_name() if sizes.device == "cuda" else "cpu (smoke: toy sizes)"
+    figures: dict = {"device": device, "torch": torch.__version__}
+    print(f"device: {device}, torch {torch.__version__}", flush=True)
+    measure("sae_step", lambda: sae_step(sizes, args.steps), figures, args.json)
+    if args.only_step:
+        return report(figures, sizes)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_cfg = llama_1b_like(sizes, Path(tmp) / "model")
+        work = lambda: model_side(model_cfg, sizes, Path(tmp) / "run", args.tokens, args.train_tokens)  # noqa: E731
+        measure("model", work, figures, args.json)
+    report(figures, sizes)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,6 @@ else
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sae.py tests/test_harvest.py tests/test_evaluate.py \
+timeout 240 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_sae.py tests/test_harvest.py tests/test_evaluate.py \
     tests/test_train.py || echo "gpu tests FAILED (above); the benchmark runs anyway"
 python3 bench/gpu.py --json "${OUT:-.}/gpu.json"

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.config import check_settings
@@ -207,27 +208,33 @@ def iter_texts(dataset, text_field: str = "text") -> Iterator[str]:
             yield text
 
 
-def _token_stream(
+def _token_batches(
     texts: Iterable[str], tokenizer, bos_policy: str, bos_id: int | None, eos_id: int | None, batch_docs: int
-) -> Iterator[list[int]]:
-    """Token ids of each document with its separator, tokenized a batch of documents at a time."""
+) -> Iterator[np.ndarray]:
+    """The token ids of `batch_docs` documents at a time, each with its separator, as one int32 array
+    (numpy, not Python lists: tokenization runs on a thread beside the model forward, and the less
+    it holds the interpreter lock the less it slows the forward's Python)."""
     batch: list[str] = []
 
-    def flush():
+    def flush() -> np.ndarray:
         encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        parts = []
         for ids in encoded:
             if bos_policy == "document":
-                yield [bos_id, *ids]
+                parts += [np.array([bos_id], np.int32), np.asarray(ids, np.int32)]
             else:
-                yield [*ids, eos_id] if eos_id is not None else ids
+                parts.append(np.asarray(ids, np.int32))
+                if eos_id is not None:
+                    parts.append(np.array([eos_id], np.int32))
+        return np.concatenate(parts) if parts else np.empty(0, np.int32)
 
     for text in texts:
         batch.append(text)
         if len(batch) == batch_docs:
-            yield from flush()
+            yield flush()
             batch = []
     if batch:
-        yield from flush()
+        yield flush()
 
 
 def special_token_ids(tokenizer) -> tuple[int | None, int | None]:
@@ -252,18 +259,19 @@ def pack_windows(
         )
     prefix = [bos] if bos_policy == "window" else []
     body = context_length - len(prefix)
-    buffer: list[int] = []
+    pending = np.empty(0, np.int32)  # tokens not yet in a window
     produced = 0
     seen = 0
-    for ids in _token_stream(texts, tokenizer, bos_policy, bos, eos, batch_docs):
+    for ids in _token_batches(texts, tokenizer, bos_policy, bos, eos, batch_docs):
         seen += len(ids)
-        buffer.extend(ids)
-        start = 0
-        while len(buffer) - start >= body:
-            yield torch.tensor(prefix + buffer[start : start + body], dtype=torch.int32)
-            produced += 1
-            start += body
-        del buffer[:start]
+        stream = np.concatenate([pending, ids])
+        n = len(stream) // body
+        windows = stream[: n * body].reshape(n, body)
+        if prefix:
+            windows = np.concatenate([np.full((n, 1), bos, np.int32), windows], 1)
+        yield from torch.from_numpy(np.ascontiguousarray(windows))
+        produced += n
+        pending = stream[n * body :]
     if produced == 0:
         raise CorpusError(
             f"the corpus holds {seen} tokens, fewer than one window of {context_length}; "

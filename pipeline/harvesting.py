@@ -39,6 +39,7 @@ from pipeline.fileio import file_sha256, free_bytes, human_bytes, stale_temporar
 from pipeline.hooks import HookPoint, capture_activations, validate_hooks
 from pipeline.locks import exclusive
 from pipeline.models import DTYPES, LoadedModel, ModelConfig, dtype_name, load_model, resolve_dtype
+from pipeline.prefetch import prefetch
 from pipeline.rundir import RunDir
 from pipeline.shards import (
     MANIFEST,
@@ -215,13 +216,22 @@ def forward_shard(
 ) -> dict[str, torch.Tensor]:
     """Run one shard's windows through the truncated model: {hook: [n_seq, context_length, d_model]}."""
     n_seq, context_length = tokens.shape
-    out = {h.name: torch.empty(n_seq, context_length, loaded.d_model, dtype=dtype) for h in hooks}
+    # on CUDA: page-locked memory, so copies run asynchronously and the next batch's forward overlaps them
+    pinned = loaded.device.type == "cuda"
+    out = {
+        h.name: torch.empty(n_seq, context_length, loaded.d_model, dtype=dtype, pin_memory=pinned) for h in hooks
+    }
+    sources = set()  # the devices copies come from (several under model.device_map)
     with torch.inference_mode():
         for start in range(0, n_seq, batch_size):
-            ids = tokens[start : start + batch_size].to(loaded.device, dtype=torch.long)
+            ids = tokens[start : start + batch_size].to(loaded.device, dtype=torch.long, non_blocking=pinned)
             for name, acts in capture_activations(loaded.model, ids, hooks).items():
-                out[name][start : start + len(ids)] = acts.to("cpu", dtype)
+                out[name][start : start + len(ids)].copy_(acts.to(dtype), non_blocking=pinned)
+                sources.add(acts.device)
             on_batch(ids.numel())
+    for device in sources:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return out
 
 
@@ -304,7 +314,8 @@ def _write_shards(
     total = cfg.tokens // cfg.num_workers if cfg.tokens else None
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress)
     try:
-        for index, tokens in enumerate(_shards_of_windows(windows, cfg.sequences_per_shard)):
+        # tokenization runs ahead on a thread, overlapping the forward and the writers
+        for index, tokens in enumerate(prefetch(_shards_of_windows(windows, cfg.sequences_per_shard))):
             if index % cfg.num_workers != cfg.worker:
                 continue
             kill_point("harvest.shard", index)

@@ -76,15 +76,18 @@ def next_token_losses(
     clean_logits: torch.Tensor,
     others: dict[str, torch.Tensor],
     tokens: torch.Tensor,
-    rows_per_chunk: int = 32,
+    rows_per_chunk: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """CE of the clean logits [batch, seq, vocab], and (CE, KL(clean || other)) for each of `others`,
     all [batch, seq-1]. An other is logits [batch, seq, vocab], or float log-probabilities
     [seq, vocab] (see log_probs) when it is the same for every sequence. These are next_token_nll
     and kl_divergence, computed a few positions at a time so that each vocabulary-wide pass stays in
     cache (4x faster on a CPU than whole-batch ops, which are memory-bound and dominate an
-    evaluation's non-model time)."""
+    evaluation's non-model time). On a GPU, chunks of ~256 MB of fp32 logits: few, large kernels.
+    `rows_per_chunk` overrides the choice."""
     batch, seq, vocab = clean_logits.shape
+    if rows_per_chunk is None:
+        rows_per_chunk = 32 if clean_logits.device.type == "cpu" else max(32, 2**26 // vocab)
     clean = clean_logits.reshape(batch * seq, vocab)
     targets = torch.cat([tokens[:, 1:], tokens[:, :1]], 1).reshape(-1, 1).long()  # last one unused
     positions = torch.arange(seq, device=clean.device).repeat(batch)

@@ -196,7 +196,8 @@ def state_dict_hash(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(memoryview(tensor.view(torch.uint8).numpy()))  # hashed in place, not copied
     return digest.hexdigest()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import struct
 import threading
@@ -191,18 +192,24 @@ def write_shard(path: Path, tokens: torch.Tensor, activations: torch.Tensor) -> 
 
 
 class ShardWriter:
-    """Writes shards on a background thread so serialization and disk I/O overlap the model forward.
+    """Writes shards on background threads so hashing and disk I/O overlap the model forward.
 
-    `submit` blocks while `max_pending` shards are queued (bounded memory). An error in the thread
-    is re-raised by the next `submit` or by `close`.
+    Each thread writes whole shards (a shard's sha256 is one sequential pass, so several shards are
+    hashed at once: on a GPU the forward produces activations faster than one core hashes them).
+    `submit` blocks while `threads + 1` shards wait (bounded memory). An error in a thread is
+    re-raised by the next `submit` or by `close`; shards may land in any order.
     """
 
-    def __init__(self, max_pending: int = 2):
+    def __init__(self, threads: int | None = None):
+        self.threads = threads or default_writer_threads()
         self.records: dict[tuple[str, int], ShardRecord] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._queue: queue.Queue = queue.Queue(maxsize=self.threads + 1)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
-        self._thread.start()
+        self._workers = [
+            threading.Thread(target=self._run, name=f"shard-writer-{i}", daemon=True) for i in range(self.threads)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
@@ -211,8 +218,7 @@ class ShardWriter:
                 try:
                     self.records[key] = write_shard(path, tokens, activations)
                 except BaseException as err:  # handed to the main thread
-                    self._error = err
-            self._queue.task_done()
+                    self._error = self._error or err
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -226,9 +232,16 @@ class ShardWriter:
 
     def close(self) -> None:
         """Wait for every queued shard; raise the first write error, if any."""
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join()
         self._raise_pending()
+
+
+def default_writer_threads() -> int:
+    """Shard writers: up to 4, one core left to the forward and the tokenizer."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 # ---------------------------------------------------------------- reading

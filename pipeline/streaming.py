@@ -32,6 +32,7 @@ from pipeline.errors import PipelineError
 from pipeline.harvesting import HarvestConfig, corpus_windows, harvest_activations
 from pipeline.hooks import HookPoint, capture_activations, validate_hooks
 from pipeline.models import DTYPES, LoadedModel, ModelConfig, load_model
+from pipeline.prefetch import prefetch
 from pipeline.rundir import RunDir
 from pipeline.shards import MANIFEST, ShardSet
 from pipeline.splits import whole_windows
@@ -62,6 +63,8 @@ class ModelStream:
     """Positions holding this token are left out (None: none are)."""
     progress: bool = False
     """Show a progress bar while a block's windows go through the model (training waits meanwhile)."""
+    read_ahead: int = 1024
+    """Windows tokenized ahead on a thread (a block's worth overlaps the previous block's forward)."""
 
     def training_windows(self) -> Iterator[torch.Tensor]:
         """The windows trained on, pass after pass over the corpus."""
@@ -96,11 +99,13 @@ class ModelStream:
         for start in range(0, len(pieces), self.forward_batch):
             group = pieces[start : start + self.forward_batch]
             ids = torch.stack([w for w, _ in group]).to(device, torch.long)
+            context = ids.shape[1]
+            # the kept positions of the whole group as rows of [windows * context]: one gather per hook
+            rows = torch.cat([i * context + positions for i, (_, positions) in enumerate(group)])
             acts = capture_activations(self.loaded.model, ids, self.hooks)  # {hook: [windows, ctx, d_model]}
-            for i, (_, positions) in enumerate(group):
-                for name, a in acts.items():
-                    out[name][row : row + len(positions)] = a[i, positions.to(a.device)]
-                row += len(positions)
+            for name, a in acts.items():
+                out[name][row : row + len(rows)] = a.flatten(0, 1).index_select(0, rows.to(a.device))
+            row += len(rows)
             bar.update(len(group))
         bar.close()
         return out
@@ -138,7 +143,8 @@ class WindowWalk:
 
     def __init__(self, stream: ModelStream):
         self._stream = stream
-        self._windows = stream.training_windows()
+        # tokenized on a thread, a block's worth ahead, while the previous block goes through the model
+        self._windows = prefetch(stream.training_windows(), size=stream.read_ahead)
         self._start = 0  # trained-on tokens before the current window
         self._current: tuple[torch.Tensor, torch.Tensor] | None = None  # (window, its positions)
 
@@ -242,5 +248,6 @@ def model_stream(
         forward_batch=source.harvest.batch_size,
         bos_token_id=manifest.bos_token_id if cfg.exclude_bos else None,
         progress=cfg.progress and dist.rank == 0,
+        read_ahead=cfg.buffer_tokens // source.harvest.context_length + source.harvest.batch_size,
     )
     return stream, stored

@@ -10,8 +10,6 @@ what one process would (gloo on CPU, NCCL on GPU).
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -88,8 +86,11 @@ class TrainConfig:
     """A latent not active over this many training tokens counts as dead (and gets AuxK gradient);
     null = max(10,000, 1% of the training tokens): 10k for the default run, 10M for a 1B-token run."""
     log_every: int = 10
-    checkpoint_every: int = 100
-    """Steps between checkpoints (0: never)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: by time only)."""
+    checkpoint_minutes: float = 10.0
+    """Minutes between checkpoints (0: by steps only): a killed run loses at most this much training,
+    and a fast GPU run does not spend its time writing optimizer state."""
     variants: list[dict] = field(default_factory=list)
     """Several SAEs in one pass: each dict overrides fields of `sae` (e.g. [{k: 16}, {k: 64}])."""
     progress: bool = True
@@ -98,7 +99,7 @@ class TrainConfig:
         check_settings(
             self, "train", TrainError,
             positive=("tokens", "buffer_tokens", "epochs", "batch_size", "lr", "lr_base", "grad_clip", "dead_tokens", "log_every"),
-            non_negative=("holdout_tokens", "lr_warmup_steps", "checkpoint_every"),
+            non_negative=("holdout_tokens", "lr_warmup_steps", "checkpoint_every", "checkpoint_minutes"),
             fractions=("lr_decay_start", "sparsity_warmup"),
             choices={"source": ("shards", "model"), "optimizer": tuple(OPTIMIZER_DEFAULTS), "autocast": ("auto", "bfloat16", "float32"),
                      "lr_decay": ("linear", "cosine", "constant", None)},
@@ -212,26 +213,6 @@ def training_batches(
         epoch, offset = epoch + 1, 0
 
 
-def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
-    """Run `iterator` on a background thread, `size` items ahead (reads overlap compute)."""
-    items: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
-
-    def fill():
-        try:
-            for item in iterator:
-                items.put(item)
-        except BaseException as err:
-            items.put(err)
-        items.put(done)
-
-    threading.Thread(target=fill, daemon=True).start()
-    while (item := items.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 def input_sample(shards: ShardSet, n_train: int, n: int, seed: int, exclude_bos: bool) -> torch.Tensor:
     """A random fp32 sample [n, d_in] of training tokens (for input scaling and b_dec init)."""
     batch = next(
@@ -316,9 +297,7 @@ def make_step(m: TrainingMember, cfg: TrainConfig, dist: Dist, device: torch.dev
         m.opt.step()
         m.opt.zero_grad(set_to_none=True)
         m.constrain()
-        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
-        fired[out.fired] = True
-        m.since_fired.add_(cfg.batch_size).masked_fill_(_fired_anywhere(fired, dist), 0)
+        m.since_fired.add_(cfg.batch_size).masked_fill_(_fired_anywhere(out.fired, dist), 0)
         m.accumulate(
             {**out.terms, "loss": out.loss.detach(), "l0": out.l0.detach(), "dead": dead.float().mean()}
         )

@@ -198,3 +198,34 @@ def test_disk_full_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError, match="disk full while writing .*x.bin"):
         atomic_write(tmp_path / "x.bin", b"0" * 100_000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_threads_write_the_same_files_as_one(tmp_path):
+    """Shards written by 3 threads (landing in any order) are the bytes one thread writes."""
+    written = {}
+    for threads in (1, 3):
+        writer = ShardWriter(threads=threads)
+        for index in range(7):
+            gen = torch.Generator().manual_seed(index)
+            tokens = torch.randint(0, 100, (2, CTX), dtype=torch.int32, generator=gen)
+            acts = torch.randn(2, CTX, D, generator=gen).to(torch.bfloat16)
+            writer.submit(("h", index), tmp_path / str(threads) / shard_name(index), tokens, acts)
+        writer.close()
+        written[threads] = {key: record.sha256 for key, record in writer.records.items()}
+        assert len(written[threads]) == 7
+    assert written[1] == written[3]
+    for index in range(7):
+        one, three = (tmp_path / t / shard_name(index) for t in ("1", "3"))
+        assert one.read_bytes() == three.read_bytes()
+
+
+def test_a_failing_writer_thread_stops_the_harvest_with_its_error(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")  # a file where the shard's directory should be
+    writer = ShardWriter(threads=2)
+    tokens, acts = torch.zeros(1, CTX, dtype=torch.int32), torch.zeros(1, CTX, D)
+    writer.submit(("h", 0), blocker / shard_name(0), tokens, acts)
+    with pytest.raises(OSError):
+        for index in range(1, 50):  # a later submit or close re-raises it
+            writer.submit(("h", index), tmp_path / shard_name(index), tokens, acts)
+        writer.close()

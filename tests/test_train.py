@@ -110,24 +110,33 @@ def test_rerun_skips_finished_training(run_dir, caplog):
     assert "already trained" in caplog.text
 
 
-def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_factory):
-    """kill -9 at step 10 (after the checkpoint of step 8), re-run: the final weights equal an
-    uninterrupted run's."""
+# a clock that advances a minute each time it is read: checkpoint_minutes=2 is due every other read
+_FAKE_CLOCK = "import itertools, pipeline.stages.train as t; t.time.perf_counter = itertools.count(0, 60).__next__"
+
+
+@pytest.mark.parametrize(
+    ("schedule", "clock"),
+    [("checkpoint_every=4, checkpoint_minutes=0", ""), ("checkpoint_every=0, checkpoint_minutes=2", _FAKE_CLOCK)],
+    ids=["by-steps", "by-minutes"],
+)
+def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_factory, schedule, clock):
+    """kill -9 at step 10 (after a checkpoint), re-run: the final weights equal an uninterrupted run's."""
     script = textwrap.dedent(f"""
         import sys
         from pipeline.sae import SaeConfig
         from pipeline.stages.train import train_saes
         from pipeline.tracking import WandbConfig
         from pipeline.training import TrainConfig
+        {clock}
         cfg = TrainConfig(hook={HOOK!r}, batch_size=128, holdout_tokens=256, epochs=10, lr=3e-3,
-                          lr_warmup_steps=2, dead_tokens=512, log_every=5, checkpoint_every=4, progress=False)
+                          lr_warmup_steps=2, dead_tokens=512, log_every=5, {schedule}, progress=False)
         train_saes(cfg, SaeConfig(architecture="topk", expansion=4, k=4), sys.argv[1], WandbConfig(mode="disabled"))
     """)
     env = {**os.environ, KILL_VARIABLE: "train.step:10"}
     proc = subprocess.run([sys.executable, "-c", script, str(run_dir)], cwd=REPO, env=env, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     (checkpoint,) = _checkpoints(run_dir)
-    assert _checkpoint_step(checkpoint) == 8
+    assert _checkpoint_step(checkpoint) == 8 if clock == "" else 0 < _checkpoint_step(checkpoint) <= 10
     assert not (run_dir / "sae" / HOOK / "topk-k4-x4" / "sae.safetensors").exists()
 
     resumed = train_saes(_cfg(checkpoint_every=4), SAE, run_dir, OFF)["topk-k4-x4"]

@@ -112,7 +112,7 @@ class TrainOutput(NamedTuple):
     terms: dict[str, torch.Tensor]
     """Named loss terms, for logging (detached)."""
     fired: torch.Tensor
-    """Indices of latents active anywhere in the batch (for dead-latent tracking)."""
+    """Which latents were active anywhere in the batch: bool [d_sae] (for dead-latent tracking)."""
     l0: torch.Tensor
     """Mean active latents per token."""
 
@@ -122,7 +122,7 @@ def dense_train_output(
 ) -> TrainOutput:
     """TrainOutput of an architecture that computes dense codes [batch, d_sae]."""
     active = codes > 0
-    return TrainOutput(x_hat, loss, terms, active.any(0).nonzero().flatten(), active.sum(1).float().mean())
+    return TrainOutput(x_hat, loss, terms, active.any(0), active.sum(1).float().mean())
 
 
 class Sae(nn.Module):
@@ -245,7 +245,8 @@ class Sae(nn.Module):
         """sha256 of the saved tensors: identifies these weights (e.g. in the stages' config hashes)."""
         digest = hashlib.sha256()
         for key, tensor in sorted(self.file_tensors().items()):
-            digest.update(key.encode() + tensor.detach().float().cpu().contiguous().numpy().tobytes())
+            digest.update(key.encode())  # then the fp32 bytes, hashed in place (no copies of the weights)
+            digest.update(memoryview(tensor.detach().float().cpu().contiguous().numpy()).cast("B"))
         return digest.hexdigest()
 
     def config_dict(self) -> dict:

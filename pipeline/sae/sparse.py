@@ -21,7 +21,8 @@ def _transposed_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor
     """The transpose of the sparse [batch, d_sae] matrix with entries (rows, cols, values), as CSR."""
     order = torch.argsort(cols, stable=True)
     crow = torch.zeros(shape[1] + 1, dtype=torch.long, device=cols.device)
-    crow[1:] = torch.bincount(cols, minlength=shape[1]).cumsum(0)
+    # counts by scatter-add, not bincount: bincount reads its input's max back to the host (a GPU sync per step)
+    crow[1:] = torch.zeros_like(crow[1:]).index_add_(0, cols, torch.ones_like(cols)).cumsum(0)
     with warnings.catch_warnings():  # "CSR support is in beta": the matmul used here is well supported
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(

@@ -60,4 +60,7 @@ class TopKSae(Sae, architecture="topk"):
             loss = loss + self.cfg.aux_coefficient * aux
             terms["auxk"] = aux.detach()
         active = values > 0
-        return TrainOutput(x_hat, loss, terms, indices[active], active.sum(1).float().mean())
+        # counted by index_add, not indices[active]: a boolean-mask gather waits for the GPU every step
+        fired = torch.zeros(self.d_sae, dtype=torch.int32, device=indices.device)
+        fired.index_add_(0, indices.flatten(), active.flatten().to(torch.int32))
+        return TrainOutput(x_hat, loss, terms, fired > 0, active.sum(1).float().mean())

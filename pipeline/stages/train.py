@@ -12,7 +12,7 @@ With `train.source=model` the training tokens are computed by the model as train
 is harvested first when missing), so evaluate and analyze work on such a dictionary as on any other.
 
 Inputs are scaled so that E||x||^2 = d_in while training; the scale is folded into the saved
-weights. Checkpoints every `checkpoint_every` steps make a killed run resume where it stopped, with
+weights. Checkpoints (every `checkpoint_minutes`, or `checkpoint_every` steps) make a killed run resume where it stopped, with
 final weights equal to an uninterrupted run's. Under `torchrun`, each process takes a slice of
 every batch (training.py).
 """
@@ -42,6 +42,7 @@ from pipeline.harvesting import HarvestConfig
 from pipeline.locks import exclusive
 from pipeline.models import ModelConfig, resolve_device
 from pipeline.optim import lr_multiplier
+from pipeline.prefetch import prefetch
 from pipeline.rundir import RunDir, config_hash
 from pipeline.sae import SaeConfig, build_sae
 from pipeline.sae.base import FORMAT_VERSION
@@ -59,13 +60,12 @@ from pipeline.training import (
     init_distributed,
     input_sample,
     make_step,
-    prefetch,
     training_batches,
 )
 
 log = logging.getLogger(__name__)
 
-_NOT_HASHED = {"log_every", "checkpoint_every", "progress", "device", "compile"}  # change no result
+_NOT_HASHED = {"log_every", "checkpoint_every", "checkpoint_minutes", "progress", "device", "compile"}  # change no result
 
 
 @dataclass
@@ -283,6 +283,7 @@ def _train_loop(
     # the first step whose batch held NaN / Inf, kept on the device and checked when logging (no sync per step)
     first_bad = torch.tensor(-1, device=device)
     window_start, window_tokens = time.perf_counter(), 0
+    last_checkpoint = window_start
     batches = _batches(plan, start_step)
     labels = [plan.label(i) for i in range(len(members))]
     try:
@@ -303,12 +304,19 @@ def _train_loop(
                 elapsed = time.perf_counter() - window_start
                 _log_window(members, labels, tracker, bar, done, window_tokens / elapsed, lr_mult)
                 window_start, window_tokens = time.perf_counter(), 0
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total and dist.rank == 0:
+            if done < total and dist.rank == 0 and _checkpoint_due(cfg, done, last_checkpoint):
                 save_checkpoint(
                     plan.checkpoint, members, done, {"config_hash": plan.config_hash, "scales": scales}
                 )
+                last_checkpoint = time.perf_counter()
     finally:
         bar.close()
+
+
+def _checkpoint_due(cfg: TrainConfig, done: int, last_checkpoint: float) -> bool:
+    by_steps = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+    by_time = cfg.checkpoint_minutes and time.perf_counter() - last_checkpoint >= 60 * cfg.checkpoint_minutes
+    return bool(by_steps or by_time)
 
 
 def _save(plan: _Plan, i: int, m: TrainingMember, scale: float) -> tuple[Path, dict]:
