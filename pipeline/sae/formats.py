@@ -105,8 +105,10 @@ def _build(architecture: str, tensors: dict[str, torch.Tensor], k: int, meta: di
     d_sae, d_in = tensors["W_dec"].shape
     cls = architectures()[architecture]
     cfg = SaeConfig(architecture=architecture, d_sae=d_sae, **({"k": k} if cls.uses_k else {}))
-    sae = cls(cfg, d_in, meta)
-    sae.load_file_tensors({name: t.float() for name, t in tensors.items()})
+    with torch.device("meta"):  # no random initialisation for the file's tensors to overwrite
+        sae = cls(cfg, d_in, meta)
+    sae.to_empty(device="cpu")
+    sae.load_file_tensors({name: t.float() for name, t in tensors.items()})  # every tensor: checked there
     return sae
 
 
