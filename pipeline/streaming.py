@@ -198,6 +198,12 @@ def check_stored(directory: Path, stored: ShardSet, loaded, source: ModelSource)
         )
 
 
+def stored_for(stored: dict[str, ShardSet], hook: str) -> ShardSet:
+    """`hook`'s stored activations, or the first hook's where `hook` has none (when no dictionary is
+    at train.hook): every hook's hold the same windows of the same model."""
+    return stored[hook] if hook in stored else next(iter(stored.values()))
+
+
 def store_heldout(
     cfg: TrainConfig, source: ModelSource, run: RunDir, hooks: list[str], loaded, dist: Dist
 ) -> dict[str, ShardSet]:
@@ -236,7 +242,7 @@ def model_stream(
     loaded = load_model(source.model)
     points = validate_hooks(loaded.model, list(dict.fromkeys(hooks)))
     stored = store_heldout(cfg, source, run, [p.name for p in points], loaded, dist)
-    manifest = stored[cfg.hook].manifest if cfg.hook in stored else next(iter(stored.values())).manifest
+    manifest = stored_for(stored, cfg.hook).manifest
     every_window = replace(source.harvest, tokens=None)
     documents = load_documents(source.corpus)  # once: each pass over the corpus only packs them again
     stream = ModelStream(

@@ -48,7 +48,7 @@ from pipeline.sae import SaeConfig, build_sae
 from pipeline.sae.base import FORMAT_VERSION
 from pipeline.shards import ShardSet
 from pipeline.splits import heldout_start
-from pipeline.streaming import ModelSource, ModelStream, model_stream
+from pipeline.streaming import ModelSource, ModelStream, model_stream, stored_for
 from pipeline.tracking import Tracker, WandbConfig
 from pipeline.training import (
     Dist,
@@ -88,7 +88,7 @@ class _Plan:
     @property
     def shards(self) -> ShardSet:
         """train.hook's stored activations (the first variant's hook's when no variant is at train.hook)."""
-        return self.stored.get(self.cfg.hook) or next(iter(self.stored.values()))
+        return stored_for(self.stored, self.cfg.hook)
 
     def out_dir(self, i: int) -> Path:
         return self.run.sae(self.hooks[i], self.sae_cfgs[i].default_name())
@@ -159,7 +159,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
         stream, stored = model_stream(cfg, source, run, hooks, dist)
     else:
         stream, stored = None, {cfg.hook: ShardSet(run.activations(cfg.hook))}
-    shards = next(iter(stored.values()))
+    shards = stored_for(stored, cfg.hook)
     _check_widths(sae_cfgs, shards.d_model)
     if cfg.batch_size % dist.world:
         raise TrainError(f"train.batch_size={cfg.batch_size} must be divisible by the {dist.world} processes")
