@@ -29,6 +29,7 @@ import torch
 from bench_evaluate import bare_forward as bare_logits_forward
 from bench_harvest import bare_forward
 from bench_stream import timed_training
+from synthetic import synthetic_activations
 
 from pipeline.corpus import CorpusConfig, pydoc_documents
 from pipeline.harvesting import HarvestConfig, harvest_activations
@@ -65,19 +66,6 @@ SMOKE = Sizes("cpu", 64, 512, 8, 256, {"hidden_size": 64, "intermediate_size": 1
 def synchronize(sizes: Sizes) -> None:
     if sizes.device == "cuda":
         torch.cuda.synchronize()
-
-
-def synthetic(sizes: Sizes, n: int, seed: int = 0) -> torch.Tensor:
-    """[n, d_in] sparse combinations of random unit directions plus noise and an offset, on the device."""
-    gen = torch.Generator(sizes.device).manual_seed(seed)
-    basis = torch.randn(4 * sizes.latents // 16, sizes.d_in, device=sizes.device, generator=gen)
-    basis /= basis.norm(dim=1, keepdim=True)
-    idx = torch.randint(0, len(basis), (n, 32), device=sizes.device, generator=gen)
-    mags = torch.empty(n, 32, device=sizes.device).exponential_(generator=gen)
-    noise = 0.05 * torch.randn(n, sizes.d_in, device=sizes.device, generator=gen)
-    # summed in chunks of rows: basis[idx] for all n at once would be n x 32 x d_in floats
-    sums = torch.cat([torch.einsum("nk,nkd->nd", m, basis[i]) for m, i in zip(mags.split(4096), idx.split(4096), strict=True)])
-    return sums + noise + 0.5
 
 
 def tokens_per_s(step, data: torch.Tensor, sizes: Sizes, warmup: int = 5) -> float:
@@ -121,7 +109,8 @@ def sparsify(sizes: Sizes):
 
 
 def sae_step(sizes: Sizes, steps: int) -> dict:
-    data = synthetic(sizes, sizes.batch * steps)
+    data = synthetic_activations(sizes.batch * steps, n_features=sizes.latents // 4, d_in=sizes.d_in, active=32,
+                                 device=sizes.device)  # fmt: skip
     figures = {f"ours ({name})": tokens_per_s(ours(sizes, name), data, sizes) for name in ("signum", "adam")}
     try:
         figures["sparsify"] = tokens_per_s(sparsify(sizes), data, sizes)
