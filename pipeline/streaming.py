@@ -101,9 +101,9 @@ class ModelStream:
             ids = torch.stack([w for w, _ in group]).to(device, torch.long)
             context = ids.shape[1]
             # the kept positions of the whole group as rows of [windows * context]: one gather per hook
-            rows = torch.cat([i * context + positions for i, (_, positions) in enumerate(group)])
+            rows = torch.cat([i * context + positions for i, (_, positions) in enumerate(group)]).to(device)
             acts = capture_activations(self.loaded.model, ids, self.hooks)  # {hook: [windows, ctx, d_model]}
-            for name, a in acts.items():
+            for name, a in acts.items():  # rows moves again only where device_map put a hook elsewhere
                 out[name][row : row + len(rows)] = a.flatten(0, 1).index_select(0, rows.to(a.device))
             row += len(rows)
             bar.update(len(group))
