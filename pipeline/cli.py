@@ -1,5 +1,5 @@
 """What every stage's command line shares: the Hydra entry point, errors reported as one line, and
-run_dir checked before Hydra writes its logs into it.
+run_dir checked before Hydra writes its logs into it (a remote run_dir's access before any compute).
 
 A stage run from the command line prints a PipelineError, or an OSError (a full disk, a read-only
 run directory, a path that is a file), as one line and exits with status 1; the traceback shows only
@@ -21,6 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import CONF_DIR
 from pipeline.errors import PipelineError
 from pipeline.fileio import nearest_existing
+from pipeline.remote import Remote, is_remote, local_run_dir
+
+# Hydra's log folder (conf/base.yaml) lies in the run directory, or in a remote run's local mirror
+OmegaConf.register_new_resolver("local_run_dir", local_run_dir, replace=True)
 
 
 class RunDirError(PipelineError, ValueError):
@@ -48,7 +52,11 @@ def reported_as_one_line() -> Iterator[None]:
 
 
 def check_run_dir(run_dir: str | Path) -> None:
-    """run_dir must be a directory, or one that can be made, where this user may write."""
+    """run_dir must be a directory, or one that can be made, where this user may write; a URL must
+    be reachable and writable with the credentials at hand."""
+    if is_remote(run_dir):
+        Remote(str(run_dir)).check()
+        return
     existing = nearest_existing(run_dir)
     if not existing.is_dir():
         raise RunDirError(f"run_dir={run_dir}: {existing} is a file, not a directory; choose another run_dir")

@@ -115,10 +115,10 @@ def shards_for(run: RunDir, hook: str, loaded: LoadedModel) -> ShardSet:
     directory = run.activations(hook)
     if not directory.is_dir():
         raise DictionaryError(
-            f"no harvested activations for {hook} in {run.root}: the stage reads its windows from them; "
-            f"harvest them first: python -m pipeline harvest run_dir={run.root} harvest.hooks=[{hook}]"
+            f"no harvested activations for {hook} in {run.location}: the stage reads its windows from them; "
+            f"harvest them first: python -m pipeline harvest run_dir={run.location} harvest.hooks=[{hook}]"
         )
-    shards = ShardSet(directory)
+    shards = run.shards(hook)
     if shards.manifest.tokenizer_id != loaded.tokenizer_id:
         raise DictionaryError(
             f"{shards.directory} was tokenized by {shards.manifest.tokenizer_id}, not by this model's "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -13,6 +14,12 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 _TMP_SUFFIX = ".tmp"  # temporaries are .<final name>.<random>.tmp beside their final name
+
+
+def cache_root() -> Path:
+    """Where the project keeps what it can rebuild (converted models, mirrors of remote runs):
+    $SAE_PIPELINE_CACHE, else ~/.cache/sae-pipeline."""
+    return Path(os.environ.get("SAE_PIPELINE_CACHE", Path.home() / ".cache" / "sae-pipeline"))
 
 
 class DiskFullError(PipelineError, OSError):
@@ -79,6 +86,21 @@ def atomic_write(path: Path, *chunks: bytes | memoryview) -> str:
             ) from err
         raise
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` (named as atomic_write names its temporaries) for the block to
+    write; renamed to `path` when the block ends, deleted if it raises."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def stale_temporaries(directory: Path) -> Iterator[tuple[Path, str]]:

@@ -48,6 +48,7 @@ from pipeline.shards import (
     ShardRecord,
     ShardWriter,
     checksum_name,
+    default_writer_threads,
     merge_worker_manifests,
     read_manifest,
     read_shard_header,
@@ -152,11 +153,12 @@ def _check_compatible(directory: Path, planned: Manifest) -> None:
             )
 
 
-def _claim(dirs: dict[str, Path], planned: dict[str, Manifest]) -> None:
+def _claim(run: RunDir, dirs: dict[str, Path], planned: dict[str, Manifest]) -> None:
     """Record what this directory is being filled with, before its first shard lands."""
     for name, directory in dirs.items():
         if not (directory / STATE_FILE).exists():
             write_manifest(directory, planned[name], STATE_FILE)
+            run.upload(directory / STATE_FILE)
 
 
 def _remove_stale_temporaries(directory: Path, cfg: HarvestConfig) -> None:
@@ -176,10 +178,12 @@ def _shards_of_windows(windows: Iterator[torch.Tensor], per_shard: int) -> Itera
 
 
 def _completed_shard(
-    path: Path, tokens: torch.Tensor, d_model: int, dtype: torch.dtype, expected: str | None
+    run: RunDir, path: Path, tokens: torch.Tensor, d_model: int, dtype: torch.dtype, expected: str | None
 ) -> ShardRecord | None:
     """The record of an already written shard holding exactly these tokens and the bytes its writer
     recorded (sha256 `expected`), else None: the shard is then computed again."""
+    if run.remote:
+        return _completed_remote_shard(run, path, tokens, d_model, dtype, expected)
     if not path.exists():
         return None
     if expected is None:
@@ -195,15 +199,39 @@ def _completed_shard(
     except ShardError as err:
         log.warning("%s; rewriting it", err)
         return None
+    return _same_shard(path, header, read_shard_tokens(path, header), tokens, d_model, dtype, expected)
+
+
+def _same_shard(
+    where, header: dict, stored: torch.Tensor, tokens: torch.Tensor, d_model: int, dtype: torch.dtype, sha: str
+) -> ShardRecord | None:
+    """The record of a shard whose header and tokens are those planned, else None (wrong shape or
+    dtype: computed again); other tokens at the same place mean the corpus changed: an error."""
     acts = header["activations"]
     if acts.shape != (*tokens.shape, d_model) or acts.torch_dtype != dtype:
         return None
-    if not torch.equal(read_shard_tokens(path, header), tokens):
+    if not torch.equal(stored, tokens):
         raise HarvestError(
-            f"{path} holds other tokens than this corpus now yields for it: the corpus or its packing "
+            f"{where} holds other tokens than this corpus now yields for it: the corpus or its packing "
             "changed since it was written. Use another run_dir, or delete that directory to start over."
         )
-    return ShardRecord(path.name, tokens.shape[0], expected)
+    return ShardRecord(Path(str(where)).name, tokens.shape[0], sha)
+
+
+def _completed_remote_shard(
+    run: RunDir, path: Path, tokens: torch.Tensor, d_model: int, dtype: torch.dtype, expected: str | None
+) -> ShardRecord | None:
+    """As _completed_shard, for a shard on object storage: it counts as written when its checksum was
+    recorded (after its upload finished) and its header and tokens, read by range, are those planned.
+    Its bytes are checked against the checksum when a stage downloads it."""
+    if expected is None or not run.remote.exists(path):
+        return None
+    try:
+        header, stored = run.remote.shard_tokens(path)
+    except ShardError as err:
+        log.warning("%s; rewriting it", err)
+        return None
+    return _same_shard(run.remote.url_of(path), header, torch.from_numpy(stored.copy()), tokens, d_model, dtype, expected)
 
 
 def forward_shard(
@@ -268,7 +296,10 @@ def _prepare(
     planned = {h.name: _identity(loaded, corpus_cfg, cfg, h.name, dtype) for h in hooks}
     for name, directory in dirs.items():
         _check_compatible(directory, planned[name])
-    check_disk_space(cfg, loaded.d_model, dtype, list(dirs.values()))
+    if run.remote:
+        _state_remote_size(cfg, loaded.d_model, dtype, run, len(dirs))
+    else:
+        check_disk_space(cfg, loaded.d_model, dtype, list(dirs.values()))
     return hooks, dtype, dirs, planned
 
 
@@ -296,7 +327,25 @@ def check_disk_space(cfg: HarvestConfig, d_model: int, dtype: torch.dtype, dirs:
         )
 
 
+def _state_remote_size(cfg: HarvestConfig, d_model: int, dtype: torch.dtype, run: RunDir, hooks: int) -> None:
+    """Say what goes to object storage and the little that passes through the local disk (the shards
+    being written and uploaded); refuse to start when even that does not fit."""
+    shard = cfg.sequences_per_shard * cfg.context_length * (d_model * dtype.itemsize + 4)
+    staged = shard * hooks * (default_writer_threads() + 2)
+    free = free_bytes(run.root)
+    total = "a size growing with the corpus" if cfg.tokens is None else human_bytes(cfg.tokens * shard // (cfg.sequences_per_shard * cfg.context_length) * hooks)
+    log.info("harvest writes %s to %s; at most %s at a time passes through %s (%s free)",
+             total, run.location, human_bytes(staged), run.root, human_bytes(free))  # fmt: skip
+    if staged > free:
+        raise HarvestError(
+            f"harvest stages up to {human_bytes(staged)} of shards at {run.root} before uploading them, "
+            f"but that disk has {human_bytes(free)} free; set SAE_PIPELINE_CACHE to a larger disk or lower "
+            "harvest.sequences_per_shard"
+        )
+
+
 def _write_shards(
+    run: RunDir,
     loaded: LoadedModel,
     hooks: list[HookPoint],
     dirs: dict[str, Path],
@@ -309,7 +358,7 @@ def _write_shards(
     record}}, number of shards kept)."""
     records: dict[str, dict[int, ShardRecord]] = {name: {} for name in dirs}
     checksums = {name: recorded_checksums(directory) for name, directory in dirs.items()}
-    writer = ShardWriter()
+    writer = ShardWriter(then=_uploader(run))
     resumed = 0
     total = cfg.tokens // cfg.num_workers if cfg.tokens else None
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress)
@@ -321,7 +370,7 @@ def _write_shards(
             kill_point("harvest.shard", index)
             name = shard_name(index)
             done = {
-                n: _completed_shard(d / name, tokens, loaded.d_model, dtype, checksums[n].get(name))
+                n: _completed_shard(run, d / name, tokens, loaded.d_model, dtype, checksums[n].get(name))
                 for n, d in dirs.items()
             }
             if all(done.values()):
@@ -331,7 +380,7 @@ def _write_shards(
                 bar.update(tokens.numel())
                 continue
             acts = forward_shard(loaded, hooks, tokens, cfg.batch_size, dtype, bar.update)
-            _claim(dirs, planned)
+            _claim(run, dirs, planned)
             for name, directory in dirs.items():
                 writer.submit((name, index), directory / shard_name(index), tokens, acts[name])
     finally:
@@ -342,11 +391,25 @@ def _write_shards(
     return records, resumed
 
 
+def _uploader(run: RunDir) -> Callable[[Path], None] | None:
+    """For a remote run: after a shard is written, upload it, then its checksum file (so a recorded
+    checksum means a whole shard), and free the local disk of it."""
+    if run.remote is None:
+        return None
+
+    def upload(path: Path) -> None:
+        run.upload(path)
+        run.upload(path.with_name(checksum_name(path.name)))
+        path.unlink()
+
+    return upload
+
+
 def harvest_activations(
     model_cfg: ModelConfig,
     corpus_cfg: CorpusConfig,
     cfg: HarvestConfig,
-    run_dir: str | Path,
+    run_dir: str | Path | RunDir,
     loaded: LoadedModel | None = None,
 ) -> dict[str, Manifest]:
     """Harvest (or resume, or extend) activations into `<run_dir>/activations/<hook>/`.
@@ -354,7 +417,7 @@ def harvest_activations(
     Returns each hook's manifest: the merged one, or this worker's part while other workers of a
     sharded harvest are still running. `loaded` reuses an already loaded model.
     """
-    run = RunDir(run_dir)
+    run = RunDir.open(run_dir)
     loaded = loaded or load_model(model_cfg)
     hooks, dtype, dirs, planned = _prepare(loaded, corpus_cfg, cfg, run)
     started = time.perf_counter()
@@ -365,23 +428,28 @@ def harvest_activations(
             directory.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(directory, cfg)
         windows = corpus_windows(loaded, corpus_cfg, cfg)
-        records, resumed = _write_shards(loaded, hooks, dirs, planned, windows, cfg, dtype)
-        manifests = {name: _finish(dirs[name], planned[name], records[name], cfg) for name in dirs}
+        records, resumed = _write_shards(run, loaded, hooks, dirs, planned, windows, cfg, dtype)
+        manifests = {name: _finish(run, dirs[name], planned[name], records[name], cfg) for name in dirs}
     elapsed = time.perf_counter() - started
     n_tokens = sum(r.n_sequences for r in next(iter(records.values())).values()) * cfg.context_length
     log.info("harvested %d tokens at %d hooks in %.1fs (%d shards resumed) into %s",
              n_tokens, len(hooks), elapsed, resumed, ", ".join(map(str, dirs.values())))  # fmt: skip
+    if run.remote:
+        log.info("uploaded to %s", run.location)
     return manifests
 
 
 def _finish(
-    directory: Path, planned: Manifest, records: dict[int, ShardRecord], cfg: HarvestConfig
+    run: RunDir, directory: Path, planned: Manifest, records: dict[int, ShardRecord], cfg: HarvestConfig
 ) -> Manifest:
     """Write this worker's manifest (and the merged one once every worker is done)."""
     manifest = Manifest(**{**planned.identity(), "shards": [records[i] for i in sorted(records)]})
     if cfg.num_workers > 1:
-        write_manifest(directory, manifest, worker_manifest_name(cfg.worker, cfg.num_workers))
-        _remove_checksum_files(directory, records)
+        part = worker_manifest_name(cfg.worker, cfg.num_workers)
+        write_manifest(directory, manifest, part)
+        run.upload(directory / part)
+        _remove_checksum_files(run, directory, records)
+        run.refresh(directory)  # the other workers' manifests
         merged = merge_worker_manifests(directory)
         if merged is None:
             log.info("%s: waiting for the other workers; the last to finish writes %s", directory, MANIFEST)
@@ -389,15 +457,16 @@ def _finish(
         manifest = merged
     existing = directory / MANIFEST
     if (
-        not existing.exists() or existing.read_text() != manifest.to_json()
+        not existing.exists() or existing.read_text() != manifest.to_json() or run.remote
     ):  # a finished re-run changes nothing
         write_manifest(directory, manifest)
-    _remove_checksum_files(directory, records)
-    (directory / STATE_FILE).unlink(missing_ok=True)
+        run.upload(existing)
+    _remove_checksum_files(run, directory, records)
+    run.remove(directory / STATE_FILE)
     return manifest
 
 
-def _remove_checksum_files(directory: Path, records: dict[int, ShardRecord]) -> None:
+def _remove_checksum_files(run: RunDir, directory: Path, records: dict[int, ShardRecord]) -> None:
     """A manifest now lists these shards with their checksums: their checksum files are done."""
     for record in records.values():
-        (directory / checksum_name(record.name)).unlink(missing_ok=True)
+        run.remove(directory / checksum_name(record.name))

@@ -26,7 +26,7 @@ from torch import nn
 
 from pipeline.config import check_settings
 from pipeline.errors import PipelineError
-from pipeline.fileio import file_sha256
+from pipeline.fileio import cache_root, file_sha256
 from pipeline.hooks import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------- loading
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("SAE_PIPELINE_CACHE", Path.home() / ".cache" / "sae-pipeline"))
-
-
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -126,7 +122,7 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = _cache_root() / "gguf" / file_sha256(gguf_path)[:20]
+    cache = cache_root() / "gguf" / file_sha256(gguf_path)[:20]
     if (cache / "COMPLETE").exists():
         return cache
     log.info("converting %s once into %s (later loads take under a second)", gguf_path.name, cache)

@@ -14,17 +14,26 @@ and the check that an output is complete and current. Nothing else builds a run-
 An output is done when its marker file, written after everything it vouches for, records the
 config hash of the settings that produced it: cfg.json for a dictionary, metrics.json for an
 evaluation, features.json for a dashboard.
+
+A run directory may be a URL (`s3://bucket/run`, remote.py): the stages then work in its local
+mirror, and `publish` / `upload` / `remove` carry each finished output to the remote run; whether an
+output is done is asked of the remote run, never of the mirror.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.dashboard import FEATURE_PAGE, INDEX_FILE
+from pipeline.remote import Remote, ShardCache, is_remote
 from pipeline.sae.base import CONFIG_FILE, WEIGHTS_FILE
+from pipeline.shards import ShardSet
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 
@@ -40,10 +49,11 @@ def is_dictionary(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
-def _current(marker: Path, hash_: str, *within: str) -> dict | None:
-    """The JSON record at `marker` if it holds config hash `hash_` (under the keys `within`), else None."""
+def _current(text: str | None, hash_: str, *within: str) -> dict | None:
+    """The JSON record `text` (a marker file's) if it holds config hash `hash_` (under the keys
+    `within`), else None."""
     try:
-        record = json.loads(marker.read_text())
+        record = json.loads(text)
         recorded = record
         for key in within:
             recorded = recorded[key]
@@ -57,9 +67,66 @@ class RunDir:
     """The layout of one run directory (see the module docstring)."""
 
     root: Path
+    remote: Remote | None = None  # when the run lives at a URL: root is its local mirror
 
     def __post_init__(self) -> None:
+        if is_remote(self.root):
+            raise ValueError(f"{self.root} is a URL: open it with RunDir.open")
         object.__setattr__(self, "root", Path(self.root))  # a str is welcome too
+
+    @classmethod
+    def open(cls, run_dir: str | Path | RunDir) -> RunDir:
+        """The run at `run_dir`: a local directory, or a URL, checked for access and mirrored locally."""
+        if isinstance(run_dir, RunDir):
+            return run_dir
+        if not is_remote(run_dir):
+            return cls(run_dir)
+        remote = Remote(str(run_dir))
+        remote.check()
+        pulled = remote.pull()
+        log.info("run %s: working in its local mirror %s (%d files brought up to date)", remote.url, remote.mirror, pulled)
+        return cls(remote.mirror, remote)
+
+    @property
+    def location(self) -> str:
+        """Where the run lives, for messages: its URL or its directory."""
+        return self.remote.url if self.remote else str(self.root)
+
+    def _text(self, path: Path) -> str | None:
+        """A small file's text, from the remote run when there is one; None when there is none."""
+        if self.remote:
+            return self.remote.read_text(path)
+        try:
+            return path.read_text()
+        except OSError:
+            return None
+
+    def _glob(self, pattern: str) -> list[Path]:
+        return self.remote.glob(pattern) if self.remote else sorted(self.root.glob(pattern))
+
+    # ------------------------------------------------------------ carrying outputs to a remote run
+
+    def publish(self, directory: Path, marker: str) -> None:
+        """A finished output directory, to the remote run (its marker last); nothing for a local run."""
+        if self.remote:
+            self.remote.publish(directory, marker)
+
+    def upload(self, path: Path) -> None:
+        """One finished file, to the remote run; nothing for a local run."""
+        if self.remote:
+            self.remote.push(path)
+
+    def remove(self, path: Path) -> None:
+        """Delete a file, and its remote copy."""
+        path.unlink(missing_ok=True)
+        if self.remote:
+            self.remote.delete(path)
+
+    def refresh(self, directory: Path) -> None:
+        """Bring the mirror's copy of a directory's small files up to date (what other processes wrote)."""
+        if self.remote:
+            relative = directory.relative_to(self.root).as_posix()
+            self.remote.pull([f"{relative}/*.json", f"{relative}/*.sha256"])
 
     @classmethod
     def of_dictionary(cls, sae_dir: Path) -> RunDir | None:
@@ -73,6 +140,12 @@ class RunDir:
 
     def activations(self, hook: str) -> Path:
         return self.root / "activations" / hook
+
+    def shards(self, hook: str, verify: bool = False) -> ShardSet:
+        """The activations harvested at `hook`; a remote run's through a bounded local cache."""
+        directory = self.activations(hook)
+        cache = ShardCache(self.remote, directory) if self.remote else None
+        return ShardSet(directory, verify=verify, cache=cache)
 
     # ------------------------------------------------------------ train
 
@@ -90,11 +163,16 @@ class RunDir:
 
     def dictionaries(self, name: str = "*") -> list[Path]:
         """Every dictionary directory of the run (named `name`, at any hook), sorted."""
+        if self.remote:
+            return [p.parent for p in self._glob(f"sae/*/{name}/{CONFIG_FILE}")]
         return sorted(p for p in self.sae_root.glob(f"*/{name}") if is_dictionary(p))
 
     def trained(self, hook: str, name: str, hash_: str) -> bool:
         directory = self.sae(hook, name)
-        return _current(directory / CONFIG_FILE, hash_) is not None and (directory / WEIGHTS_FILE).exists()
+        weights = directory / WEIGHTS_FILE
+        return _current(self._text(directory / CONFIG_FILE), hash_) is not None and (
+            self.remote.exists(weights) if self.remote else weights.exists()
+        )
 
     # ------------------------------------------------------------ evaluate
 
@@ -106,11 +184,11 @@ class RunDir:
 
     def evaluated(self, hook: str, name: str, hash_: str) -> dict | None:
         """The metrics.json of an evaluation made with this configuration, else None."""
-        return _current(self.evaluation_report(hook, name), hash_)
+        return _current(self._text(self.evaluation_report(hook, name)), hash_)
 
     def evaluation_reports(self) -> list[Path]:
         """The metrics.json of every evaluated dictionary of the run."""
-        return sorted(self.root.glob(f"eval/*/*/{METRICS_FILE}"))
+        return self._glob(f"eval/*/*/{METRICS_FILE}")
 
     @property
     def pareto_plot(self) -> Path:
@@ -126,7 +204,7 @@ class RunDir:
         return self.features(hook, name) / FEATURE_PAGE
 
     def analyzed(self, hook: str, name: str, hash_: str) -> bool:
-        return _current(self.features(hook, name) / INDEX_FILE, hash_, "meta") is not None
+        return _current(self._text(self.features(hook, name) / INDEX_FILE), hash_, "meta") is not None
 
     # ------------------------------------------------------------ compare
 

@@ -22,7 +22,7 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -197,11 +197,13 @@ class ShardWriter:
     Each thread writes whole shards (a shard's sha256 is one sequential pass, so several shards are
     hashed at once: on a GPU the forward produces activations faster than one core hashes them).
     `submit` blocks while `threads + 1` shards wait (bounded memory). An error in a thread is
-    re-raised by the next `submit` or by `close`; shards may land in any order.
+    re-raised by the next `submit` or by `close`; shards may land in any order. `then(path)` runs on
+    the writing thread after each shard and its checksum file are written (e.g. to upload them).
     """
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None = None, then: Callable[[Path], None] | None = None):
         self.threads = threads or default_writer_threads()
+        self._then = then
         self.records: dict[tuple[str, int], ShardRecord] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=self.threads + 1)
         self._error: BaseException | None = None
@@ -216,7 +218,10 @@ class ShardWriter:
             key, path, tokens, activations = job
             if self._error is None:
                 try:
-                    self.records[key] = write_shard(path, tokens, activations)
+                    record = write_shard(path, tokens, activations)
+                    if self._then is not None:
+                        self._then(path)
+                    self.records[key] = record
                 except BaseException as err:  # handed to the main thread
                     self._error = self._error or err
 
@@ -252,7 +257,26 @@ class _TensorInfo:
     np_dtype: type
     torch_dtype: torch.dtype
     shape: tuple[int, ...]
-    offset: int
+    offset: int  # of the tensor's first byte in the file
+    end: int  # of its last byte + 1 in the data buffer
+
+
+def parse_shard_header(text: bytes, header_len: int, path: Path | str) -> dict[str, _TensorInfo]:
+    """The tensors a safetensors header (`text`, the `header_len` bytes after the length) describes."""
+    try:
+        header = json.loads(text)
+    except ValueError as err:
+        raise ShardError(f"shard {path} is unreadable or corrupt ({err}); delete it and re-run harvest") from err
+    infos = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in _ST_DTYPES:
+            raise ShardError(f"shard {path}: unsupported dtype {meta['dtype']} for {name!r}")
+        np_dtype, torch_dtype = _ST_DTYPES[meta["dtype"]]
+        start, stop = meta["data_offsets"]
+        infos[name] = _TensorInfo(np_dtype, torch_dtype, tuple(meta["shape"]), 8 + header_len + start, stop)
+    return infos
 
 
 def read_shard_header(path: Path) -> dict[str, _TensorInfo]:
@@ -263,21 +287,13 @@ def read_shard_header(path: Path) -> dict[str, _TensorInfo]:
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > size - 8:
                 raise ValueError("header longer than file")
-            header = json.loads(f.read(header_len))
+            text = f.read(header_len)
     except (OSError, ValueError, struct.error) as err:
         raise ShardError(
             f"shard {path} is unreadable or corrupt ({err}); delete it and re-run harvest"
         ) from err
-    infos, end = {}, 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if meta["dtype"] not in _ST_DTYPES:
-            raise ShardError(f"shard {path}: unsupported dtype {meta['dtype']} for {name!r}")
-        np_dtype, torch_dtype = _ST_DTYPES[meta["dtype"]]
-        start, stop = meta["data_offsets"]
-        infos[name] = _TensorInfo(np_dtype, torch_dtype, tuple(meta["shape"]), 8 + header_len + start)
-        end = max(end, stop)
+    infos = parse_shard_header(text, header_len, path)
+    end = max((info.end for info in infos.values()), default=0)
     if 8 + header_len + end != size or {"tokens", "activations"} - infos.keys():
         raise ShardError(
             f"shard {path} is truncated or incomplete ({size} bytes, header expects {8 + header_len + end}); "
@@ -302,33 +318,27 @@ class ShardSet:
     Nothing is loaded up front: activations are read through the OS page cache as batches touch
     them, so a shard set much larger than RAM trains with bounded memory. Each shard's sha256 is
     checked against the manifest before the first read from it (one sequential pass over the file);
-    `verify=True` checks every shard at once.
+    `verify=True` checks every shard at once. With a `cache` (remote.ShardCache: the shards sit on
+    object storage), shards are mapped as the cache downloads them and unmapped once it drops them.
     """
 
-    def __init__(self, directory: str | Path, verify: bool = False):
+    def __init__(self, directory: str | Path, verify: bool = False, cache=None):
         self.directory = Path(directory)
+        self._cache = cache
         self.manifest = self._load_manifest()
         if not self.manifest.shards:
             raise ShardError(f"{self.directory} holds no shards; run the harvest stage first")
-        self._acts: list[np.ndarray] = []
-        self._tokens: list[np.ndarray] = []
-        for record in self.manifest.shards:
-            path = self.directory / record.name
-            if not path.exists():
-                raise ShardError(
-                    f"shard {path} listed in the manifest is missing; re-run harvest to rewrite it"
-                )
-            infos = read_shard_header(path)
-            acts = infos["activations"]
-            expected = (record.n_sequences, self.manifest.context_length, self.manifest.d_model)
-            if acts.shape != expected:
-                raise ShardError(
-                    f"shard {path} has activations of shape {acts.shape}, manifest says {expected}"
-                )
-            self._torch_dtype = acts.torch_dtype
-            self._acts.append(_memmap(path, acts))
-            self._tokens.append(_memmap(path, infos["tokens"]))
-        self._checked = [False] * len(self.manifest.shards)
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (activations, tokens)
+        self._torch_dtype = getattr(torch, self.manifest.dtype)
+        if cache is None:
+            for shard, record in enumerate(self.manifest.shards):
+                path = self.directory / record.name
+                if not path.exists():
+                    raise ShardError(
+                        f"shard {path} listed in the manifest is missing; re-run harvest to rewrite it"
+                    )
+                self._maps[shard] = self._map(path, record)
+        self._checked = [cache is not None] * len(self.manifest.shards)  # a cache checks as it downloads
         seq_counts = torch.tensor([r.n_sequences for r in self.manifest.shards])
         # first global token index of each shard
         self._starts = (
@@ -337,6 +347,56 @@ class ShardSet:
         )
         if verify:
             self.verify()
+
+    def _map(self, path: Path, record: ShardRecord) -> tuple[np.ndarray, np.ndarray]:
+        """Memory maps (activations, tokens) of one shard file, its header checked against the manifest."""
+        infos = read_shard_header(path)
+        acts = infos["activations"]
+        expected = (record.n_sequences, self.manifest.context_length, self.manifest.d_model)
+        if acts.shape != expected:
+            raise ShardError(f"shard {path} has activations of shape {acts.shape}, manifest says {expected}")
+        self._torch_dtype = acts.torch_dtype
+        return _memmap(path, acts), _memmap(path, infos["tokens"])
+
+    def _arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(activations, tokens) of a shard, its bytes checked against the manifest."""
+        if self._cache is None:
+            self._check(shard)
+        elif shard not in self._maps:
+            record = self.manifest.shards[shard]
+            self._maps[shard] = self._cache.open(record, lambda path: self._map(path, record))
+            resident = self._cache.resident()
+            for gone in [s for s in self._maps if self.manifest.shards[s].name not in resident]:
+                del self._maps[gone]  # its file was evicted: let the disk space go
+        return self._maps[shard]
+
+    def _shard_tokens(self, shard: int) -> np.ndarray:
+        """A shard's tokens [n_seq, context_length]; from a remote shard not downloaded, by a range read."""
+        if self._cache is not None and shard not in self._maps:
+            return self._cache.tokens(self.manifest.shards[shard])
+        return self._arrays(shard)[1]
+
+    def shuffle_blocks(self, shuffle_shards: int | None) -> tuple[int, int]:
+        """(block_tokens, mix_blocks) of iter_batches for `shuffle_shards` whole shards mixed at a time;
+        None: blocks of 4096 tokens, 256 at a time, so every batch spreads over the whole range."""
+        if shuffle_shards is None:
+            return 4096, 256
+        return self.manifest.sequences_per_shard * self.manifest.context_length, shuffle_shards
+
+    def default_shuffle_shards(self) -> int | None:
+        """None on local disk; on object storage, half the shards the cache holds (the other half is
+        the next group, read ahead)."""
+        if self._cache is None:
+            return None
+        itemsize = torch.empty(0, dtype=self._torch_dtype).element_size()
+        shard_bytes = self.manifest.sequences_per_shard * self.manifest.context_length * (self.d_model * itemsize + 4)
+        return max(1, self._cache.shards_held(shard_bytes) // 2)
+
+    def prefetch_range(self, start: int, stop: int) -> None:
+        """Start downloading the remote shards holding global token indices [start, stop)."""
+        if self._cache is not None and start < stop:
+            first, last = (int(torch.searchsorted(self._starts, t, right=True)) - 1 for t in (start, stop - 1))
+            self._cache.prefetch(self.manifest.shards[first : last + 1])
 
     def _load_manifest(self) -> Manifest:
         path = self.directory / MANIFEST
@@ -408,17 +468,17 @@ class ShardSet:
     def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [context_length], activations [context_length, d_model]) of one stored window."""
         shard = int(torch.searchsorted(self._starts, index * self.manifest.context_length, right=True)) - 1
-        self._check(shard)
+        acts, tokens = self._arrays(shard)
+        if self._cache is not None:  # windows are read in order: fetch the next shards meanwhile
+            ahead = self.manifest.shards[shard + 1 : shard + 1 + self._cache.read_ahead]
+            self._cache.prefetch(ahead)
         local = index - int(self._starts[shard]) // self.manifest.context_length
-        return torch.from_numpy(np.array(self._tokens[shard][local])), self._as_torch(
-            self._acts[shard][local]
-        )
+        return torch.from_numpy(np.array(tokens[local])), self._as_torch(acts[local])
 
     def _by_shard(self, token_indices: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
         """(shard, mask into token_indices, indices local to that shard's flattened tokens)."""
         shard_of = torch.searchsorted(self._starts, token_indices, right=True) - 1
         for shard in torch.unique(shard_of).tolist():
-            self._check(shard)
             mask = shard_of == shard
             yield shard, mask, (token_indices[mask] - self._starts[shard]).numpy()
 
@@ -426,11 +486,11 @@ class ShardSet:
         """How many positions in the global token range [start, stop) hold `token`."""
         stop = self.n_tokens if stop is None else stop
         count = 0
-        for shard, tokens in enumerate(self._tokens):
+        for shard, record in enumerate(self.manifest.shards):
             lo = int(self._starts[shard])
-            a, b = max(start, lo) - lo, min(stop, lo + tokens.size) - lo
+            a, b = max(start, lo) - lo, min(stop, lo + record.n_sequences * self.manifest.context_length) - lo
             if a < b:
-                self._check(shard)
+                tokens = self._shard_tokens(shard)
                 count += int(np.count_nonzero(tokens.reshape(-1)[a:b] == token))
         return count
 
@@ -438,7 +498,7 @@ class ShardSet:
         """Token ids (int64) at global token indices."""
         out = torch.empty(len(token_indices), dtype=torch.int64)
         for shard, mask, local in self._by_shard(token_indices):
-            out[mask] = torch.from_numpy(self._tokens[shard].reshape(-1)[local].astype(np.int64))
+            out[mask] = torch.from_numpy(self._arrays(shard)[1].reshape(-1)[local].astype(np.int64))
         return out
 
     def gather(self, token_indices: torch.Tensor) -> torch.Tensor:
@@ -446,7 +506,7 @@ class ShardSet:
         token_indices, _ = torch.sort(token_indices)
         out = torch.empty(len(token_indices), self.d_model, dtype=self._torch_dtype)
         for shard, mask, local in self._by_shard(token_indices):
-            out[mask] = self._as_torch(self._acts[shard].reshape(-1, self.d_model)[local])
+            out[mask] = self._as_torch(self._arrays(shard)[0].reshape(-1, self.d_model)[local])
         return out
 
     def token_order(
@@ -467,6 +527,8 @@ class ShardSet:
         stop = self.n_tokens if stop is None else stop
         blocks = torch.randperm((stop - start + block_tokens - 1) // block_tokens, generator=gen)
         for i in range(0, len(blocks), mix_blocks):
+            for block in blocks[i : i + 2 * mix_blocks].tolist():  # this group's and the next one's shards
+                self.prefetch_range(start + block * block_tokens, min(stop, start + (block + 1) * block_tokens))
             idx = (
                 start + blocks[i : i + mix_blocks, None] * block_tokens + torch.arange(block_tokens)
             ).flatten()

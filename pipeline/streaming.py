@@ -216,10 +216,10 @@ def store_heldout(
         log.info("storing the held-out split (%d tokens) at %s; training tokens come from the model", held,
                  ", ".join(missing))  # fmt: skip
         only_heldout = replace(source.harvest, hooks=missing, tokens=held, num_workers=1, worker=0)
-        harvest_activations(source.model, source.corpus, only_heldout, run.root, loaded=loaded)
+        harvest_activations(source.model, source.corpus, only_heldout, run, loaded=loaded)
     if dist.enabled:
         torch_dist.barrier()
-    stored = {h: ShardSet(run.activations(h)) for h in hooks}
+    stored = {h: run.shards(h) for h in hooks}
     for h, shards in stored.items():
         check_stored(run.activations(h), shards, loaded, source)
     windows = {h: shards.manifest.n_sequences for h, shards in stored.items()}

@@ -50,6 +50,10 @@ class TrainConfig:
     buffer_tokens / context_length windows (memory: buffer_tokens x d_model in the storage dtype)."""
     tokens: int | None = None
     """Training tokens; null = `epochs` passes over the training split (source=shards only)."""
+    shuffle_shards: int | None = None
+    """source=shards: mix this many whole shards at a time (batches come from their tokens, shuffled).
+    null: on local disk, every batch is spread over the whole split; on object storage, half the
+    shards the local cache holds ($SAE_PIPELINE_CACHE_GB), the other half being read ahead."""
     epochs: float = 2.0
     holdout_tokens: int = 32768
     """Tokens at the end of the shard set kept out of training (whole windows), for evaluation."""
@@ -98,7 +102,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_settings(
             self, "train", TrainError,
-            positive=("tokens", "buffer_tokens", "epochs", "batch_size", "lr", "lr_base", "grad_clip", "dead_tokens", "log_every"),
+            positive=("tokens", "shuffle_shards", "buffer_tokens", "epochs", "batch_size", "lr", "lr_base", "grad_clip", "dead_tokens", "log_every"),
             non_negative=("holdout_tokens", "lr_warmup_steps", "checkpoint_every", "checkpoint_minutes"),
             fractions=("lr_decay_start", "sparsity_warmup"),
             choices={"source": ("shards", "model"), "optimizer": tuple(OPTIMIZER_DEFAULTS), "autocast": ("auto", "bfloat16", "float32"),
@@ -202,21 +206,28 @@ def training_batches(
     """Global batches [batch_size, d_in] of the first n_train tokens from `start_step` on, epoch after
     epoch (each epoch reshuffled by its seed)."""
     epoch, offset = divmod(start_step, per_epoch)
+    block_tokens, mix_blocks = shards.shuffle_blocks(cfg.shuffle_shards)
     while True:
         yield from shards.iter_batches(
             cfg.batch_size,
             seed=cfg.seed + epoch,
             exclude_bos=cfg.exclude_bos,
             start_batch=offset,
+            block_tokens=block_tokens,
+            mix_blocks=mix_blocks,
             stop=n_train,
         )
         epoch, offset = epoch + 1, 0
 
 
-def input_sample(shards: ShardSet, n_train: int, n: int, seed: int, exclude_bos: bool) -> torch.Tensor:
+def input_sample(shards: ShardSet, n_train: int, n: int, cfg: TrainConfig) -> torch.Tensor:
     """A random fp32 sample [n, d_in] of training tokens (for input scaling and b_dec init)."""
+    block_tokens, mix_blocks = shards.shuffle_blocks(cfg.shuffle_shards)
     batch = next(
-        shards.iter_batches(min(n, n_train // 2), seed=seed + 10_000, exclude_bos=exclude_bos, stop=n_train)
+        shards.iter_batches(
+            min(n, n_train // 2), seed=cfg.seed + 10_000, exclude_bos=cfg.exclude_bos,
+            block_tokens=block_tokens, mix_blocks=mix_blocks, stop=n_train,
+        )  # fmt: skip
     )
     return batch.float()
 

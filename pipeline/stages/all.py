@@ -37,8 +37,8 @@ def run_all(cfg: DictConfig) -> dict:
             continue
         log.info("---- %s", name)
         results[name] = stage.run(cfg)
-    run = RunDir(cfg.run_dir)
-    lines = ["", f"done: {run.root}"]
+    run = RunDir.open(cfg.run_dir)
+    lines = ["", f"done: {run.location}" + (f" (local mirror: {run.root})" if run.remote else "")]
     for key, path in results["analyze"].items():
         lines.append(f"  dashboard {key}: {path / INDEX_PAGE}")
     lines.append(

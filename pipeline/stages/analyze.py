@@ -36,7 +36,7 @@ from pipeline.attribution import (
 )
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
-from pipeline.dashboard import CHUNK, INDEX_PAGE, remove_dashboard_temporaries, write_dashboard
+from pipeline.dashboard import CHUNK, INDEX_FILE, INDEX_PAGE, remove_dashboard_temporaries, write_dashboard
 from pipeline.dashboard.pages import highlighted_examples
 from pipeline.dictionaries import (
     Dictionary,
@@ -397,6 +397,7 @@ def _analyze(
         chunks = _keeping(feature_records(d, passed, loaded, hook, shards, cfg), for_wandb, table_records)
         meta = _meta(d, loaded, shards, passed, cfg, hash_)
         index = write_dashboard(out, meta, chunks, vocab)
+        run.publish(out, INDEX_FILE)
     _wandb_table(tracker, table_records, frequency, vocab, f"{d.hook}/{d.name}")
     log.info(
         "%s/%s: %d features (%d silent) -> %s", d.hook, d.name, sae.d_sae, meta["silent_features"], index
@@ -412,7 +413,7 @@ def analyze_saes(
     loaded: LoadedModel | None = None,
 ) -> dict[str, Path]:
     """Analyze the configured dictionaries of `run_dir`; return {"<hook>/<sae>": dashboard directory}."""
-    run = RunDir(run_dir)
+    run = RunDir.open(run_dir)
     dictionaries = find_dictionaries(run, cfg.saes, cfg.hook, cfg.force, "analyze")
     loaded = loaded or load_model(model_cfg)
     check_model(dictionaries, loaded, cfg.force, "analyze")

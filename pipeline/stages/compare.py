@@ -39,8 +39,8 @@ from pipeline.feature_stats import FeaturePassSettings, feature_pass
 from pipeline.fileio import atomic_write, remove_stale_temporaries
 from pipeline.locks import exclusive
 from pipeline.models import ModelConfig, load_model, resolve_device
+from pipeline.remote import is_remote
 from pipeline.rundir import RunDir, is_dictionary
-from pipeline.shards import ShardSet
 from pipeline.splits import leading_windows
 from pipeline.tracking import Tracker, WandbConfig
 
@@ -98,16 +98,17 @@ class _Side:
 
 def _side(path: str, sae: str | None, role: str) -> _Side:
     p = Path(path)
-    if is_dictionary(p):
+    if not is_remote(path) and is_dictionary(p):
         run = RunDir.of_dictionary(p)
         return _Side(run, find_dictionaries(run, [str(p)], None, False, "compare")[0])
-    found = find_dictionaries(RunDir(p), [sae] if sae else [], None, False, "compare")
+    run = RunDir.open(path)
+    found = find_dictionaries(run, [sae] if sae else [], None, False, "compare")
     if len(found) != 1:
         names = [f"{d.hook}/{d.name}" for d in found]
         raise CompareError(
             f"compare.{role}={path} holds {len(found)} dictionaries {names}; pick one with compare.sae=<name>"
         )
-    return _Side(RunDir(p), found[0])
+    return _Side(run, found[0])
 
 
 def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -169,7 +170,7 @@ def _drift(sides: dict[str, _Side], cfg: CompareConfig, device) -> dict[str, dic
     settings = FeaturePassSettings(top_k=cfg.top_k, samples=1, progress=cfg.progress)
     out = {}
     for role, side in sides.items():
-        shards = ShardSet(side.run.activations(side.dictionary.hook))
+        shards = side.run.shards(side.dictionary.hook)
         ctx = shards.manifest.context_length
         n = leading_windows(shards.manifest.n_sequences, ctx, cfg.tokens)
         passed = feature_pass(side.dictionary.sae.to(device), shards, n, settings, device)
@@ -355,10 +356,11 @@ def compare_dictionaries(
     drift = _drift(sides, cfg, resolve_device("auto"))
     overlap = _drift_summary(report["summary"], matches, drift, base.sae.d_sae)
     report["most_changed"] = _most_changed(matches, classes, drift, overlap, cfg.top_changed)
-    run = RunDir(run_dir)
+    run = RunDir.open(run_dir)
     with exclusive(run.comparison, f"the comparison {run.comparison}"):
         remove_stale_temporaries(run.comparison)
         page = _write(run.comparison, report, matches, classes, overlap, drift, sides)
+        run.publish(run.comparison, "report.json")
     _log_wandb(report, cfg, run.root, wandb_cfg)
     s = report["summary"]
     log.info("kept %d, shifted %d, vanished %d, new %d (mean assigned decoder cos %.3f) -> %s",

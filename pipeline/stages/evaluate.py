@@ -31,7 +31,7 @@ from pipeline.fileio import atomic_write, remove_stale_temporaries
 from pipeline.locks import exclusive
 from pipeline.models import LoadedModel, ModelConfig, load_model
 from pipeline.plots import density_plot, pareto_plot
-from pipeline.rundir import RunDir
+from pipeline.rundir import METRICS_FILE, RunDir
 from pipeline.tracking import Tracker, WandbConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def _write_outputs(run: RunDir, report: dict, result: dict, windows: torch.Tenso
     atomic_write(out / "per_token.safetensors", save(per_token))
     density_plot(report["density_histogram"], out / "density.png", f"{report['hook']} / {report['sae']}")
     atomic_write(run.evaluation_report(report["hook"], report["sae"]), json.dumps(report, indent=2).encode())
+    run.publish(out, METRICS_FILE)
     return out
 
 
@@ -127,7 +128,7 @@ def evaluate_saes(
     loaded: LoadedModel | None = None,
 ) -> dict[str, dict]:
     """Evaluate the configured dictionaries of `run_dir`; return {"<hook>/<sae>": metrics.json content}."""
-    run = RunDir(run_dir)
+    run = RunDir.open(run_dir)
     dictionaries = find_dictionaries(run, cfg.saes, cfg.hook, cfg.force, "evaluate")
     loaded = loaded or load_model(model_cfg)
     check_model(dictionaries, loaded, cfg.force, "evaluate")
@@ -137,9 +138,10 @@ def evaluate_saes(
         group = [d for d in dictionaries if d.hook == hook_name]
         for name, report in _evaluate_hook_group(loaded, run, hook_name, group, cfg, tracker).items():
             reports[f"{hook_name}/{name}"] = report
-    all_reports = collect_reports([run, *map(RunDir, cfg.compare_with)])
+    all_reports = collect_reports([run, *map(RunDir.open, cfg.compare_with)])
     if all_reports:
         tracker.log_images({"pareto": pareto_plot([summary_row(r) for r in all_reports], run.pareto_plot)})
+        run.upload(run.pareto_plot)
     tracker.finish()
     sys.stdout.write("\n" + format_table([summary_row(r) for r in reports.values()]))
     sys.stdout.write(f"metrics: {run.evaluation_report('<hook>', '<dictionary>')}\n")

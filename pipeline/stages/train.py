@@ -45,7 +45,7 @@ from pipeline.optim import lr_multiplier
 from pipeline.prefetch import prefetch
 from pipeline.rundir import RunDir, config_hash
 from pipeline.sae import SaeConfig, build_sae
-from pipeline.sae.base import FORMAT_VERSION
+from pipeline.sae.base import CONFIG_FILE, FORMAT_VERSION
 from pipeline.shards import ShardSet
 from pipeline.splits import heldout_start
 from pipeline.streaming import ModelSource, ModelStream, model_stream, stored_for
@@ -66,6 +66,7 @@ from pipeline.training import (
 log = logging.getLogger(__name__)
 
 _NOT_HASHED = {"log_every", "checkpoint_every", "checkpoint_minutes", "progress", "device", "compile"}  # change no result
+_HASHED_WHEN_SET = {"shuffle_shards"}  # settings added later: left at null, earlier dictionaries stay current
 
 
 @dataclass
@@ -158,7 +159,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
     if cfg.source == "model":
         stream, stored = model_stream(cfg, source, run, hooks, dist)
     else:
-        stream, stored = None, {cfg.hook: ShardSet(run.activations(cfg.hook))}
+        stream, stored = None, {cfg.hook: run.shards(cfg.hook)}
     shards = stored_for(stored, cfg.hook)
     _check_widths(sae_cfgs, shards.d_model)
     if cfg.batch_size % dist.world:
@@ -177,10 +178,17 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
     else:
         per_epoch, total_steps = _steps(shards, cfg, n_train)
     cfg = replace(cfg, dead_tokens=cfg.dead_window(total_steps * cfg.batch_size))
+    if stream is None and cfg.shuffle_shards is None and shards.default_shuffle_shards() is not None:
+        cfg = replace(cfg, shuffle_shards=shards.default_shuffle_shards())
+        log.info("shards on object storage: batches mix %d shards at a time (train.shuffle_shards)", cfg.shuffle_shards)
     hash_ = config_hash(
         {
             "format_version": FORMAT_VERSION,
-            "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED},
+            "train": {
+                k: v
+                for k, v in asdict(cfg).items()
+                if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and v is None)
+            },
             "saes": [asdict(c) for c in sae_cfgs],
             "data": _data_identity(stored, stream),
         }
@@ -192,7 +200,7 @@ def _input_samples(plan: _Plan, n: int = 16_384) -> dict[str, torch.Tensor]:
     """fp32 training tokens {hook: [n, d_in]} for the input scales and the b_dec inits."""
     cfg = plan.cfg
     if plan.stream is None:
-        return {cfg.hook: input_sample(plan.shards, plan.n_train, n, cfg.seed, cfg.exclude_bos)}
+        return {cfg.hook: input_sample(plan.shards, plan.n_train, n, cfg)}
     return {hook: x.float().cpu() for hook, x in plan.stream.sample(n).items()}
 
 
@@ -308,6 +316,7 @@ def _train_loop(
                 save_checkpoint(
                     plan.checkpoint, members, done, {"config_hash": plan.config_hash, "scales": scales}
                 )
+                plan.run.upload(plan.checkpoint)
                 last_checkpoint = time.perf_counter()
     finally:
         bar.close()
@@ -337,12 +346,18 @@ def _save(plan: _Plan, i: int, m: TrainingMember, scale: float) -> tuple[Path, d
         }
     )
     out = sae.save(plan.out_dir(i))
+    plan.run.publish(out, CONFIG_FILE)
     log.info(
         "saved %s: held-out FVU %.4f, L0 %.1f, dead %.2f%% (%.2f%% silent on the held-out tokens) -> %s",
         plan.label(i), metrics.get("fvu", float("nan")), metrics.get("l0", float("nan")),
         100 * metrics["dead_fraction"], 100 * metrics.get("silent_fraction", float("nan")), out,
     )  # fmt: skip
     return out, metrics
+
+
+def _remove_checkpoint(plan: _Plan) -> None:
+    remove_checkpoint(plan.checkpoint)
+    plan.run.remove(plan.checkpoint)
 
 
 @contextlib.contextmanager
@@ -376,7 +391,7 @@ def _train(plan: _Plan, wandb_cfg: WandbConfig | None) -> dict[str, Path]:
         for i, m in enumerate(members):
             saved[plan.label(i)], metrics = _save(plan, i, m, scales[plan.hooks[i]])
             tracker.summary({f"{plan.label(i)}/heldout_{k}": v for k, v in metrics.items()})
-        remove_checkpoint(plan.checkpoint)
+        _remove_checkpoint(plan)
     tracker.finish()
     if plan.dist.enabled:
         torch_dist.barrier()
@@ -393,14 +408,14 @@ def train_saes(
     """Train every configured SAE on `<run_dir>/activations/<hook>/`, or on the model's activations
     (cfg.source=model, computed with `source`); return {name: saved directory}, the name prefixed by
     its hook for a variant at another hook than train.hook."""
-    plan = plan_training(cfg, sae_cfg, RunDir(run_dir), source)
+    plan = plan_training(cfg, sae_cfg, RunDir.open(run_dir), source)
     indices = range(len(plan.sae_cfgs))
     with _outputs_locked(plan):
         trained = [plan.run.trained(plan.hooks[i], plan.sae_cfgs[i].default_name(), plan.config_hash) for i in indices]
         if all(trained):
             log.info("SAEs %s are already trained with this configuration; nothing to do", list(map(plan.label, indices)))
             if plan.dist.rank == 0:
-                remove_checkpoint(plan.checkpoint)  # left by a kill between the final save and its removal
+                _remove_checkpoint(plan)  # left by a kill between the final save and its removal
             return {plan.label(i): plan.out_dir(i) for i in indices}
         return _train(plan, wandb_cfg)
 

@@ -1,0 +1,312 @@
+"""Run directories on object storage: `run_dir=s3://bucket/run` (or gs://, hf://, any fsspec URL).
+
+A stage works on a remote run through a local mirror, `$SAE_PIPELINE_CACHE/runs/<scheme>/<bucket>/<path>`:
+- on opening, the mirror receives the remote files stages read back (manifests, dictionaries,
+  checkpoints, done-markers; `PULLED`), skipping those it already holds in the same version;
+- a finished output is uploaded with its done-marker last. An object store makes an object visible
+  only once it is fully uploaded, so a reader never sees a partial file, and a marker only after
+  everything it vouches for;
+- shard files are downloaded on demand by a ShardCache into the mirror, their sha256 checked while
+  they stream in, read ahead on background threads, and deleted least recently used beyond
+  `$SAE_PIPELINE_CACHE_GB` (default 20).
+Endpoint and credentials come from where other tools take them: the AWS environment
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, ...) or fsspec's configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import fsspec
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.fileio import atomic_write, cache_root, file_sha256, human_bytes, replacing
+from pipeline.shards import ShardError, ShardRecord, parse_shard_header
+
+log = logging.getLogger(__name__)
+
+# what the stages read back from a run, relative to its root (shard payloads come through ShardCache)
+PULLED = (
+    "activations/*/*.json",
+    "activations/*/*.sha256",
+    "sae/*/*/*",
+    "checkpoints/*/*",
+    "eval/*/*/metrics.json",
+    "features/*/*/features.json",
+)
+_VERSIONS = ".remote-versions.json"  # in the mirror: the version (ETag) of each file pulled
+_CACHE_GB = "SAE_PIPELINE_CACHE_GB"
+T = TypeVar("T")
+
+
+class RemoteError(PipelineError, RuntimeError):
+    """The remote run directory cannot be reached, read or written; the message says what to fix."""
+
+
+def is_remote(location: str | Path) -> bool:
+    """A URL with a scheme (s3://, gs://, ...) rather than a local path."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def mirror_of(url: str) -> Path:
+    """The local mirror of the run at `url`."""
+    scheme, rest = url.rstrip("/").split("://", 1)
+    return cache_root() / "runs" / scheme / rest.strip("/")
+
+
+def local_run_dir(run_dir: str) -> str:
+    """Where a stage writes local files of the run (Hydra's logs): run_dir, or a URL's mirror."""
+    return str(mirror_of(run_dir)) if is_remote(run_dir) else run_dir
+
+
+def cache_bytes() -> int:
+    """The bound on the shards a run's local cache holds at once ($SAE_PIPELINE_CACHE_GB)."""
+    try:
+        return int(float(os.environ.get(_CACHE_GB, "20")) * 2**30)
+    except ValueError:
+        raise RemoteError(f"{_CACHE_GB}={os.environ[_CACHE_GB]!r} is not a number of GiB; set e.g. {_CACHE_GB}=20") from None
+
+
+def _explain(url: str, err: BaseException) -> str:
+    """One line saying what went wrong with the remote and what to change."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the provider's default endpoint")
+    if isinstance(err, ImportError):
+        return f"run_dir={url} needs the fsspec backend for its scheme ({err}); install it (s3fs for s3://, gcsfs for gs://)"
+    if isinstance(err, PermissionError):
+        return (
+            f"run_dir={url}: access denied ({err}); check the credentials (AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or fsspec's configuration) and that they may write there"
+        )
+    if isinstance(err, FileNotFoundError):
+        return f"run_dir={url}: the bucket does not exist ({err}); create it or fix run_dir"
+    return (
+        f"run_dir={url}: cannot reach the storage at {endpoint} ({type(err).__name__}: {err}); "
+        "check AWS_ENDPOINT_URL and the network"
+    )
+
+
+class Remote:
+    """A run directory at a URL and its local mirror (see the module docstring)."""
+
+    def __init__(self, url: str, mirror: Path | None = None):
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as err:
+            raise RemoteError(_explain(self.url, err)) from err
+        self.mirror = mirror or mirror_of(self.url)
+
+    def key(self, local: Path) -> str:
+        """The remote path of a file of the mirror."""
+        return f"{self.root}/{Path(local).relative_to(self.mirror).as_posix()}"
+
+    def url_of(self, local: Path) -> str:
+        return f"{self.url}/{Path(local).relative_to(self.mirror).as_posix()}"
+
+    def check(self) -> None:
+        """Write, read back and delete a small object: wrong credentials, a missing bucket or an
+        unreachable endpoint stop here with one line, before any compute."""
+        probe = f"{self.root}/.write-check-{uuid.uuid4().hex}"
+        try:
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.cat_file(probe)
+            self.fs.rm_file(probe)
+        except Exception as err:  # botocore / aiohttp raise their own connection errors
+            raise RemoteError(_explain(self.url, err)) from err
+
+    # ------------------------------------------------------------ files
+
+    def pull(self, patterns: Iterable[str] = PULLED) -> int:
+        """Download the remote files matching `patterns` (relative to the root) that the mirror lacks
+        or holds in another version; return how many were downloaded."""
+        versions_file = self.mirror / _VERSIONS
+        try:
+            versions = json.loads(versions_file.read_text())
+        except (OSError, ValueError):
+            versions = {}
+        patterns = tuple(patterns)
+        pulled = 0
+        for key, info in self._listing().items():
+            relative = key[len(self.root) + 1 :]
+            if not any(fnmatch.fnmatchcase(relative, p) for p in patterns):
+                continue
+            version = str(info.get("ETag") or (info.get("size"), info.get("mtime") or info.get("LastModified")))
+            local = self.mirror / relative
+            if versions.get(relative) != version or not local.exists():
+                with replacing(local) as tmp:
+                    self.fs.get_file(key, str(tmp))
+                versions[relative] = version
+                pulled += 1
+        if pulled:
+            atomic_write(versions_file, json.dumps(versions).encode())
+        return pulled
+
+    def _listing(self) -> dict[str, dict]:
+        try:
+            return self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+
+    def push(self, local: Path) -> None:
+        """Upload one file of the mirror to its place in the run."""
+        self.fs.put_file(str(local), self.key(local))
+
+    def publish(self, directory: Path, marker: str) -> None:
+        """Make the remote copy of an output directory equal to the mirror's: its old marker removed
+        first, every other file uploaded (remote files the output no longer has deleted), the marker
+        last, so a reader never takes a half-uploaded output as done."""
+        self.delete(directory / marker)
+        files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
+        payload = [p for p in files if p.name != marker]
+        if payload:
+            self.fs.put([str(p) for p in payload], [self.key(p) for p in payload])
+        kept = {self.key(p) for p in files}
+        try:
+            stale = [k for k in self.fs.find(self.key(directory)) if k not in kept]
+        except FileNotFoundError:
+            stale = []
+        if stale:
+            self.fs.rm(stale)
+        if (directory / marker).exists():
+            self.push(directory / marker)
+
+    def delete(self, local: Path) -> None:
+        """Remove a file's remote copy, if there is one."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.key(local))
+
+    def exists(self, local: Path) -> bool:
+        return self.fs.exists(self.key(local))
+
+    def read_text(self, local: Path) -> str | None:
+        """A small remote file's text (a done-marker), None when there is none."""
+        try:
+            return self.fs.cat_file(self.key(local)).decode()
+        except FileNotFoundError:
+            return None
+
+    def glob(self, pattern: str) -> list[Path]:
+        """The mirror paths of the remote files matching `pattern` (relative to the root)."""
+        return sorted(self.mirror / k[len(self.root) + 1 :] for k in self.fs.glob(f"{self.root}/{pattern}"))
+
+    def read_range(self, local: Path, start: int, stop: int) -> bytes:
+        return self.fs.cat_file(self.key(local), start=start, end=stop)
+
+    def shard_tokens(self, local: Path) -> tuple[dict, np.ndarray]:
+        """(header, int32 tokens [n_seq, context_length]) of a remote shard, by range reads: its
+        activations stay where they are. Raises ShardError if the object is shorter than its header says."""
+        header_len = int.from_bytes(self.read_range(local, 0, 8), "little")
+        infos = parse_shard_header(self.read_range(local, 8, 8 + header_len), header_len, self.url_of(local))
+        size = self.fs.size(self.key(local))
+        if {"tokens", "activations"} - infos.keys() or 8 + header_len + max(i.end for i in infos.values()) != size:
+            raise ShardError(f"shard {self.url_of(local)} is truncated or incomplete ({size} bytes)")
+        info = infos["tokens"]
+        count = int(np.prod(info.shape))
+        data = self.read_range(local, info.offset, info.offset + count * np.dtype(info.np_dtype).itemsize)
+        return infos, np.frombuffer(data, dtype=info.np_dtype).reshape(info.shape)
+
+
+class ShardCache:
+    """The shards of one remote activation directory, downloaded on demand into the mirror.
+
+    A shard is streamed to a temporary file while its sha256 is computed, and renamed into place
+    only if it matches the manifest; shards already in the mirror are hashed once before first use.
+    `prefetch` downloads on `read_ahead` background threads. Beyond `capacity` bytes the least
+    recently used shards are deleted (a reader drops its memory maps of shards no longer resident).
+    """
+
+    def __init__(self, remote: Remote, directory: Path, capacity: int | None = None, read_ahead: int = 2):
+        self.remote, self.directory = remote, Path(directory)
+        self.capacity = cache_bytes() if capacity is None else capacity
+        self.read_ahead = read_ahead
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(read_ahead, thread_name_prefix="shard-download")
+        self._pending: dict[str, Future] = {}
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recent first
+        self.downloaded = 0  # shards downloaded by this cache (for logs and tests)
+
+    def open(self, record: ShardRecord, opener: Callable[[Path], T]) -> T:
+        """`opener(local path)` of a shard holding the bytes the manifest vouches for (waiting for its
+        download); called while no eviction can delete the file, so a memory map made there stays valid."""
+        while True:
+            path = self._submit(record).result()
+            with self._lock:
+                if record.name in self._resident:
+                    self._resident.move_to_end(record.name)
+                    return opener(path)
+                self._pending.pop(record.name, None)  # evicted since its download: fetch it again
+
+    def prefetch(self, records: Iterable[ShardRecord]) -> None:
+        """Start downloading these shards in the background."""
+        for record in records:
+            self._submit(record)
+
+    def resident(self) -> set[str]:
+        with self._lock:
+            return set(self._resident)
+
+    def shards_held(self, shard_bytes: int) -> int:
+        """How many shards of `shard_bytes` the cache holds at once."""
+        return max(1, self.capacity // max(1, shard_bytes))
+
+    def _submit(self, record: ShardRecord) -> Future:
+        with self._lock:
+            future = self._pending.get(record.name)
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._pool.submit(self._download, record)
+                self._pending[record.name] = future
+            return future
+
+    def _download(self, record: ShardRecord) -> Path:
+        path = self.directory / record.name
+        if path.exists() and file_sha256(path) == record.sha256:
+            self._admit(record.name, path)
+            return path
+        digest = hashlib.sha256()
+        with replacing(path) as tmp, self.remote.fs.open(self.remote.key(path), "rb") as src, open(tmp, "wb") as dst:
+            while block := src.read(1 << 24):
+                digest.update(block)
+                dst.write(block)
+            if digest.hexdigest() != record.sha256:
+                raise ShardError(
+                    f"shard {self.remote.url_of(path)} is corrupt: its sha256 does not match the manifest; "
+                    "delete it there and re-run the harvest command, which rewrites it"
+                )
+        self.downloaded += 1
+        self._admit(record.name, path)
+        return path
+
+    def _admit(self, name: str, path: Path) -> None:
+        with self._lock:
+            self._resident[name] = path.stat().st_size
+            self._resident.move_to_end(name)
+            self._evict()
+
+    def _evict(self) -> None:
+        """Delete the least recently used shards beyond the capacity (the newest always stays)."""
+        while len(self._resident) > 1 and sum(self._resident.values()) > self.capacity:
+            name, size = self._resident.popitem(last=False)
+            self._pending.pop(name, None)
+            (self.directory / name).unlink(missing_ok=True)
+            log.debug("shard cache: evicted %s (%s)", name, human_bytes(size))
+
+    def tokens(self, record: ShardRecord) -> np.ndarray:
+        """A shard's int32 token ids [n_seq, context_length], read by range without its activations."""
+        return self.remote.shard_tokens(self.directory / record.name)[1]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,264 @@
+"""Run directories on object storage, against a real S3 API on localhost (moto's server): harvest,
+kill -9, resume, train, evaluate and analyze on s3://, checked equal to the same stages on local disk;
+the bounded shard cache; and bad credentials / a missing bucket / an unreachable endpoint stopping
+with one line before any compute."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+import s3fs
+from moto.server import ThreadedMotoServer
+
+from pipeline.corpus import CorpusConfig
+from pipeline.faults import KILL_VARIABLE
+from pipeline.harvesting import HarvestConfig, harvest_activations
+from pipeline.remote import Remote, RemoteError, ShardCache
+from pipeline.rundir import RunDir
+from pipeline.sae import SaeConfig
+from pipeline.shards import MANIFEST, ShardError, ShardSet
+from pipeline.stages.analyze import AnalyzeConfig, analyze_saes
+from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes
+from pipeline.stages.train import train_saes
+from pipeline.tracking import WandbConfig
+from pipeline.training import TrainConfig
+from tests.conftest import TEXT
+
+REPO = Path(__file__).resolve().parent.parent
+HOOK, CTX = "blocks.1.resid_post", 32
+OFF = WandbConfig(mode="disabled")
+HARVEST = HarvestConfig(hooks=[HOOK], tokens=CTX * 40, context_length=CTX, batch_size=3, sequences_per_shard=4,
+                        progress=False)  # fmt: skip
+TRAIN = TrainConfig(hook=HOOK, batch_size=128, holdout_tokens=CTX * 8, epochs=3, lr=3e-3, checkpoint_every=0,
+                    progress=False, shuffle_shards=2)  # fmt: skip
+SAE = SaeConfig(architecture="topk", expansion=4, k=8)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on a free localhost port, found through the standard AWS environment."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for var, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+            env.setenv(var, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint) -> str:
+    name = f"run-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3").mkdir(name)
+    return name
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    fs, root = fsspec.core.url_to_fs(url)
+    return {k[len(root) + 1 :]: fs.cat_file(k) for k in fs.find(root)}
+
+
+def _files(directory: Path, pattern: str = "*") -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob(pattern) if p.is_file()}
+
+
+# ---------------------------------------------------------------- the stages on s3://
+
+
+def _killed_harvest(model_cfg, url: str, kill_at: int) -> None:
+    script = textwrap.dedent(f"""
+        import sys
+        from pipeline.corpus import CorpusConfig
+        from pipeline.harvesting import HarvestConfig, harvest_activations
+        from pipeline.models import ModelConfig
+        cfg = HarvestConfig(hooks=[{HOOK!r}], tokens={CTX * 40}, context_length={CTX}, batch_size=3,
+                            sequences_per_shard=4, progress=False)
+        harvest_activations(ModelConfig(path={model_cfg.path!r}, dtype="float32", device="cpu"),
+                            CorpusConfig(name="test", source="files", path={str(TEXT)!r}), cfg, sys.argv[1])
+    """)
+    env = {**os.environ, KILL_VARIABLE: f"harvest.shard:{kill_at}"}
+    proc = subprocess.run([sys.executable, "-c", script, url], cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_stages_on_s3_match_local_disk(bucket, model_cfg, loaded, tmp_path):
+    """harvest (killed before shard 6, then resumed), train, evaluate and analyze with run_dir=s3://...
+    write the same bytes to the bucket as the same stages write to a local run directory."""
+    url, local = f"s3://{bucket}/run", tmp_path / "local"
+    corpus = CorpusConfig(name="test", source="files", path=str(TEXT))
+    _killed_harvest(model_cfg, url, kill_at=6)
+    remote_hook = f"activations/{HOOK}"
+    partial = _objects(url)
+    assert MANIFEST not in {Path(k).name for k in partial}  # the manifest comes last
+    assert 0 < sum(k.endswith(".safetensors") for k in partial) <= 6  # the writers may lag behind
+
+    harvest_activations(model_cfg, corpus, HARVEST, url, loaded=loaded)
+    harvest_activations(model_cfg, corpus, HARVEST, local, loaded=loaded)
+    remote = _objects(url)
+    assert {k: v for k, v in remote.items() if k.startswith(remote_hook)} == _files(local, "activations/*/*")
+    mirror = Remote(url).mirror
+    assert not list(mirror.rglob("shard-*.safetensors"))  # uploaded shards leave the local disk
+
+    for run_dir in (url, local):
+        train_saes(TRAIN, SAE, run_dir, OFF)
+        evaluate_saes(model_cfg, EvaluateConfig(progress=False, batch_size=3, tokens=CTX * 6), run_dir, OFF, loaded=loaded)
+        analyze_saes(model_cfg, AnalyzeConfig(progress=False, top_k=5, samples=8, detail_features=2,
+                     detail_examples=2), run_dir, OFF, loaded=loaded)  # fmt: skip
+    remote, here = _objects(url), _files(local)
+    sae = f"sae/{HOOK}/topk-k8-x4"
+    assert remote[f"{sae}/sae.safetensors"] == here[f"{sae}/sae.safetensors"]
+    metrics = f"eval/{HOOK}/topk-k8-x4/metrics.json"
+    assert json.loads(remote[metrics])["metrics"] == json.loads(here[metrics])["metrics"]
+    features = json.loads(remote[f"features/{HOOK}/topk-k8-x4/features.json"])
+    assert features["meta"]["config_hash"] == json.loads(here[f"features/{HOOK}/topk-k8-x4/features.json"])["meta"]["config_hash"]
+    assert not any(k.startswith("checkpoints/") for k in remote)  # removed once the dictionary is saved
+
+
+def test_a_second_machine_finds_the_outputs_done(bucket, model_cfg, loaded, tmp_path, monkeypatch):
+    """With an empty local cache (another machine), the stages read what the bucket holds: nothing is
+    recomputed, and evaluate reads the shards it needs through the cache."""
+    url = f"s3://{bucket}/run"
+    corpus = CorpusConfig(name="test", source="files", path=str(TEXT))
+    harvest_activations(model_cfg, corpus, HARVEST, url, loaded=loaded)
+    train_saes(TRAIN, SAE, url, OFF)
+    before = _objects(url)
+    monkeypatch.setenv("SAE_PIPELINE_CACHE", str(tmp_path / "other-machine"))
+    train_saes(TRAIN, SAE, url, OFF)  # already trained: found on the bucket
+    assert _objects(url) == before
+    reports = evaluate_saes(model_cfg, EvaluateConfig(progress=False, batch_size=3, tokens=CTX * 6), url, OFF,
+                            loaded=loaded)  # fmt: skip
+    assert reports[f"{HOOK}/topk-k8-x4"]["metrics"]["reconstruction_quality"]["fvu"] < 1
+
+
+def test_a_marker_only_in_the_mirror_does_not_count_as_done(bucket, model_cfg, loaded):
+    """An output is done when the bucket holds its marker: a local leftover (a push killed half-way)
+    is trained again and uploaded."""
+    url = f"s3://{bucket}/run"
+    harvest_activations(model_cfg, CorpusConfig(name="test", source="files", path=str(TEXT)), HARVEST, url,
+                        loaded=loaded)  # fmt: skip
+    out = train_saes(TRAIN, SAE, url, OFF)["topk-k8-x4"]
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.rm_file(f"{root}/sae/{HOOK}/topk-k8-x4/cfg.json")
+    assert (out / "cfg.json").exists() and not RunDir.open(url).dictionaries()
+    train_saes(TRAIN, SAE, url, OFF)
+    assert fs.exists(f"{root}/sae/{HOOK}/topk-k8-x4/cfg.json")
+
+
+# ---------------------------------------------------------------- the shard cache
+
+
+@pytest.fixture
+def remote_shards(bucket, model_cfg, loaded):
+    url = f"s3://{bucket}/run"
+    harvest_activations(model_cfg, CorpusConfig(name="test", source="files", path=str(TEXT)), HARVEST, url,
+                        loaded=loaded)  # fmt: skip
+    return RunDir.open(url)
+
+
+def test_cache_holds_at_most_its_capacity(remote_shards):
+    """Reading every window in order through a cache of two shards: never more than two on disk."""
+    directory, remote = remote_shards.activations(HOOK), remote_shards.remote
+    shard_bytes = remote.fs.size(remote.key(directory / "shard-00000.safetensors"))
+    cache = ShardCache(remote, directory, capacity=2 * shard_bytes, read_ahead=1)
+    shards = ShardSet(directory, cache=cache)
+    held = []
+    for window in range(shards.manifest.n_sequences):
+        shards.sequence(window)
+        held.append(len(list(directory.glob("shard-*.safetensors"))))
+    cache.close()
+    assert max(held) <= 2 and cache.downloaded >= len(shards.manifest.shards) == 10
+
+
+def test_a_corrupt_remote_shard_is_never_used(remote_shards):
+    directory = remote_shards.activations(HOOK)
+    fs, key = remote_shards.remote.fs, remote_shards.remote.key(directory / "shard-00001.safetensors")
+    data = bytearray(fs.cat_file(key))
+    data[-1] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    shards = remote_shards.shards(HOOK)
+    shards.sequence(0)
+    with pytest.raises(ShardError, match="shard-00001.safetensors is corrupt"):
+        shards.sequence(4)
+    assert not (directory / "shard-00001.safetensors").exists()
+
+
+def test_count_token_reads_only_the_tokens(remote_shards):
+    """Counting BOS over the training split (planning a training) downloads no activations."""
+    shards = remote_shards.shards(HOOK)
+    assert shards.count_token(shards.manifest.bos_token_id) == shards.manifest.n_sequences  # BOS starts each window
+    assert not list(remote_shards.activations(HOOK).glob("shard-*.safetensors"))
+
+
+# ---------------------------------------------------------------- access checked before compute
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_missing_bucket_stops_with_one_line(s3_endpoint):
+    with pytest.raises(RemoteError, match="the bucket does not exist"):
+        RunDir.open(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run")
+
+
+def test_bad_credentials_stop_with_one_line(tmp_path):
+    """A moto server that checks signatures: unknown keys are refused before anything runs."""
+    port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_for(port)
+        with pytest.MonkeyPatch.context() as mp:
+            for var, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "wrong",
+                               "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+                mp.setenv(var, value)
+            s3fs.S3FileSystem.clear_instance_cache()
+            with pytest.raises(RemoteError, match="access denied.*AWS_ACCESS_KEY_ID"):
+                RunDir.open("s3://bucket/run")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _wait_for(port: int, timeout: float = 30) -> None:
+    """Until the server accepts connections (polling, as a server's start has no signal to wait on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"moto server on port {port} did not start")
+
+
+def test_unreachable_endpoint_stops_the_stage_before_compute(tmp_path):
+    """The command line: one line on stderr, exit status 1, no model loaded and no logs written."""
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
+           "SAE_PIPELINE_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline", "harvest", "run_dir=s3://bucket/run", "model.device=cpu"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error: run_dir=s3://bucket/run: cannot reach the storage at http://127.0.0.1:" in result.stderr
+    assert "check AWS_ENDPOINT_URL" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "cache").exists()
