@@ -43,6 +43,7 @@ bench: .bench-venv/bin/python
 	$(PYTHON) bench/bench_train.py --peer-python .bench-venv/bin/python
 	$(PYTHON) bench/bench_evaluate.py
 	$(PYTHON) bench/bench_analyze.py
+	$(PYTHON) bench/bench_remote.py
 
 lint:
 	$(PYTHON) -m ruff check pipeline tests bench

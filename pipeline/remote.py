@@ -99,6 +99,11 @@ def _explain(url: str, err: BaseException) -> str:
     )
 
 
+def _version(info: dict) -> str:
+    """What tells two versions of a remote file apart: its ETag, else its size and time."""
+    return str(info.get("ETag") or (info.get("size"), info.get("mtime") or info.get("LastModified")))
+
+
 class Remote:
     """A run directory at a URL and its local mirror (see the module docstring)."""
 
@@ -109,6 +114,7 @@ class Remote:
         except (ImportError, ValueError) as err:
             raise RemoteError(_explain(self.url, err)) from err
         self.mirror = mirror or mirror_of(self.url)
+        self._lock = threading.Lock()  # the versions file, written by uploading threads
 
     def key(self, local: Path) -> str:
         """The remote path of a file of the mirror."""
@@ -133,37 +139,49 @@ class Remote:
     def pull(self, patterns: Iterable[str] = PULLED) -> int:
         """Download the remote files matching `patterns` (relative to the root) that the mirror lacks
         or holds in another version; return how many were downloaded."""
-        versions_file = self.mirror / _VERSIONS
-        try:
-            versions = json.loads(versions_file.read_text())
-        except (OSError, ValueError):
-            versions = {}
         patterns = tuple(patterns)
-        pulled = 0
+        wanted = {}
         for key, info in self._listing().items():
             relative = key[len(self.root) + 1 :]
-            if not any(fnmatch.fnmatchcase(relative, p) for p in patterns):
-                continue
-            version = str(info.get("ETag") or (info.get("size"), info.get("mtime") or info.get("LastModified")))
-            local = self.mirror / relative
-            if versions.get(relative) != version or not local.exists():
-                with replacing(local) as tmp:
-                    self.fs.get_file(key, str(tmp))
-                versions[relative] = version
-                pulled += 1
-        if pulled:
-            atomic_write(versions_file, json.dumps(versions).encode())
-        return pulled
+            if any(fnmatch.fnmatchcase(relative, p) for p in patterns):
+                wanted[relative] = (key, info)
+        with self._lock:
+            versions = self._versions()
+            stale = {r: v for r, v in wanted.items() if versions.get(r) != _version(v[1]) or not (self.mirror / r).exists()}
+        for relative, (key, _) in stale.items():
+            with replacing(self.mirror / relative) as tmp:
+                self.fs.get_file(key, str(tmp))
+        self._remember({r: info for r, (_, info) in stale.items()}, patterns)
+        return len(stale)
 
-    def _listing(self) -> dict[str, dict]:
+    def _listing(self, under: str = "") -> dict[str, dict]:
         try:
-            return self.fs.find(self.root, detail=True)
+            return self.fs.find(f"{self.root}/{under}".rstrip("/"), detail=True)
         except FileNotFoundError:
             return {}
 
+    def _versions(self) -> dict[str, str]:
+        """The version of each mirror file as last downloaded or uploaded (held under self._lock)."""
+        try:
+            return json.loads((self.mirror / _VERSIONS).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _remember(self, infos: dict[str, dict], patterns: tuple[str, ...] = PULLED) -> None:
+        """Record that the mirror holds these versions of these files (relative path -> remote info),
+        of those matching `patterns`: uploaded dashboards' many files stay out unless downloaded."""
+        infos = {r: info for r, info in infos.items() if any(fnmatch.fnmatchcase(r, p) for p in patterns)}
+        if infos:
+            with self._lock:
+                versions = self._versions()
+                versions.update({relative: _version(info) for relative, info in infos.items()})
+                atomic_write(self.mirror / _VERSIONS, json.dumps(versions).encode())
+
     def push(self, local: Path) -> None:
         """Upload one file of the mirror to its place in the run."""
-        self.fs.put_file(str(local), self.key(local))
+        key = self.key(local)
+        self.fs.put_file(str(local), key)
+        self._remember({key[len(self.root) + 1 :]: self.fs.info(key)})
 
     def publish(self, directory: Path, marker: str) -> None:
         """Make the remote copy of an output directory equal to the mirror's: its old marker removed
@@ -174,6 +192,8 @@ class Remote:
         payload = [p for p in files if p.name != marker]
         if payload:
             self.fs.put([str(p) for p in payload], [self.key(p) for p in payload])
+            listing = self._listing(directory.relative_to(self.mirror).as_posix())
+            self._remember({k[len(self.root) + 1 :]: info for k, info in listing.items()})
         kept = {self.key(p) for p in files}
         try:
             stale = [k for k in self.fs.find(self.key(directory)) if k not in kept]

@@ -122,6 +122,11 @@ class RunDir:
         if self.remote:
             self.remote.delete(path)
 
+    def download(self, directory: Path) -> None:
+        """Bring a whole remote output directory into the mirror (a dashboard, to browse it)."""
+        if self.remote:
+            self.remote.pull([f"{directory.relative_to(self.root).as_posix()}/*"])
+
     def refresh(self, directory: Path) -> None:
         """Bring the mirror's copy of a directory's small files up to date (what other processes wrote)."""
         if self.remote:

@@ -132,18 +132,24 @@ def test_stages_on_s3_match_local_disk(bucket, model_cfg, loaded, tmp_path):
 
 def test_a_second_machine_finds_the_outputs_done(bucket, model_cfg, loaded, tmp_path, monkeypatch):
     """With an empty local cache (another machine), the stages read what the bucket holds: nothing is
-    recomputed, and evaluate reads the shards it needs through the cache."""
+    recomputed or uploaded again, and the dashboard comes down to be browsed."""
     url = f"s3://{bucket}/run"
     corpus = CorpusConfig(name="test", source="files", path=str(TEXT))
+    evaluate = EvaluateConfig(progress=False, batch_size=3, tokens=CTX * 6)
+    analyze = AnalyzeConfig(progress=False, top_k=5, samples=8, detail_features=2, detail_examples=2)
     harvest_activations(model_cfg, corpus, HARVEST, url, loaded=loaded)
     train_saes(TRAIN, SAE, url, OFF)
+    evaluate_saes(model_cfg, evaluate, url, OFF, loaded=loaded)
+    analyze_saes(model_cfg, analyze, url, OFF, loaded=loaded)
     before = _objects(url)
     monkeypatch.setenv("SAE_PIPELINE_CACHE", str(tmp_path / "other-machine"))
-    train_saes(TRAIN, SAE, url, OFF)  # already trained: found on the bucket
+    harvest_activations(model_cfg, corpus, HARVEST, url, loaded=loaded)
+    train_saes(TRAIN, SAE, url, OFF)
+    reports = evaluate_saes(model_cfg, evaluate, url, OFF, loaded=loaded)
+    dashboard = analyze_saes(model_cfg, analyze, url, OFF, loaded=loaded)[f"{HOOK}/topk-k8-x4"]
     assert _objects(url) == before
-    reports = evaluate_saes(model_cfg, EvaluateConfig(progress=False, batch_size=3, tokens=CTX * 6), url, OFF,
-                            loaded=loaded)  # fmt: skip
     assert reports[f"{HOOK}/topk-k8-x4"]["metrics"]["reconstruction_quality"]["fvu"] < 1
+    assert str(dashboard).startswith(str(tmp_path / "other-machine")) and (dashboard / "index.html").exists()
 
 
 def test_a_marker_only_in_the_mirror_does_not_count_as_done(bucket, model_cfg, loaded):

@@ -385,6 +385,7 @@ def _analyze(
         sae, loaded, shards, {**settings, "windows": n_windows, "format_version": FORMAT_VERSION}
     )
     if run.analyzed(d.hook, d.name, hash_):
+        run.download(out)
         log.info("%s/%s: already analyzed with this configuration -> %s", d.hook, d.name, out / INDEX_PAGE)
         return out
     log.info("analyzing %s/%s on %d tokens", d.hook, d.name, n_windows * ctx)

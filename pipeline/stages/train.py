@@ -180,7 +180,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
     cfg = replace(cfg, dead_tokens=cfg.dead_window(total_steps * cfg.batch_size))
     if stream is None and cfg.shuffle_shards is None and shards.default_shuffle_shards() is not None:
         cfg = replace(cfg, shuffle_shards=shards.default_shuffle_shards())
-        log.info("shards on object storage: batches mix %d shards at a time (train.shuffle_shards)", cfg.shuffle_shards)
+        log.info("shards on object storage: batches mix up to %d shards at a time (train.shuffle_shards)", cfg.shuffle_shards)
     hash_ = config_hash(
         {
             "format_version": FORMAT_VERSION,
