@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import fsspec
@@ -31,6 +32,7 @@ from pipeline.shards import MANIFEST, ShardError, ShardSet
 from pipeline.stages.analyze import AnalyzeConfig, analyze_saes
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes
 from pipeline.stages.train import train_saes
+from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
 from pipeline.training import TrainConfig
 from tests.conftest import TEXT
@@ -164,6 +166,31 @@ def test_a_marker_only_in_the_mirror_does_not_count_as_done(bucket, model_cfg, l
     assert (out / "cfg.json").exists() and not RunDir.open(url).dictionaries()
     train_saes(TRAIN, SAE, url, OFF)
     assert fs.exists(f"{root}/sae/{HOOK}/topk-k8-x4/cfg.json")
+
+
+def test_sharded_harvest_on_s3_merges_the_workers_manifests(bucket, model_cfg, loaded, tmp_path, monkeypatch):
+    """Two workers on two machines (two caches): the last to finish merges both manifests from the
+    bucket into the one a single process writes."""
+    corpus = CorpusConfig(name="test", source="files", path=str(TEXT))
+    single = harvest_activations(model_cfg, corpus, HARVEST, tmp_path / "one", loaded=loaded)[HOOK]
+    url = f"s3://{bucket}/run"
+    for worker in (1, 0):
+        monkeypatch.setenv("SAE_PIPELINE_CACHE", str(tmp_path / f"machine-{worker}"))
+        merged = harvest_activations(model_cfg, corpus, replace(HARVEST, num_workers=2, worker=worker), url,
+                                     loaded=loaded)[HOOK]  # fmt: skip
+    assert merged == single
+    assert _objects(url)[f"activations/{HOOK}/{MANIFEST}"] == (tmp_path / "one" / "activations" / HOOK / MANIFEST).read_bytes()
+
+
+def test_training_from_the_model_on_s3(bucket, model_cfg, tmp_path):
+    """train.source=model stores only the held-out split, on the bucket, and the dictionary beside it."""
+    url = f"s3://{bucket}/run"
+    cfg = replace(TRAIN, source="model", tokens=128 * 6, buffer_tokens=512, shuffle_shards=None)
+    source = ModelSource(model_cfg, CorpusConfig(name="test", source="files", path=str(TEXT)), HARVEST)
+    train_saes(cfg, SAE, url, OFF, source)
+    stored = [k for k in _objects(url) if k.startswith("activations/")]
+    assert f"activations/{HOOK}/{MANIFEST}" in stored and len(stored) == 1 + CTX * 8 // (CTX * 4)
+    assert f"sae/{HOOK}/topk-k8-x4/cfg.json" in _objects(url)
 
 
 # ---------------------------------------------------------------- the shard cache
