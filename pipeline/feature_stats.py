@@ -5,7 +5,9 @@ Memory is bounded by the number of latents, never by the number of tokens:
   TopExamples    the m highest-keyed firing positions per latent with the latent's activation on
                  their context; key = activation gives the top-activating examples, key = a random
                  number gives a uniform sample of the latent's firings (Efraimidis-Spirakis)
-  Coactivation   how often two latents fire on the same token, on a sample of tokens
+  Coactivation   how often two latents fire on the same token, on a sample of tokens, and the lift
+                 of each pair over independence
+  DimensionCorrelation  the model dimensions each latent's activation correlates with
 Batches are whole windows of `ctx` tokens, so a context never crosses the window it came from.
 `feature_pass` runs a dictionary's encoder over stored activations and feeds all three.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -157,24 +160,101 @@ class Coactivation:
         keys = idx[:, :, None] * self.d_sae + idx[:, None, :]
         self.pairs.append(keys[both].cpu())
 
-    def top_partners(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each latent, the n latents most often active with it and P(partner | latent):
-        ([d_sae, n] ids, -1 where none; [d_sae, n] probabilities)."""
-        partners = torch.full((self.d_sae, n), -1, dtype=torch.long)
-        prob = torch.zeros(self.d_sae, n)
+    def top_partners(self, n: int, min_count: int = 3) -> Partners:
+        """For each latent, the n latents that fire with it on at least `min_count` tokens, ranked by
+        lift: a partner that fires everywhere has lift ~1 and drops below the specific ones."""
+        empty = torch.full((self.d_sae, n), -1, dtype=torch.long)
+        partners = Partners(empty, torch.zeros(self.d_sae, n), torch.zeros(self.d_sae, n, dtype=torch.long),
+                            torch.zeros(self.d_sae, n))  # fmt: skip
         if not self.pairs:
-            return partners, prob
+            return partners
         keys, counts = torch.cat(self.pairs).unique(return_counts=True)
+        keys, counts = keys[counts >= min_count], counts[counts >= min_count]
         first, second = keys // self.d_sae, keys % self.d_sae
-        order = torch.argsort(counts, descending=True, stable=True)
+        single = self.single.double()
+        lift = counts.double() * self.tokens / (single[first] * single[second])
+        order = torch.argsort(lift, descending=True, stable=True)
         order = order[torch.argsort(first[order], stable=True)]
         first_sorted = first[order]
         rank = torch.arange(len(order)) - torch.searchsorted(first_sorted, first_sorted, side="left")
         keep = order[rank < n]
         rows, cols = first[keep], rank[rank < n]
-        partners[rows, cols] = second[keep]
-        prob[rows, cols] = counts[keep].float() / self.single[rows].clamp_min(1).float()
-        return partners, prob
+        partners.ids[rows, cols] = second[keep]
+        partners.lift[rows, cols] = lift[keep].float()
+        partners.count[rows, cols] = counts[keep]
+        partners.given[rows, cols] = counts[keep].float() / self.single[rows].clamp_min(1).float()
+        return partners
+
+
+class Partners(NamedTuple):
+    """Each latent's co-firing partners (-1 where none), [d_sae, n] each."""
+
+    ids: torch.Tensor
+    lift: torch.Tensor  # P(both fire) / (P(this) P(that)): 1 when independent
+    count: torch.Tensor  # tokens on which both fired
+    given: torch.Tensor  # P(that fires | this fires)
+
+
+def decoder_neighbours(w_dec: torch.Tensor, n: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each latent's n nearest other latents by the cosine of their decoder directions
+    (w_dec [d_sae, d_in]): ([d_sae, n] ids, [d_sae, n] cosines), on the CPU."""
+    unit = torch.nn.functional.normalize(w_dec.detach().float(), dim=-1)
+    n = min(n, len(unit) - 1)
+    ids, cosines = [], []
+    for start in range(0, len(unit), chunk):
+        sims = unit[start : start + chunk] @ unit.T  # [chunk, d_sae]
+        rows = torch.arange(len(sims), device=sims.device)
+        sims[rows, start + rows] = -math.inf  # not itself
+        top = sims.topk(n, dim=-1)
+        ids.append(top.indices.cpu())
+        cosines.append(top.values.cpu())
+    return torch.cat(ids), torch.cat(cosines)
+
+
+class DimensionCorrelation:
+    """Pearson correlation of every latent's activation with every model dimension of its input,
+    over all tokens passed (a latent is 0 where it does not fire). Streamed as sums; the products
+    f * x come from the firings alone, so a batch costs (firings x d_in), not (tokens x d_sae x d_in).
+    Memory: d_sae x d_in floats."""
+
+    def __init__(self, d_sae: int, d_in: int, device: torch.device | str = "cpu"):
+        self.n = 0
+        self.center: torch.Tensor | None = None  # x is shifted by its first batch's mean: r is unchanged, fp32 sums stay exact enough
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.sum_xx = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.sum_f = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.sum_ff = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.sum_fx = torch.zeros(d_sae, d_in, device=device)
+
+    def update(
+        self, x: torch.Tensor, rows: torch.Tensor, latents: torch.Tensor, acts: torch.Tensor, counted: torch.Tensor
+    ) -> None:
+        """x [tokens, d_in], its firings (firing_entries of its codes) and the tokens to count
+        (counted [tokens] bool: BOS positions are left out, as their codes are)."""
+        if self.center is None:
+            self.center = x[counted].mean(0) if counted.any() else x.mean(0)
+        x = x - self.center
+        self.n += int(counted.sum())
+        self.sum_x += x[counted].sum(0, dtype=torch.float64)
+        self.sum_xx += x[counted].double().pow(2).sum(0)
+        self.sum_f.index_add_(0, latents, acts.double())
+        self.sum_ff.index_add_(0, latents, acts.double().pow(2))
+        for start in range(0, len(rows), 16_384):  # bounded memory: 16k firings x d_in at a time
+            part = slice(start, start + 16_384)
+            self.sum_fx.index_add_(0, latents[part], acts[part, None] * x[rows[part]])
+
+    def top(self, n: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per latent, the n dimensions of largest |r| and r: ([d_sae, n] ids, [d_sae, n] r), on the CPU."""
+        var_x = (self.n * self.sum_xx - self.sum_x.pow(2)).clamp_min(1e-12)
+        ids, rs = [], []
+        for start in range(0, len(self.sum_f), chunk):
+            f, ff = self.sum_f[start : start + chunk], self.sum_ff[start : start + chunk]
+            cov = self.n * self.sum_fx[start : start + chunk].double() - f[:, None] * self.sum_x
+            r = cov / ((self.n * ff - f.pow(2)).clamp_min(1e-12)[:, None] * var_x).sqrt()
+            top = r.abs().topk(min(n, r.shape[1]), dim=-1).indices
+            ids.append(top.cpu())
+            rs.append(r.gather(1, top).float().cpu())
+        return torch.cat(ids), torch.cat(rs)
 
 
 # ---------------------------------------------------------------- one pass over stored activations
@@ -184,8 +264,9 @@ class Coactivation:
 class FeaturePassSettings:
     """What one streaming pass keeps per feature."""
 
-    top_k: int = 10
-    """Top-activating examples kept per feature."""
+    top_k: int = 20
+    """Top-activating examples shown per feature, each a distinct context (the pass keeps twice as
+    many firings and identical contexts are shown once)."""
     samples: int = 16
     """Random firings kept per feature (a uniform sample of its firings)."""
     context_before: int = 20
@@ -195,6 +276,8 @@ class FeaturePassSettings:
     """BOS positions are not examples (as in training)."""
     coactivation_tokens: int = 32768
     """Tokens on which pairs of co-firing features are counted."""
+    coactivation_min_count: int = 3
+    """Tokens two features must fire on together to be listed as partners (lift is noisy below)."""
     seed: int = 0
     progress: bool = True
 
@@ -205,6 +288,7 @@ class FeaturePass:
     top: TopExamples
     samples: TopExamples
     coactivation: Coactivation
+    correlation: DimensionCorrelation
     n_windows: int
 
     def frequency(self) -> torch.Tensor:
@@ -220,9 +304,10 @@ def feature_pass(sae, shards: ShardSet, n_windows: int, cfg: FeaturePassSettings
     d_sae = sae.d_sae
     windows_per_batch = max(1, (1 << 25) // (d_sae * ctx))  # dense codes of a batch stay ~128 MB
     stats = FeatureStats(d_sae, device)
-    top = TopExamples(d_sae, cfg.top_k, cfg.context_before, cfg.context_after, device)
+    top = TopExamples(d_sae, 2 * cfg.top_k, cfg.context_before, cfg.context_after, device)
     samples = TopExamples(d_sae, cfg.samples, cfg.context_before, cfg.context_after, device)
     coactivation = Coactivation(d_sae, cfg.coactivation_tokens)
+    correlation = DimensionCorrelation(d_sae, sae.d_in, device)
     bos = shards.manifest.bos_token_id if cfg.exclude_bos else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     bar = tqdm(total=n_windows * ctx, unit="tok", unit_scale=True, desc="features", disable=not cfg.progress)
@@ -232,14 +317,17 @@ def feature_pass(sae, shards: ShardSet, n_windows: int, cfg: FeaturePassSettings
         x = shards.gather(idx).to(device, torch.float32)  # [tokens, d_in]
         shards.check_finite(x, idx)
         codes = sae.encode(x)  # [tokens, d_sae]
+        counted = torch.ones(len(codes), dtype=torch.bool, device=device)
         if bos is not None:
-            codes[(shards.tokens_at(idx) == bos).to(device)] = 0
+            counted = (shards.tokens_at(idx) != bos).to(device)
+            codes[~counted] = 0
         rows, latents, acts = firing_entries(codes)
         stats.update(len(codes), latents, acts)
         top.update(rows, latents, acts, acts, codes, first * ctx, ctx)
         keys = torch.rand(len(rows), generator=gen, device=device)
         samples.update(rows, latents, keys, acts, codes, first * ctx, ctx)
         coactivation.update(codes)
+        correlation.update(x, rows, latents, acts, counted)
         bar.update(len(codes))
     bar.close()
-    return FeaturePass(stats, top, samples, coactivation, n_windows)
+    return FeaturePass(stats, top, samples, coactivation, correlation, n_windows)

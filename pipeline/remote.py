@@ -155,6 +155,7 @@ class Remote:
         return len(stale)
 
     def _listing(self, under: str = "") -> dict[str, dict]:
+        self.fs.invalidate_cache()  # listings are cached per process; other machines write too
         try:
             return self.fs.find(f"{self.root}/{under}".rstrip("/"), detail=True)
         except FileNotFoundError:
@@ -210,6 +211,7 @@ class Remote:
             self.fs.rm_file(self.key(local))
 
     def exists(self, local: Path) -> bool:
+        self.fs.invalidate_cache()
         return self.fs.exists(self.key(local))
 
     def read_text(self, local: Path) -> str | None:
@@ -221,6 +223,7 @@ class Remote:
 
     def glob(self, pattern: str) -> list[Path]:
         """The mirror paths of the remote files matching `pattern` (relative to the root)."""
+        self.fs.invalidate_cache()
         return sorted(self.mirror / k[len(self.root) + 1 :] for k in self.fs.glob(f"{self.root}/{pattern}"))
 
     def read_range(self, local: Path, start: int, stop: int) -> bytes:

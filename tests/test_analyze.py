@@ -5,6 +5,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,17 +56,53 @@ def test_features_match_a_brute_force_computation(trained_run, analyzed):
         column = codes[:, f]
         assert record["count"] == int((column > 0).sum())
         assert record["max_activation"] == pytest.approx(float(column.max()), abs=1e-3)
-        top = column.topk(min(5, int((column > 0).sum())))
-        assert [e["activation"] for e in record["top"]] == pytest.approx(top.values.tolist(), abs=1e-3)
+        assert [e["activation"] for e in record["top"]] == pytest.approx(_distinct_top(column, tokens, 5), abs=1e-3)
         for example in record["top"]:
             t = example["window"] * 32 + example["position"]
             assert example["ids"][example["position"] - example["start"]] == int(tokens[t])
             start = example["window"] * 32 + example["start"]
             expected = column[start : start + len(example["ids"])]
             assert example["acts"] == pytest.approx(expected.tolist(), abs=2e-2)
+        shown = {(e["window"], e["position"]) for e in record["top"]}
         for group in record["quantile_groups"]:
             for example in group["examples"]:
                 assert group["low"] <= example["activation"] <= group["high"]
+                assert (example["window"], example["position"]) not in shown  # not the top ones again
+        if record["quantile_groups"]:
+            assert sum(g["share"] for g in record["quantile_groups"]) == pytest.approx(1, abs=1e-3)
+    _check_correlations_and_neighbours(records, sae, shards, codes, tokens != shards.manifest.bos_token_id)
+
+
+def _distinct_top(column: torch.Tensor, tokens: torch.Tensor, n: int) -> list[float]:
+    """The activations of the n highest firings with distinct contexts (6 tokens before, 4 after,
+    within the window of 32) among the 2n highest firings, by brute force."""
+    order = column.argsort(descending=True)[: 2 * n]
+    seen, values = set(), []
+    for t in order[column[order] > 0].tolist():
+        window, position = divmod(t, 32)
+        context = tuple(tokens[window * 32 + max(0, position - 6) : window * 32 + min(32, position + 5)].tolist())
+        if context not in seen:
+            seen.add(context)
+            values.append(float(column[t]))
+    return values[:n]
+
+
+def _check_correlations_and_neighbours(records, sae, shards, codes, counted):
+    """Correlated dimensions are Pearson's r over the non-BOS tokens; neighbours the nearest decoder rows."""
+    x = shards.gather(torch.arange(shards.n_tokens)).double()[counted]
+    unit = torch.nn.functional.normalize(sae.W_dec.detach().double(), dim=-1)
+    for record in [r for r in records if r["count"] > 2][:10]:
+        f = record["id"]
+        r = np.corrcoef(codes[counted, f].double().numpy(), x.T.numpy())[0, 1:]
+        dims, values = zip(*record["correlated_dimensions"], strict=True)
+        assert values == pytest.approx(r[list(dims)].tolist(), abs=2e-3)
+        assert abs(values[0]) == pytest.approx(np.abs(r).max(), abs=2e-3)
+        cosines = unit[f] @ unit.T
+        cosines[f] = -2
+        ids, values = zip(*record["neighbours"], strict=True)
+        assert values == pytest.approx(cosines.topk(len(ids)).values.tolist(), abs=1e-3)
+        for _other, lift, together, given in record["coactivation"]:
+            assert together >= 3 and lift > 0 and 0 < given <= 1
 
 
 def test_detail_features_get_attributions(analyzed):
@@ -80,6 +117,22 @@ def test_detail_features_get_attributions(analyzed):
         for example in record["top"][:2]:
             assert len(example["loss"]) == len(example["ids"]) == len(example["attribution"])
         assert record["logits"]["positive"][0][1] >= record["logits"]["negative"][0][1]
+
+
+def test_index_rows_say_what_a_feature_fires_on(analyzed):
+    """features.json: the tokens at the top examples' maxima, and the top example split at its maximum."""
+    out = analyzed[0]["topk-k8-x4"]
+    _, records = load_features(out)
+    rows = json.loads((out / "features.json").read_text())["features"]
+    vocab = json.loads((out / "data" / "vocab.js").read_text().split("(", 1)[1].rsplit(")", 1)[0])
+    for record, row in zip(records, rows, strict=True):
+        if not record["top"]:
+            assert row["fires_on"] == [] and row["example"] == ["", "", ""]
+            continue
+        at = [vocab[e["ids"][e["position"] - e["start"]]] for e in record["top"]]
+        assert row["fires_on"][0] == max(at, key=at.count) and set(row["fires_on"]) <= set(at)
+        assert row["example"][1] == at[0]
+    assert any(row["detail"] for row in rows)
 
 
 def test_a_feature_that_never_fires_is_shown_as_silent(analyzed):
@@ -120,7 +173,8 @@ def _hostile_dashboard(directory: Path) -> Path:
         "id": 0, "silent": False, "frequency": 0.5, "count": 2, "mean_activation": 1.5, "max_activation": 2.0,
         "histogram": [1, 1], "top": [example], "quantile_groups": [{"low": 1, "high": 2, "examples": [example]}],
         "logits": {"positive": [[1, 2.0]], "negative": [[2, -1.0]], "histogram": [1, 2], "low": -1, "high": 2},
-        "dimensions": [[3, 0.5]], "coactivation": [], "components": None,
+        "dimensions": [[3, 0.5]], "correlated_dimensions": [[3, 0.9]], "coactivation": [],
+        "neighbours": [[1, 0.2]], "components": None,
     }  # fmt: skip
     meta = {"sae": "s", "hook": HOOK, "model_id": "m", "corpus_id": "c", "d_sae": 1, "tokens": 4, "silent_features": 0,
             "chunk_size": 256, "histogram_edges": [0.5, 1, 2], "architecture": "topk", "context_length": 5}  # fmt: skip
@@ -162,6 +216,7 @@ def test_dashboard_in_headless_chromium(analyzed, tmp_path):
     out = analyzed[0]["topk-k8-x4"]
     index_dom = _browse(f"file://{out / 'index.html'}", tmp_path)
     assert "feature.html#" in index_dom and "features</span>" in index_dom
+    assert 'class="tok max"' in index_dom and "◆" in index_dom  # the firing token, the attribution flag
     detailed = next(
         r["id"] for r in json.loads((out / "features.json").read_text())["features"] if r["detail"]
     )
@@ -170,7 +225,12 @@ def test_dashboard_in_headless_chromium(analyzed, tmp_path):
     assert f"Feature {detailed}" in dom
     assert dom.count('class="tok max"') >= 3  # highlighted top examples rendered
     assert "Component attribution" in dom and "Top promoted tokens" in dom
+    assert "Co-activating features (by lift" in dom and "Nearest features by decoder direction" in dom
+    assert "correlated with the activation" in dom
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
+    assert "max " in dom and "log scale" in dom  # the density axis ends at the true maximum
+    for asked in ("99999", "abc"):
+        assert f"No feature \"{asked}\"" in _browse(f"file://{out / 'feature.html'}#{asked}", tmp_path)
 
 
 @pytest.mark.browser

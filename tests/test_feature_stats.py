@@ -1,8 +1,16 @@
 import math
 
+import numpy as np
 import torch
 
-from pipeline.feature_stats import Coactivation, FeatureStats, TopExamples, firing_entries
+from pipeline.feature_stats import (
+    Coactivation,
+    DimensionCorrelation,
+    FeatureStats,
+    TopExamples,
+    decoder_neighbours,
+    firing_entries,
+)
 
 
 def _codes(n_tokens=96, d_sae=10, seed=0):
@@ -63,10 +71,57 @@ def test_coactivation_counts_pairs():
     codes = torch.zeros(6, 4)
     codes[:3, [0, 1]] = 1.0  # 0 and 1 together three times
     codes[3:5, [0, 2]] = 1.0  # 0 and 2 twice
-    codes[5, 3] = 1.0
+    codes[5, 1] = 1.0  # 1 alone once
     co = Coactivation(4, max_tokens=100)
     co.update(codes)
-    partners, prob = co.top_partners(2)
-    assert partners[0].tolist() == [1, 2] and torch.allclose(prob[0], torch.tensor([3 / 5, 2 / 5]))
-    assert partners[1].tolist() == [0, -1] and prob[1, 0] == 1.0
-    assert partners[3].tolist() == [-1, -1]
+    partners = co.top_partners(2, min_count=1)
+    assert partners.ids[0].tolist() == [2, 1] and partners.count[0].tolist() == [2, 3]
+    torch.testing.assert_close(partners.given[0], torch.tensor([2 / 5, 3 / 5]))
+    torch.testing.assert_close(partners.lift[0], torch.tensor([2 * 6 / (5 * 2), 3 * 6 / (5 * 4)]))
+    assert partners.ids[1].tolist() == [0, -1] and partners.given[1, 0] == 0.75
+    assert partners.ids[3].tolist() == [-1, -1]
+    assert co.top_partners(2, min_count=3).ids[0].tolist() == [1, -1]  # two co-firings are too few
+
+
+def test_coactivation_ranks_by_lift_not_base_rate():
+    """A feature firing on every token is every feature's most frequent partner, but its lift is 1;
+    the partner that fires only with this feature comes first."""
+    codes = torch.zeros(100, 4)
+    codes[:, 0] = 1.0  # dense
+    codes[:10, 1] = 1.0  # this feature
+    codes[:5, 2] = 1.0  # its specific partner
+    codes[50:90, 3] = 1.0  # unrelated
+    co = Coactivation(4, max_tokens=1000)
+    co.update(codes)
+    partners = co.top_partners(3)
+    assert partners.ids[1].tolist() == [2, 0, -1]
+    assert partners.lift[1, 1] == 1.0 and partners.given[1, 1] == 1.0 and partners.given[1, 0] == 0.5
+
+
+def test_decoder_neighbours_are_the_nearest_directions():
+    w_dec = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0.1, 1.0, 0], [-1.0, 0, 0], [0, 0.2, 1.0]])
+    ids, cosines = decoder_neighbours(w_dec, 2, chunk=2)
+    assert ids[0].tolist() == [1, 2] and ids[3].tolist()[0] == 4
+    expected = torch.nn.functional.normalize(w_dec, dim=-1) @ torch.nn.functional.normalize(w_dec, dim=-1).T
+    torch.testing.assert_close(cosines[0], expected[0, [1, 2]])
+    assert (ids != torch.arange(5)[:, None]).all()  # never itself
+
+
+def test_dimension_correlation_is_pearson_over_every_token():
+    """Streamed over batches, from the firings only, with some tokens left out: numpy's corrcoef."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=gen) * 3 + 40  # a large mean, as in the residual stream
+    pre = x[:, :3] - 40 + 0.5 * torch.randn(300, 3, generator=gen)
+    codes = torch.relu(pre)  # [tokens, 3]
+    counted = torch.ones(300, dtype=torch.bool)
+    counted[::7] = False
+    codes[~counted] = 0
+    corr = DimensionCorrelation(3, 5)
+    for start in range(0, 300, 64):
+        part = slice(start, start + 64)
+        corr.update(x[part], *firing_entries(codes[part]), counted[part])
+    ids, r = corr.top(5)
+    keep = counted.numpy()
+    expected = np.corrcoef(codes[keep].T.numpy(), x[keep].T.numpy())[:3, 3:]
+    torch.testing.assert_close(r, torch.from_numpy(expected).float().gather(1, ids), atol=1e-4, rtol=1e-4)
+    assert ids[:, 0].tolist() == [0, 1, 2]  # each feature is read from its own dimension

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,12 +34,14 @@ def _js(call: str, payload, index: int | None = None) -> bytes:
 
 
 def summary(record: dict, vocab: list[str]) -> dict:
-    """The index row of a feature: numbers, promoted tokens, the text around its top example."""
+    """The index row of a feature: numbers, the tokens it fires on, its promoted tokens, the text
+    around its top example (before, the firing token, after)."""
     top = record["top"][0] if record["top"] else None
-    snippet = ""
+    snippet = ["", "", ""]
     if top:
         at = top["position"] - top["start"]
-        snippet = "".join(vocab[i] for i in top["ids"][max(0, at - 8) : at + 2])
+        snippet = ["".join(vocab[i] for i in top["ids"][max(0, at - 8) : at]), vocab[top["ids"][at]],
+                   "".join(vocab[i] for i in top["ids"][at + 1 : at + 2])]  # fmt: skip
     return {
         "id": record["id"],
         "silent": record["silent"],
@@ -46,9 +49,17 @@ def summary(record: dict, vocab: list[str]) -> dict:
         "mean_activation": record["mean_activation"],
         "max_activation": record["max_activation"],
         "top_tokens": [vocab[i] for i, _ in record["logits"]["positive"][:5]],
+        "fires_on": fires_on(record, vocab),
         "example": snippet,
         "detail": record["components"] is not None or bool(top and "loss" in top),
     }
+
+
+def fires_on(record: dict, vocab: list[str], n: int = 3) -> list[str]:
+    """The tokens most often at the feature's top examples' firing positions (ties: the higher example first)."""
+    at = [e["ids"][e["position"] - e["start"]] for e in record["top"]]
+    counts = Counter(at)
+    return [vocab[i] for i in sorted(counts, key=lambda i: (-counts[i], at.index(i)))[:n]]
 
 
 def write_dashboard(out: Path, meta: dict, chunks: Iterable[list[dict]], vocab: list[str]) -> Path:

@@ -48,7 +48,13 @@ from pipeline.dictionaries import (
     shards_for,
     stored_activations_match,
 )
-from pipeline.feature_stats import FeaturePass, FeaturePassSettings, feature_pass
+from pipeline.feature_stats import (
+    FeaturePass,
+    FeaturePassSettings,
+    Partners,
+    decoder_neighbours,
+    feature_pass,
+)
 from pipeline.hooks import HookPoint, validate_hooks
 from pipeline.locks import exclusive
 from pipeline.models import LoadedModel, ModelConfig, load_model
@@ -59,7 +65,7 @@ from pipeline.tracking import Tracker, WandbConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: `silent` / `silent_features` (were `dead` / `dead_features`)
+FORMAT_VERSION = 3  # 2: `silent` / `silent_features` (were `dead` / `dead_features`); 3: partners by lift, neighbours, correlated dimensions
 
 
 class AnalyzeError(DictionaryError):
@@ -85,7 +91,8 @@ class AnalyzeConfig(DictionarySelection, FeaturePassSettings):
     def __post_init__(self) -> None:
         check_settings(
             self, "analyze", AnalyzeError,
-            positive=("tokens", "top_k", "samples", "quantile_groups", "detail_examples", "top_logits"),
+            positive=("tokens", "top_k", "samples", "quantile_groups", "detail_examples", "top_logits",
+                      "coactivation_min_count"),
             non_negative=("context_before", "context_after", "coactivation_tokens", "wandb_features"),
         )  # fmt: skip
         if self.detail_features < -1:
@@ -118,15 +125,32 @@ def _example(tokens: torch.Tensor, token: int, act: float, context: torch.Tensor
     }
 
 
-def _quantile_groups(examples: list[dict], groups: int) -> list[dict]:
+def _distinct(examples: list[dict], n: int | None = None) -> list[dict]:
+    """The first `n` examples (all when None) whose context tokens differ from every earlier one's:
+    repeated text (a licence header, boilerplate) is shown once."""
+    seen, out = set(), []
+    for example in examples:
+        context = tuple(example["ids"])
+        if context not in seen:
+            seen.add(context)
+            out.append(example)
+    return out[:n]
+
+
+def _quantile_groups(examples: list[dict], groups: int, shown: list[dict]) -> list[dict]:
     """Random firings sorted by activation and split into equal groups (quantiles of the feature's
-    activation distribution, as sampled)."""
+    activation distribution, as sampled); each with the share of the sample it holds, which
+    estimates its share of all firings. Firings already `shown` (the top examples) and repeated
+    contexts are left out of the examples, not of the groups' ranges and shares."""
     ordered = sorted(examples, key=lambda e: e["activation"])
     size = math.ceil(len(ordered) / groups) if ordered else 1
+    top = {(e["window"], e["position"]) for e in shown}
     out = []
     for g in range(0, len(ordered), size):
         part = ordered[g : g + size]
-        out.append({"low": part[0]["activation"], "high": part[-1]["activation"], "examples": part[::-1]})
+        new = [e for e in _distinct(part[::-1]) if (e["window"], e["position"]) not in top]
+        out.append({"low": part[0]["activation"], "high": part[-1]["activation"],
+                    "share": round(len(part) / len(ordered), 4), "sampled": len(ordered), "examples": new})  # fmt: skip
     return out[::-1]
 
 
@@ -212,7 +236,9 @@ class _Tables:
     histogram: torch.Tensor  # [d_sae, bins]
     top: tuple  # (global token [d_sae, top_k], activation, context activations [d_sae, top_k, C])
     samples: tuple  # the same for the random firings
-    partners: tuple  # ([d_sae, 8] feature ids, P(partner fires | this fires))
+    partners: Partners  # co-firing features by lift, with counts
+    neighbours: tuple  # ([d_sae, 8] features with the nearest decoder directions, their cosines)
+    correlated: tuple  # ([d_sae, 4] model dimensions most correlated with the activation, Pearson r)
     logits: dict[str, torch.Tensor]  # _logit_tables
     dimensions: tuple  # ([d_sae, 4] model dimensions with the largest decoder weights, their weights)
     tokens: torch.Tensor  # [n_windows, ctx] the analyzed windows' token ids
@@ -236,7 +262,9 @@ def _tables(sae, passed: FeaturePass, loaded: LoadedModel, shards: ShardSet, cfg
         histogram=stats.histogram.cpu(),
         top=examples(passed.top),
         samples=examples(passed.samples),
-        partners=passed.coactivation.top_partners(8),
+        partners=passed.coactivation.top_partners(8, cfg.coactivation_min_count),
+        neighbours=decoder_neighbours(w_dec, 8),
+        correlated=passed.correlation.top(4),
         logits=_logit_tables(loaded.model, w_dec, cfg.top_logits),
         dimensions=(dims.indices.cpu(), w_dec.gather(1, dims.indices).cpu()),
         tokens=shards.tokens_at(torch.arange(passed.n_windows * ctx)).view(passed.n_windows, ctx),
@@ -261,6 +289,7 @@ def _record(f: int, t: _Tables, cfg: AnalyzeConfig) -> dict:
     """The JSON-ready record of feature `f` (README: "A feature record")."""
     fired = int(t.count[f]) > 0
     logits = t.logits
+    top = _distinct(_examples(t, t.top, f, cfg), cfg.top_k)
     return {
         "id": f,
         "silent": not fired,
@@ -269,8 +298,8 @@ def _record(f: int, t: _Tables, cfg: AnalyzeConfig) -> dict:
         "mean_activation": round(float(t.mean[f]), 4),
         "max_activation": round(float(t.max[f]), 4),
         "histogram": t.histogram[f].tolist() if fired else [],
-        "top": _examples(t, t.top, f, cfg),
-        "quantile_groups": _quantile_groups(_examples(t, t.samples, f, cfg), cfg.quantile_groups),
+        "top": top,
+        "quantile_groups": _quantile_groups(_examples(t, t.samples, f, cfg), cfg.quantile_groups, top),
         "logits": {
             "positive": _pairs(logits["pos_ids"][f], logits["pos_vals"][f]),
             "negative": _pairs(logits["neg_ids"][f], logits["neg_vals"][f]),
@@ -279,7 +308,13 @@ def _record(f: int, t: _Tables, cfg: AnalyzeConfig) -> dict:
             "high": round(float(logits["high"][f]), 4),
         },
         "dimensions": _pairs(t.dimensions[0][f], t.dimensions[1][f]),
-        "coactivation": _pairs(t.partners[0][f], t.partners[1][f]),
+        "correlated_dimensions": _pairs(t.correlated[0][f], t.correlated[1][f]),
+        "coactivation": [
+            [int(i), round(float(lift), 2), int(n), round(float(p), 4)]
+            for i, lift, n, p in zip(*(column[f] for column in t.partners), strict=True)
+            if i >= 0
+        ],
+        "neighbours": _pairs(t.neighbours[0][f], t.neighbours[1][f]),
         "components": None,
     }
 

@@ -27,8 +27,13 @@ window.SAE_DASHBOARD = (function () {
     return Number(x).toFixed(digits === undefined ? 3 : digits);
   }
 
+  // 0.0039 -> "0.39%", 3.9e-6 -> "0.00039%": two significant digits below 1%, never exponents
+  // down to 1e-4 %
   function percent(x) {
-    return x >= 0.01 ? (100 * x).toFixed(2) + "%" : (100 * x).toExponential(1) + "%";
+    if (!x) return "0%";
+    const p = 100 * x;
+    if (p >= 1) return p.toFixed(2) + "%";
+    return (p >= 1e-4 ? String(Number(p.toPrecision(2))) : p.toExponential(1)) + "%";
   }
 
   function setMeta(meta) {
@@ -47,14 +52,15 @@ window.SAE_DASHBOARD = (function () {
     const body = document.querySelector("#features tbody");
     const filter = document.getElementById("filter");
     const hideSilent = document.getElementById("hide-silent");
+    const onlyDetail = document.getElementById("only-detail");
     const more = document.getElementById("more");
     let sortKey = "frequency", descending = true, shown = 500;
 
     function matching() {
       const needle = filter.value.toLowerCase();
-      return rows.filter((r) => (!hideSilent.checked || !r.silent) &&
-        (!needle || r.top_tokens.some((t) => t.toLowerCase().includes(needle)) ||
-         r.example.toLowerCase().includes(needle)));
+      return rows.filter((r) => (!hideSilent.checked || !r.silent) && (!onlyDetail.checked || r.detail) &&
+        (!needle || r.top_tokens.concat(r.fires_on || []).some((t) => t.toLowerCase().includes(needle)) ||
+         [].concat(r.example).join("").toLowerCase().includes(needle)));
     }
 
     function draw() {
@@ -62,11 +68,16 @@ window.SAE_DASHBOARD = (function () {
       body.textContent = "";
       for (const r of list.slice(0, shown)) {
         const link = el("a", { href: `feature.html#${r.id}`, text: String(r.id) });
-        const tokens = el("td", { class: "snippet", text: r.top_tokens.map((t) => JSON.stringify(t)).join(" ") });
+        const quoted = (tokens) => el("td", { class: "snippet", text: tokens.map((t) => JSON.stringify(t)).join(" ") });
+        const [before, at, after] = typeof r.example === "string" ? [r.example, "", ""] : r.example;
+        const shown = (text) => text.replace(/\n/g, "\u23CE");
+        const example = el("td", { class: "snippet" }, el("span", { text: shown(before) }),
+          el("span", { class: "tok max", text: shown(at) }), el("span", { text: shown(after) }));
         body.appendChild(el("tr", { class: r.silent ? "silent" : "" },
-          el("td", {}, link), el("td", { text: percent(r.frequency) }),
+          el("td", {}, link, r.detail ? el("span", { class: "detail", title: "has attributions", text: " ◆" }) : ""),
+          el("td", { text: percent(r.frequency) }),
           el("td", { text: fmt(r.mean_activation, 2) }), el("td", { text: fmt(r.max_activation, 2) }),
-          tokens, el("td", { class: "snippet", text: r.example.replace(/\n/g, "\u23CE") })));
+          quoted(r.fires_on || []), quoted(r.top_tokens), example));
       }
       document.getElementById("count").textContent = `${list.length} features`;
       more.hidden = list.length <= shown;
@@ -82,6 +93,7 @@ window.SAE_DASHBOARD = (function () {
     }
     filter.addEventListener("input", draw);
     hideSilent.addEventListener("change", draw);
+    onlyDetail.addEventListener("change", draw);
     more.addEventListener("click", () => { shown += 1000; draw(); });
     document.getElementById("goto").addEventListener("change", (e) => {
       window.location.href = `feature.html#${e.target.value}`;
@@ -91,13 +103,24 @@ window.SAE_DASHBOARD = (function () {
 
   // ------------------------------------------------------------ charts
 
-  function barChart(counts, labels, options) {
-    const width = 320, height = 110, pad = 18;
+  // counts[i] over bins [edges[i], edges[i + 1]); `ends`: the axis' two end labels (the true
+  // extremes of the data); `scale`: how bins are spaced, said under the axis
+  function barChart(counts, edges, ends, scale, options) {
+    const width = 320, height = 110, pad = 30;
     const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
     svg.setAttribute("width", width);
     svg.setAttribute("height", height + pad);
     const peak = Math.max(1, ...counts);
     const step = width / Math.max(1, counts.length);
+    const text = (x, y, anchor, content) => {
+      const node = document.createElementNS("http://www.w3.org/2000/svg", "text");
+      node.setAttribute("x", x);
+      node.setAttribute("y", y);
+      node.setAttribute("text-anchor", anchor);
+      node.setAttribute("font-size", "10");
+      node.textContent = content;
+      svg.appendChild(node);
+    };
     counts.forEach((count, i) => {
       const bar = document.createElementNS("http://www.w3.org/2000/svg", "rect");
       const h = (height * count) / peak;
@@ -107,19 +130,14 @@ window.SAE_DASHBOARD = (function () {
       bar.setAttribute("height", h);
       bar.setAttribute("class", options && options.negativeBelow !== undefined && i < options.negativeBelow ? "bar neg" : "bar");
       const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
-      title.textContent = `${labels[i]}: ${count}`;
+      title.textContent = `${fmt(edges[i], 3)} to ${fmt(edges[i + 1], 3)}: ${count}`;
       bar.appendChild(title);
       svg.appendChild(bar);
     });
-    for (const [i, anchor] of [[0, "start"], [labels.length - 1, "end"]]) {
-      const text = document.createElementNS("http://www.w3.org/2000/svg", "text");
-      text.setAttribute("x", anchor === "start" ? 0 : width);
-      text.setAttribute("y", height + pad - 4);
-      text.setAttribute("text-anchor", anchor);
-      text.setAttribute("font-size", "10");
-      text.textContent = labels[i];
-      svg.appendChild(text);
-    }
+    text(2, 10, "start", `${peak.toLocaleString()} ↑`);
+    text(0, height + 12, "start", ends[0]);
+    text(width, height + 12, "end", ends[1]);
+    text(width / 2, height + 25, "middle", scale);
     return svg;
   }
 
@@ -131,8 +149,11 @@ window.SAE_DASHBOARD = (function () {
     const tip = tooltip();
     tip.textContent = lines.join("\n");
     tip.hidden = false;
-    tip.style.left = event.clientX + 12 + "px";
-    tip.style.top = event.clientY + 12 + "px";
+    // kept inside the window: left of the pointer near the right edge, above it near the bottom
+    const x = event.clientX + 12 + tip.offsetWidth > window.innerWidth ? event.clientX - 12 - tip.offsetWidth : event.clientX + 12;
+    const y = event.clientY + 12 + tip.offsetHeight > window.innerHeight ? event.clientY - 12 - tip.offsetHeight : event.clientY + 12;
+    tip.style.left = Math.max(0, x) + "px";
+    tip.style.top = Math.max(0, y) + "px";
   }
 
   function exampleLine(example, peak, mode) {
@@ -167,6 +188,30 @@ window.SAE_DASHBOARD = (function () {
     return el("section", {}, el("h2", { text: title }), ...children);
   }
 
+  function featureCell(id) {
+    return el("td", {}, el("a", { href: `feature.html#${id}`, text: `#${id}` }));
+  }
+
+  // rows [id, value, ...]: the id's cell, then one cell per [title, digits] column, then (withSnippet)
+  // what the feature fires on, from the index
+  function valueTable(rows, idCell, columns, withSnippet) {
+    const table = el("table", { class: "logits" });
+    table.appendChild(el("tr", {}, el("th", { text: "" }),
+      ...columns.map(([title]) => el("th", { text: title.split(":")[0], title })),
+      ...(withSnippet ? [el("th", { text: "fires on" })] : [])));
+    for (const [id, ...values] of rows) {
+      const cells = values.map((v, i) => el("td", { title: columns[i][0], text: fmt(v, columns[i][1]) }));
+      if (withSnippet) {
+        const summary = state.index.features[id];
+        cells.push(el("td", { class: "snippet",
+          text: summary ? summary.top_tokens.slice(0, 3).map((t) => JSON.stringify(t)).join(" ") : "" }));
+      }
+      table.appendChild(el("tr", {}, idCell(id), ...cells));
+    }
+    if (!rows.length) table.appendChild(el("tr", {}, el("td", { text: "none" })));
+    return table;
+  }
+
   function logitTable(rows, cls) {
     const table = el("table", { class: "logits" });
     for (const [id, value] of rows) {
@@ -195,30 +240,28 @@ window.SAE_DASHBOARD = (function () {
       let lo = record.histogram.findIndex((c) => c > 0), hi = record.histogram.length - 1;
       while (hi > lo && record.histogram[hi] === 0) hi--;
       const counts = record.histogram.slice(lo, hi + 1);
-      const labels = counts.map((_, i) => fmt(edges[lo + i], 2));
-      grid.appendChild(section("Activation density (firings by activation)", barChart(counts, labels)));
+      const ends = [fmt(edges[lo], 2), `max ${fmt(record.max_activation, 2)}`];
+      grid.appendChild(section("Activation density (firings by activation)",
+        barChart(counts, edges.slice(lo, hi + 2), ends, "activation, log scale: bin edges ×√2 apart")));
     }
     const logits = record.logits;
     const bins = logits.histogram.length;
     const zeroBin = Math.floor(((0 - logits.low) / Math.max(1e-12, logits.high - logits.low)) * bins);
-    const logitLabels = logits.histogram.map((_, i) => fmt(logits.low + ((logits.high - logits.low) * i) / bins, 2));
+    const logitEdges = Array.from({ length: bins + 1 }, (_, i) => logits.low + ((logits.high - logits.low) * i) / bins);
     grid.appendChild(section("Logit effects (decoder direction → unembedding)",
-      barChart(logits.histogram, logitLabels, { negativeBelow: zeroBin })));
+      barChart(logits.histogram, logitEdges, [fmt(logits.low, 2), fmt(logits.high, 2)],
+        "logit effect on each vocabulary token, linear scale", { negativeBelow: zeroBin })));
     grid.appendChild(section("Top promoted tokens", logitTable(logits.positive, "pos")));
     grid.appendChild(section("Top suppressed tokens", logitTable(logits.negative, "neg")));
-    const dims = el("table", { class: "logits" });
-    for (const [dim, weight] of record.dimensions) {
-      dims.appendChild(el("tr", {}, el("td", { text: `dim ${dim}` }), el("td", { text: fmt(weight, 3) })));
-    }
-    grid.appendChild(section("Model dimensions of the decoder direction", dims));
-    const co = el("table", { class: "logits" });
-    for (const [other, prob] of record.coactivation) {
-      const summary = state.index.features[other];
-      co.appendChild(el("tr", {}, el("td", {}, el("a", { href: `feature.html#${other}`, text: `#${other}` })),
-        el("td", { title: "P(that feature fires | this one fires)", text: fmt(prob, 3) }),
-        el("td", { class: "snippet", text: summary ? summary.top_tokens.slice(0, 3).map((t) => JSON.stringify(t)).join(" ") : "" })));
-    }
-    grid.appendChild(section("Co-activating features (P(fires | this fires))", co));
+    grid.appendChild(section("Model dimensions of the decoder direction (weight)", valueTable(record.dimensions,
+      (dim) => el("td", { text: `dim ${dim}` }), [["weight", 3]])));
+    grid.appendChild(section("Model dimensions correlated with the activation (Pearson r)",
+      valueTable(record.correlated_dimensions || [], (dim) => el("td", { text: `dim ${dim}` }), [["r", 3]])));
+    grid.appendChild(section("Co-activating features (by lift over independence)", valueTable(record.coactivation,
+      featureCell, [["lift: P(both) / (P(this) P(that))", 2], ["tokens on which both fired", 0],
+        ["P(that fires | this fires)", 3]], true)));
+    grid.appendChild(section("Nearest features by decoder direction (cosine)",
+      valueTable(record.neighbours || [], featureCell, [["cosine of the decoder directions", 3]], true)));
     main.appendChild(grid);
 
     let mode = "activation";
@@ -241,7 +284,9 @@ window.SAE_DASHBOARD = (function () {
     for (const group of record.quantile_groups) {
       const box = el("div", {});
       for (const example of group.examples) box.appendChild(exampleLine(example, peak, "activation"));
-      main.appendChild(section(`Activations ${fmt(group.low, 2)} – ${fmt(group.high, 2)} (random firings)`, box));
+      if (!group.examples.length) box.appendChild(el("p", { class: "small", text: "These firings are among the top activations above." }));
+      const share = group.share === undefined ? "" : `: ≈ ${percent(group.share)} of its firings (a sample of ${group.sampled})`;
+      main.appendChild(section(`Activations ${fmt(group.low, 2)} – ${fmt(group.high, 2)}${share}, random firings`, box));
     }
     if (record.components) drawComponents(main, record);
   }
@@ -300,7 +345,13 @@ window.SAE_DASHBOARD = (function () {
     const meta = state.index.meta;
     setMeta(meta);
     const show = () => {
-      const id = Math.max(0, Math.min(meta.d_sae - 1, parseInt(window.location.hash.slice(1) || "0", 10) || 0));
+      const asked = window.location.hash.slice(1) || "0";
+      const id = /^[0-9]+$/.test(asked) ? parseInt(asked, 10) : NaN;
+      if (!(id < meta.d_sae)) {  // NaN too
+        document.getElementById("title").textContent = `No feature ${JSON.stringify(decodeURIComponent(asked))}`;
+        document.getElementById("feature").textContent = `This dictionary has features 0 to ${meta.d_sae - 1}.`;
+        return;
+      }
       document.getElementById("prev").href = `#${Math.max(0, id - 1)}`;
       document.getElementById("next").href = `#${Math.min(meta.d_sae - 1, id + 1)}`;
       loadChunk(Math.floor(id / meta.chunk_size), (records) => drawFeature(records[id % meta.chunk_size]));
