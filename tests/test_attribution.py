@@ -23,6 +23,17 @@ def _tokens(batch=4, seq=12, seed=0):
     return torch.randint(2, 100, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def test_a_bf16_model_states_what_its_rounding_leaves_unattributed():
+    """In bf16 the parts miss the pre-activation by the model's rounding: that is its own line, so
+    parts + constant + unattributed is the pre-activation exactly."""
+    model = make_model("llama", 100).to(torch.bfloat16)
+    hook = validate_hooks(model, ["blocks.1.resid_post"])[0]
+    w, b = encoder_terms(_sae(model.config.hidden_size), 5)
+    out = component_attribution(model, hook, _tokens()[0], position=9, w=w, b=b)
+    parts = sum(v for _, v in out["components"]) + out["constant"]
+    assert out["unattributed"] != 0 and parts + out["unattributed"] == pytest.approx(out["pre_activation"], abs=1e-9)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
 @pytest.mark.parametrize("point", ["resid_pre", "resid_mid", "resid_post"])
 def test_components_add_up_to_the_pre_activation(arch, point):
@@ -36,6 +47,7 @@ def test_components_add_up_to_the_pre_activation(arch, point):
     assert out["pre_activation"] == pytest.approx(float(x @ w + b), abs=1e-5)
     total = sum(v for _, v in out["components"]) + out["constant"]
     assert total == pytest.approx(out["pre_activation"], abs=1e-4)
+    assert abs(out["unattributed"]) < 1e-4 and total + out["unattributed"] == pytest.approx(out["pre_activation"], abs=1e-9)
     names = [n for n, _ in out["components"]]
     assert names[0] == "embed"
     if arch != "gemma2" and point != "resid_pre":  # heads add linearly except behind Gemma-2's norm

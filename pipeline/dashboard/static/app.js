@@ -305,9 +305,15 @@ window.SAE_DASHBOARD = (function () {
       bar.style.background = value >= 0 ? "#3b6ea8" : "#c0392b";
       table.appendChild(el("tr", {}, el("td", { text: name }), el("td", { text: fmt(value, 3) }), el("td", {}, bar)));
     }
+    const rest = parts.unattributed || 0;
+    if (rest) {
+      table.appendChild(el("tr", { class: "small" }, el("td", { text: "not attributed" }), el("td", { text: fmt(rest, 3) }),
+        el("td", { text: "the model adds its parts in its own dtype (bf16 rounds)" })));
+    }
     main.appendChild(section(
       `Component attribution at the top example (pre-activation ${fmt(parts.pre_activation, 3)} = ` +
-      `sum of the parts + constant ${fmt(parts.constant, 3)})`, table));
+      `sum of the ${parts.components.length} parts + constant ${fmt(parts.constant, 3)}` +
+      (rest ? ` + ${fmt(rest, 3)} not attributed)` : ")"), table));
     if (parts.head_sources.length) {
       main.appendChild(el("p", { class: "small", text:
         "Largest heads: the part each source token sent, pattern[dst, src] × (OV message from src · encoder " +
