@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,6 +58,7 @@ from pipeline.shards import (
     worker_manifest_name,
     write_manifest,
 )
+from pipeline.tracking import Tracker, WandbConfig
 
 log = logging.getLogger(__name__)
 
@@ -411,11 +412,13 @@ def harvest_activations(
     cfg: HarvestConfig,
     run_dir: str | Path | RunDir,
     loaded: LoadedModel | None = None,
+    wandb_cfg: WandbConfig | None = None,
 ) -> dict[str, Manifest]:
     """Harvest (or resume, or extend) activations into `<run_dir>/activations/<hook>/`.
 
     Returns each hook's manifest: the merged one, or this worker's part while other workers of a
-    sharded harvest are still running. `loaded` reuses an already loaded model.
+    sharded harvest are still running. `loaded` reuses an already loaded model; with `wandb_cfg`,
+    a W&B run of the run directory's group records what was harvested and how fast.
     """
     run = RunDir.open(run_dir)
     loaded = loaded or load_model(model_cfg)
@@ -436,7 +439,22 @@ def harvest_activations(
              n_tokens, len(hooks), elapsed, resumed, ", ".join(map(str, dirs.values())))  # fmt: skip
     if run.remote:
         log.info("uploaded to %s", run.location)
+    if wandb_cfg is not None:
+        _log_harvest(wandb_cfg, run, cfg, manifests, n_tokens, elapsed, resumed)
     return manifests
+
+
+def _log_harvest(
+    wandb_cfg: WandbConfig, run: RunDir, cfg: HarvestConfig, manifests: dict[str, Manifest], n_tokens: int,
+    seconds: float, resumed: int,
+) -> None:  # fmt: skip
+    tracker = Tracker(wandb_cfg, run.root, "harvest", {"harvest": asdict(cfg)}, group=run.location,
+                      detail=f"worker {cfg.worker} of {cfg.num_workers}" if cfg.num_workers > 1 else "")  # fmt: skip
+    speed = {"seconds": round(seconds, 1), "tokens_per_second": round(n_tokens / max(seconds, 1e-9)), "shards_resumed": resumed}
+    tracker.summary({"tokens": n_tokens, **speed})
+    tracker.table("activations", [{"hook": hook, "tokens": m.n_tokens, "shards": len(m.shards), "dtype": m.dtype,
+                                   "d_model": m.d_model, **speed} for hook, m in manifests.items()])  # fmt: skip
+    tracker.finish()
 
 
 def _finish(

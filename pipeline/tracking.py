@@ -51,10 +51,18 @@ def _own_files_in(directory: Path) -> Iterator[None]:
 
 
 class Tracker:
-    """A W&B run, or nothing: `log` and `finish` are always safe to call."""
+    """A W&B run, or nothing: `log` and `finish` are always safe to call.
 
-    def __init__(self, cfg: WandbConfig, run_dir: str | Path, name: str, config: dict, rank: int = 0):
+    Every stage's runs of one run directory share a group (the run directory, or its URL: `group`),
+    have the stage as job_type, and are named `<stage> [detail] · <run directory>`.
+    """
+
+    def __init__(
+        self, cfg: WandbConfig, run_dir: str | Path, stage: str, config: dict, rank: int = 0,
+        group: str | None = None, detail: str = "",
+    ):  # fmt: skip
         self._run = None
+        group = group or str(Path(run_dir).absolute())
         self._files = Path(run_dir) / "wandb"
         if cfg.mode == "disabled" or rank != 0:
             return
@@ -67,7 +75,9 @@ class Tracker:
                 self._run = wandb.init(
                     project=cfg.project,
                     entity=cfg.entity,
-                    name=name,
+                    name=f"{stage}{' ' + detail if detail else ''} · {group}",
+                    group=group,
+                    job_type=stage,
                     tags=list(cfg.tags),
                     mode=cfg.mode,
                     dir=str(self._files.parent),  # W&B adds the `wandb` folder itself
@@ -98,6 +108,16 @@ class Tracker:
         import wandb
 
         self.log({key: wandb.Image(str(path)) for key, path in paths.items()})
+
+    def table(self, key: str, rows: list[dict]) -> None:
+        """Log rows (dicts with the same keys) as a W&B table: one row per dictionary, say, so that
+        W&B charts a metric across them."""
+        if self._run is None or not rows:
+            return
+        import wandb
+
+        columns = list(rows[0])
+        self.log({key: wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])})
 
     def summary(self, metrics: dict) -> None:
         if self._run is not None:

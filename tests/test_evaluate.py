@@ -127,6 +127,16 @@ def test_stage_writes_metrics_plots_and_skips_a_finished_evaluation(trained_run,
     assert (out / "metrics.json").stat().st_mtime_ns == mtime  # same config: not evaluated again
 
 
+def test_wandb_gets_a_row_per_dictionary(trained_run, model_cfg, loaded, tmp_path):
+    """The evaluate run's `dictionaries` table: L0, FVU and CE recovered per dictionary, charted by W&B."""
+    run = copy_run(trained_run, tmp_path / "run")
+    evaluate_saes(model_cfg, _cfg(tokens=CTX * 4), run, WandbConfig(mode="offline"), loaded=loaded)
+    table = json.loads(next(run.glob("wandb/offline-run-*/files/media/table/dictionaries*.table.json")).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [r["label"] for r in rows] == ["topk-k8-x4"] and rows[0]["l0"] == pytest.approx(8)
+    assert 0 < rows[0]["ce_loss_score"] <= 1
+
+
 def test_saelens_copy_evaluates_like_a_reference_from_its_format(trained_run, model_cfg, loaded, tmp_path):
     """A dictionary converted to SAELens' format, evaluated by the stage, matches a reference
     computation written from that format's definition (tolerance 1e-5 relative)."""

@@ -347,3 +347,15 @@ def test_harvest_on_cuda_stores_what_the_model_computes_on_cpu(llama_cfg, text_c
         with torch.no_grad():
             expected = model(tokens[None].long(), output_hidden_states=True).hidden_states[2][0]
         torch.testing.assert_close(act, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_harvest_stage_logs_a_wandb_run(llama_cfg, text_corpus, tmp_path):
+    from pipeline.tracking import WandbConfig
+
+    harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 8), tmp_path, wandb_cfg=WandbConfig(mode="offline"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    table = json.loads(next(runs[0].glob("files/media/table/activations*.table.json")).read_text())
+    row = dict(zip(table["columns"], table["data"][0], strict=True))
+    assert len(table["data"]) == 1 and row["hook"] == "blocks.1.resid_post" and row["tokens"] == 32 * 8
+    assert row["shards"] == 2 and row["tokens_per_second"] > 0

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,26 @@ def test_offline_run_is_written_locally(tmp_path):
     tracker.log({"loss": 1.0}, step=1)
     tracker.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_runs_of_one_run_directory_form_a_group(tmp_path, monkeypatch):
+    """Every stage's run of a run directory: its group, the stage as job type, a name saying both."""
+    seen = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.append(kwargs) or object())
+    Tracker(WandbConfig(), tmp_path, "train", {}, group="s3://bucket/run", detail="blocks.9.resid_post")
+    Tracker(WandbConfig(), tmp_path, "evaluate", {})
+    assert [(k["group"], k["job_type"], k["name"]) for k in seen] == [
+        ("s3://bucket/run", "train", "train blocks.9.resid_post · s3://bucket/run"),
+        (str(tmp_path), "evaluate", f"evaluate · {tmp_path}"),
+    ]
+
+
+def test_a_table_charts_one_row_per_dictionary(tmp_path):
+    tracker = Tracker(WandbConfig(mode="offline"), tmp_path, "evaluate", {})
+    tracker.table("dictionaries", [{"label": "a", "l0": 32.0, "fvu": 0.1}, {"label": "b", "l0": 64.0, "fvu": 0.08}])
+    tracker.finish()
+    table = json.loads(next((tmp_path / "wandb").glob("offline-run-*/files/media/table/dictionaries*.table.json")).read_text())
+    assert table["columns"] == ["label", "l0", "fvu"] and table["data"] == [["a", 32.0, 0.1], ["b", 64.0, 0.08]]
 
 
 def test_disabled_and_non_zero_ranks_log_nothing(tmp_path):

@@ -65,7 +65,7 @@ from pipeline.tracking import Tracker, WandbConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 2: `silent` / `silent_features` (were `dead` / `dead_features`); 3: partners by lift, neighbours, correlated dimensions
+FORMAT_VERSION = 4  # 2: `silent` / `silent_features` (were `dead` / `dead_features`); 3: partners by lift, neighbours, correlated dimensions; 4: distinct top contexts, quantile shares, index fires_on
 
 
 class AnalyzeError(DictionaryError):
@@ -454,7 +454,7 @@ def analyze_saes(
     loaded = loaded or load_model(model_cfg)
     check_model(dictionaries, loaded, cfg.force, "analyze")
     vocab = vocabulary(loaded.tokenizer)
-    tracker = Tracker(wandb_cfg or WandbConfig(), run.root, "analyze", {"analyze": asdict(cfg)})
+    tracker = Tracker(wandb_cfg or WandbConfig(), run.root, "analyze", {"analyze": asdict(cfg)}, group=run.location)
     out_dirs = {f"{d.hook}/{d.name}": _analyze(d, loaded, run, cfg, tracker, vocab) for d in dictionaries}
     tracker.finish()
     return out_dirs

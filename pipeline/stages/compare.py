@@ -270,8 +270,8 @@ def _write(out: Path, report: dict, matches: dict, classes: dict, overlap, drift
     return out / "index.html"
 
 
-def _log_wandb(report: dict, cfg: CompareConfig, run_dir, wandb_cfg: WandbConfig | None) -> None:
-    tracker = Tracker(wandb_cfg or WandbConfig(), run_dir, "compare", {"compare": asdict(cfg)})
+def _log_wandb(report: dict, cfg: CompareConfig, run: RunDir, wandb_cfg: WandbConfig | None) -> None:
+    tracker = Tracker(wandb_cfg or WandbConfig(), run.root, "compare", {"compare": asdict(cfg)}, group=run.location)
     tracker.summary({k: v for k, v in report["summary"].items() if isinstance(v, int | float)})
     if tracker.active:
         import wandb
@@ -361,7 +361,7 @@ def compare_dictionaries(
         remove_stale_temporaries(run.comparison)
         page = _write(run.comparison, report, matches, classes, overlap, drift, sides)
         run.publish(run.comparison, "report.json")
-    _log_wandb(report, cfg, run.root, wandb_cfg)
+    _log_wandb(report, cfg, run, wandb_cfg)
     s = report["summary"]
     log.info("kept %d, shifted %d, vanished %d, new %d (mean assigned decoder cos %.3f) -> %s",
              s["kept"], s["shifted"], s["vanished"], s["new"], s["mean_assigned_cos"], page)  # fmt: skip

@@ -132,13 +132,14 @@ def evaluate_saes(
     dictionaries = find_dictionaries(run, cfg.saes, cfg.hook, cfg.force, "evaluate")
     loaded = loaded or load_model(model_cfg)
     check_model(dictionaries, loaded, cfg.force, "evaluate")
-    tracker = Tracker(wandb_cfg or WandbConfig(), run.root, "evaluate", {"evaluate": asdict(cfg)})
+    tracker = Tracker(wandb_cfg or WandbConfig(), run.root, "evaluate", {"evaluate": asdict(cfg)}, group=run.location)
     reports: dict[str, dict] = {}
     for hook_name in sorted({d.hook for d in dictionaries}):
         group = [d for d in dictionaries if d.hook == hook_name]
         for name, report in _evaluate_hook_group(loaded, run, hook_name, group, cfg, tracker).items():
             reports[f"{hook_name}/{name}"] = report
     all_reports = collect_reports([run, *map(RunDir.open, cfg.compare_with)])
+    tracker.table("dictionaries", [summary_row(r) for r in reports.values()])  # L0 vs CE recovered, charted by W&B
     if all_reports:
         tracker.log_images({"pareto": pareto_plot([summary_row(r) for r in all_reports], run.pareto_plot)})
         run.upload(run.pareto_plot)

@@ -17,6 +17,7 @@ from pipeline.corpus import CorpusConfig
 from pipeline.harvesting import HarvestConfig, harvest_activations
 from pipeline.models import ModelConfig
 from pipeline.shards import Manifest
+from pipeline.tracking import WandbConfig
 
 
 def run(cfg: DictConfig) -> dict[str, Manifest]:
@@ -26,6 +27,7 @@ def run(cfg: DictConfig) -> dict[str, Manifest]:
         to_dataclass(CorpusConfig, cfg.corpus),
         to_dataclass(HarvestConfig, cfg.harvest),
         cfg.run_dir,
+        wandb_cfg=to_dataclass(WandbConfig, cfg.wandb),
     )
 
 

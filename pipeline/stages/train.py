@@ -383,8 +383,8 @@ def _train(plan: _Plan, wandb_cfg: WandbConfig | None) -> dict[str, Path]:
         "saes": [asdict(c) for c in plan.sae_cfgs],
         "d_in": plan.shards.d_model,
     }
-    name = f"train-{plan.cfg.hook}"
-    tracker = Tracker(wandb_cfg or WandbConfig(), plan.run.root, name, config, plan.dist.rank)
+    tracker = Tracker(wandb_cfg or WandbConfig(), plan.run.root, "train", config, plan.dist.rank,
+                      group=plan.run.location, detail=plan.cfg.hook)  # fmt: skip
     _train_loop(plan, members, scales, start_step, tracker)
     saved = {}
     if plan.dist.rank == 0:
