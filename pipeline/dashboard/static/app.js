@@ -192,19 +192,19 @@ window.SAE_DASHBOARD = (function () {
     return el("td", {}, el("a", { href: `feature.html#${id}`, text: `#${id}` }));
   }
 
-  // rows [id, value, ...]: the id's cell, then one cell per [title, digits] column, then (withSnippet)
-  // what the feature fires on, from the index
+  // rows [id, value, ...]: the id's cell, then one cell per [heading, explanation, digits] column,
+  // then (withSnippet) the tokens the feature fires on, from the index
   function valueTable(rows, idCell, columns, withSnippet) {
     const table = el("table", { class: "logits" });
     table.appendChild(el("tr", {}, el("th", { text: "" }),
-      ...columns.map(([title]) => el("th", { text: title.split(":")[0], title })),
-      ...(withSnippet ? [el("th", { text: "fires on" })] : [])));
+      ...columns.map(([heading, title]) => el("th", { text: heading, title })),
+      ...(withSnippet ? [el("th", { text: "fires on", title: "the tokens at its top examples' maxima" })] : [])));
     for (const [id, ...values] of rows) {
-      const cells = values.map((v, i) => el("td", { title: columns[i][0], text: fmt(v, columns[i][1]) }));
+      const cells = values.map((v, i) => el("td", { title: columns[i][1], text: fmt(v, columns[i][2]) }));
       if (withSnippet) {
         const summary = state.index.features[id];
-        cells.push(el("td", { class: "snippet",
-          text: summary ? summary.top_tokens.slice(0, 3).map((t) => JSON.stringify(t)).join(" ") : "" }));
+        const tokens = summary ? summary.fires_on || [] : [];
+        cells.push(el("td", { class: "snippet", text: tokens.map((t) => JSON.stringify(t)).join(" ") }));
       }
       table.appendChild(el("tr", {}, idCell(id), ...cells));
     }
@@ -253,15 +253,16 @@ window.SAE_DASHBOARD = (function () {
         "logit effect on each vocabulary token, linear scale", { negativeBelow: zeroBin })));
     grid.appendChild(section("Top promoted tokens", logitTable(logits.positive, "pos")));
     grid.appendChild(section("Top suppressed tokens", logitTable(logits.negative, "neg")));
-    grid.appendChild(section("Model dimensions of the decoder direction (weight)", valueTable(record.dimensions,
-      (dim) => el("td", { text: `dim ${dim}` }), [["weight", 3]])));
+    const dimCell = (dim) => el("td", { text: `dim ${dim}` });
+    grid.appendChild(section("Model dimensions of the decoder direction (weight)",
+      valueTable(record.dimensions, dimCell, [["weight", "decoder weight on this dimension", 3]])));
     grid.appendChild(section("Model dimensions correlated with the activation (Pearson r)",
-      valueTable(record.correlated_dimensions || [], (dim) => el("td", { text: `dim ${dim}` }), [["r", 3]])));
+      valueTable(record.correlated_dimensions || [], dimCell, [["r", "Pearson correlation over the analyzed tokens", 3]])));
     grid.appendChild(section("Co-activating features (by lift over independence)", valueTable(record.coactivation,
-      featureCell, [["lift: P(both) / (P(this) P(that))", 2], ["tokens on which both fired", 0],
-        ["P(that fires | this fires)", 3]], true)));
+      featureCell, [["lift", "P(both fire) / (P(this) P(that)); 1 = independent", 2],
+        ["together", "tokens on which both fired", 0], ["P(that | this)", "P(that fires | this fires)", 3]], true)));
     grid.appendChild(section("Nearest features by decoder direction (cosine)",
-      valueTable(record.neighbours || [], featureCell, [["cosine of the decoder directions", 3]], true)));
+      valueTable(record.neighbours || [], featureCell, [["cosine", "cosine of the decoder directions", 3]], true)));
     main.appendChild(grid);
 
     let mode = "activation";
@@ -285,7 +286,7 @@ window.SAE_DASHBOARD = (function () {
       const box = el("div", {});
       for (const example of group.examples) box.appendChild(exampleLine(example, peak, "activation"));
       if (!group.examples.length) box.appendChild(el("p", { class: "small", text: "These firings are among the top activations above." }));
-      const share = group.share === undefined ? "" : `: ≈ ${percent(group.share)} of its firings (a sample of ${group.sampled})`;
+      const share = group.share === undefined ? "" : `: ≈ ${Math.round(100 * group.share)}% of its firings (a sample of ${group.sampled})`;
       main.appendChild(section(`Activations ${fmt(group.low, 2)} – ${fmt(group.high, 2)}${share}, random firings`, box));
     }
     if (record.components) drawComponents(main, record);
