@@ -229,6 +229,7 @@ def test_dashboard_in_headless_chromium(analyzed, tmp_path):
     assert "correlated with the activation" in dom
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
     assert "max " in dom and "log scale" in dom  # the density axis ends at the true maximum
+    assert 'data-mode="loss"' in dom and 'data-mode="attribution"' in dom and "Orange: the feature" in dom
     for asked in ("99999", "abc"):
         assert f"No feature \"{asked}\"" in _browse(f"file://{out / 'feature.html'}#{asked}", tmp_path)
 

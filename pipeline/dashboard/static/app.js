@@ -156,18 +156,26 @@ window.SAE_DASHBOARD = (function () {
     tip.style.top = Math.max(0, y) + "px";
   }
 
+  const COLOURS = {
+    activation: "Orange: the feature's activation on each token, darkest at its maximum over all examples; the boxed token is the example's maximum.",
+    attribution: "Input attribution (gradient × input): blue tokens raised the pre-activation at the boxed token, red ones lowered it; scaled to each row's largest.",
+    loss: "Loss contribution: blue where the feature helped predict that token (removing it raises the loss), red where it hurt; scaled to each row's largest.",
+  };
+
   function exampleLine(example, peak, mode) {
     const line = el("div", { class: "example" });
     line.appendChild(el("span", { class: "act", text: fmt(example.activation, 2) }));
     const at = example.position - example.start;
-    const attributionPeak = example.attribution ? Math.max(1e-9, ...example.attribution.map(Math.abs)) : 1;
+    const signed = mode === "activation" ? null : example[mode];  // attribution or loss, per context token
+    if (mode !== "activation" && !signed) line.classList.add("nodata");
+    const signedPeak = signed ? Math.max(1e-9, ...signed.map((v) => Math.abs(v || 0))) : 1;
     example.ids.forEach((id, i) => {
       const act = example.acts[i];
       const span = el("span", { class: i === at ? "tok max" : "tok", text: tokenText(id) });
-      if (mode === "attribution" && example.attribution) {
-        const a = example.attribution[i] / attributionPeak;
+      if (signed) {
+        const a = (signed[i] || 0) / signedPeak;
         span.style.background = a >= 0 ? `rgba(0,102,204,${Math.min(1, a)})` : `rgba(204,51,0,${Math.min(1, -a)})`;
-      } else if (act > 0) {
+      } else if (mode === "activation" && act > 0) {
         span.style.background = `rgba(255,120,0,${Math.min(1, act / peak).toFixed(3)})`;
       }
       span.addEventListener("mousemove", (event) => {
@@ -266,22 +274,25 @@ window.SAE_DASHBOARD = (function () {
     main.appendChild(grid);
 
     let mode = "activation";
-    const toggle = el("button", { class: "toggle", text: "colour by input attribution" });
     const tops = el("div", { id: "top-examples" });
+    const legend = el("p", { class: "small legend" });
+    const computed = record.top.filter((e) => e.attribution || e.loss).length;
     const drawTops = () => {
       tops.textContent = "";
+      legend.textContent = COLOURS[mode] + (mode !== "activation" && computed < record.top.length ?
+        ` Computed for the first ${computed} examples (analyze.detail_examples); the others are left grey.` : "");
       for (const example of record.top) tops.appendChild(exampleLine(example, peak, mode));
     };
-    toggle.addEventListener("click", () => {
-      mode = mode === "activation" ? "attribution" : "activation";
-      toggle.textContent = mode === "activation" ? "colour by input attribution" : "colour by activation";
-      drawTops();
-    });
-    const hasAttribution = record.top.some((e) => e.attribution);
     const topTitle = el("h2", { text: "Top activations" });
-    if (hasAttribution) topTitle.appendChild(toggle);
+    if (computed) {
+      for (const [key, label] of [["activation", "activation"], ["attribution", "input attribution"], ["loss", "loss contribution"]]) {
+        const button = el("button", { class: "toggle", "data-mode": key, text: `colour by ${label}` });
+        button.addEventListener("click", () => { mode = key; drawTops(); });
+        topTitle.appendChild(button);
+      }
+    }
     drawTops();
-    main.appendChild(el("section", {}, topTitle, tops));
+    main.appendChild(el("section", {}, topTitle, legend, tops));
     for (const group of record.quantile_groups) {
       const box = el("div", {});
       for (const example of group.examples) box.appendChild(exampleLine(example, peak, "activation"));
