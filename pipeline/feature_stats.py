@@ -290,6 +290,11 @@ class FeaturePass:
     coactivation: Coactivation
     correlation: DimensionCorrelation
     n_windows: int
+    norms: torch.Tensor  # [n_windows * ctx] each position's activation norm (NaN at BOS), on the CPU
+
+    def norm_ratio(self) -> torch.Tensor:
+        """Each position's activation norm / the median over the positions passed (BOS left out)."""
+        return self.norms / self.norms.nanmedian().clamp_min(1e-12)
 
     def frequency(self) -> torch.Tensor:
         """Firing frequency of every feature on the tokens passed: [d_sae] float64, on the CPU."""
@@ -308,6 +313,7 @@ def feature_pass(sae, shards: ShardSet, n_windows: int, cfg: FeaturePassSettings
     samples = TopExamples(d_sae, cfg.samples, cfg.context_before, cfg.context_after, device)
     coactivation = Coactivation(d_sae, cfg.coactivation_tokens)
     correlation = DimensionCorrelation(d_sae, sae.d_in, device)
+    norms = torch.empty(n_windows * ctx)
     bos = shards.manifest.bos_token_id if cfg.exclude_bos else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     bar = tqdm(total=n_windows * ctx, unit="tok", unit_scale=True, desc="features", disable=not cfg.progress)
@@ -328,6 +334,7 @@ def feature_pass(sae, shards: ShardSet, n_windows: int, cfg: FeaturePassSettings
         samples.update(rows, latents, keys, acts, codes, first * ctx, ctx)
         coactivation.update(codes)
         correlation.update(x, rows, latents, acts, counted)
+        norms[first * ctx : (first + count) * ctx] = x.norm(dim=-1).masked_fill(~counted, math.nan).cpu()
         bar.update(len(codes))
     bar.close()
-    return FeaturePass(stats, top, samples, coactivation, correlation, n_windows)
+    return FeaturePass(stats, top, samples, coactivation, correlation, n_windows, norms)

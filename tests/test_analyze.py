@@ -71,6 +71,14 @@ def test_features_match_a_brute_force_computation(trained_run, analyzed):
         if record["quantile_groups"]:
             assert sum(g["share"] for g in record["quantile_groups"]) == pytest.approx(1, abs=1e-3)
     _check_correlations_and_neighbours(records, sae, shards, codes, tokens != shards.manifest.bos_token_id)
+    norms = shards.gather(torch.arange(shards.n_tokens)).float().norm(dim=-1)
+    ratio = norms / norms[tokens != shards.manifest.bos_token_id].median()
+    for record in records:
+        for example in record["top"]:
+            t = example["window"] * 32 + example["position"]
+            assert example["norm_ratio"] == pytest.approx(float(ratio[t]), abs=0.02)
+            assert example["outlier"] == (example["norm_ratio"] > 2.0)
+    assert meta["outlier_norm"] == 2.0 and 0 <= meta["features_peaking_at_outliers"] <= 1
 
 
 def _distinct_top(column: torch.Tensor, tokens: torch.Tensor, n: int) -> list[float]:
@@ -168,7 +176,8 @@ def _hostile_dashboard(directory: Path) -> Path:
     """A one-feature dashboard whose tokens contain markup."""
     vocab = ["<bos>", MARKUP, "<script>window.__pwned=2</script>", " plain", "\u00e9\u4e2d\n"]
     example = {"window": 0, "position": 2, "start": 0, "activation": 2.0, "ids": [0, 1, 2, 3, 4],
-               "acts": [0.0, 1.0, 2.0, 0.5, 0.0], "loss": [0, 0.1, -0.2, 0, 0], "attribution": [0, 1, -1, 0, 0]}  # fmt: skip
+               "acts": [0.0, 1.0, 2.0, 0.5, 0.0], "loss": [0, 0.1, -0.2, 0, 0], "attribution": [0, 1, -1, 0, 0],
+               "norm_ratio": 3.2, "outlier": True}  # fmt: skip
     record = {
         "id": 0, "silent": False, "frequency": 0.5, "count": 2, "mean_activation": 1.5, "max_activation": 2.0,
         "histogram": [1, 1], "top": [example], "quantile_groups": [{"low": 1, "high": 2, "examples": [example]}],
@@ -181,11 +190,12 @@ def _hostile_dashboard(directory: Path) -> Path:
     return write_dashboard(directory, meta, [[record]], vocab)
 
 
-def test_wandb_html_escapes_tokens():
+def test_wandb_html_escapes_tokens_and_flags_outliers():
     vocab = ["a", MARKUP]
-    record = {"max_activation": 1.0, "top": [{"ids": [0, 1], "acts": [0.5, 1.0]}]}
+    record = {"max_activation": 1.0, "top": [{"ids": [0, 1], "acts": [0.5, 1.0], "outlier": True, "norm_ratio": 3.2}]}
     out = highlighted_examples(record, vocab)
     assert MARKUP not in out and html.escape(MARKUP) in out
+    assert "⚠ outlier position (activation norm 3.2x the median)" in out
 
 
 def _chromium() -> str:
@@ -240,6 +250,7 @@ def test_token_markup_is_shown_not_injected(tmp_path):
     dom = _browse(f"file://{page}#0", tmp_path)
     assert "<img" not in dom and "<script>window" not in dom
     assert html.escape(MARKUP, quote=False) in dom  # the token is there, as text
+    assert "⚠ outlier" in dom and "peaks at an outlier position" in dom
     index_dom = _browse(f"file://{page.with_name('index.html')}", tmp_path)
     assert "<img" not in index_dom
 

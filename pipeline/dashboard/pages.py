@@ -12,6 +12,9 @@ _STYLE = (
 )
 
 
+OUTLIER_FLAG = "⚠ outlier position (activation norm {:.1f}x the median): "
+
+
 def highlighted_examples(record: dict, vocab: list[str], n: int = 3) -> str:
     """A feature record's first `n` top examples, each token shaded by the feature's activation."""
     peak = max(record["max_activation"], 1e-9)
@@ -22,7 +25,8 @@ def highlighted_examples(record: dict, vocab: list[str], n: int = 3) -> str:
             alpha = min(1.0, max(0.0, act / peak))
             text = escape(vocab[token] if 0 <= token < len(vocab) else f"<{token}>")
             spans.append(f'<span style="background:rgba(255,120,0,{alpha:.2f})">{text}</span>')
-        lines.append(f'<div style="font-family:monospace;white-space:pre-wrap">{"".join(spans)}</div>')
+        flag = OUTLIER_FLAG.format(example["norm_ratio"]) if example.get("outlier") else ""
+        lines.append(f'<div style="font-family:monospace;white-space:pre-wrap">{flag}{"".join(spans)}</div>')
     return "".join(lines)
 
 

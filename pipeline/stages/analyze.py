@@ -65,7 +65,7 @@ from pipeline.tracking import Tracker, WandbConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4  # 2: `silent` / `silent_features` (were `dead` / `dead_features`); 3: partners by lift, neighbours, correlated dimensions; 4: distinct top contexts, quantile shares, index fires_on
+FORMAT_VERSION = 5  # 5: norm_ratio / outlier per example; 2: `silent` / `silent_features` (were `dead` / `dead_features`); 3: partners by lift, neighbours, correlated dimensions; 4: distinct top contexts, quantile shares, index fires_on
 
 
 class AnalyzeError(DictionaryError):
@@ -85,6 +85,10 @@ class AnalyzeConfig(DictionarySelection, FeaturePassSettings):
     detail_examples: int = 3
     """Top examples per detailed feature that get them."""
     top_logits: int = 10
+    outlier_norm: float = 2.0
+    """Examples at positions whose activation norm exceeds this multiple of the median are flagged as
+    outliers (massive activations). On the default corpus, 0.93 % of positions are above 2x, nearly
+    all ` the` and ` ` tokens; every other token stays below 1.43x (99.9th percentile)."""
     wandb_features: int = 200
     """Rows of the W&B feature table (the most frequent features)."""
 
@@ -92,7 +96,7 @@ class AnalyzeConfig(DictionarySelection, FeaturePassSettings):
         check_settings(
             self, "analyze", AnalyzeError,
             positive=("tokens", "top_k", "samples", "quantile_groups", "detail_examples", "top_logits",
-                      "coactivation_min_count"),
+                      "coactivation_min_count", "outlier_norm"),
             non_negative=("context_before", "context_after", "coactivation_tokens", "wandb_features"),
         )  # fmt: skip
         if self.detail_features < -1:
@@ -107,9 +111,12 @@ def _round(values: torch.Tensor, digits: int = 3) -> list:
     return (values.float() * scale).round().div(scale).tolist()
 
 
-def _example(tokens: torch.Tensor, token: int, act: float, context: torch.Tensor, cfg: AnalyzeConfig) -> dict:
-    """One example from the analyzed windows' tokens [n_windows, ctx]: its window and position, and
-    the context's token ids and the feature's activations on them."""
+def _example(
+    tokens: torch.Tensor, token: int, act: float, context: torch.Tensor, norm_ratio: float, cfg: AnalyzeConfig
+) -> dict:
+    """One example from the analyzed windows' tokens [n_windows, ctx]: its window and position, the
+    context's token ids and the feature's activations on them, and its position's activation norm
+    over the median (`outlier` above analyze.outlier_norm)."""
     ctx = tokens.shape[1]
     window, position = divmod(token, ctx)
     start = max(0, position - cfg.context_before)
@@ -122,6 +129,8 @@ def _example(tokens: torch.Tensor, token: int, act: float, context: torch.Tensor
         "activation": round(act, 4),
         "ids": tokens[window, start:stop].tolist(),
         "acts": _round(context[offset : offset + stop - start]),
+        "norm_ratio": round(norm_ratio, 2),
+        "outlier": norm_ratio > cfg.outlier_norm,
     }
 
 
@@ -242,6 +251,7 @@ class _Tables:
     logits: dict[str, torch.Tensor]  # _logit_tables
     dimensions: tuple  # ([d_sae, 4] model dimensions with the largest decoder weights, their weights)
     tokens: torch.Tensor  # [n_windows, ctx] the analyzed windows' token ids
+    norm_ratio: torch.Tensor  # [n_windows * ctx] each position's activation norm / the median
 
 
 def _tables(sae, passed: FeaturePass, loaded: LoadedModel, shards: ShardSet, cfg: AnalyzeConfig) -> _Tables:
@@ -268,6 +278,7 @@ def _tables(sae, passed: FeaturePass, loaded: LoadedModel, shards: ShardSet, cfg
         logits=_logit_tables(loaded.model, w_dec, cfg.top_logits),
         dimensions=(dims.indices.cpu(), w_dec.gather(1, dims.indices).cpu()),
         tokens=shards.tokens_at(torch.arange(passed.n_windows * ctx)).view(passed.n_windows, ctx),
+        norm_ratio=passed.norm_ratio(),
     )
 
 
@@ -279,7 +290,7 @@ def _pairs(ids: torch.Tensor, values: torch.Tensor) -> list[list]:
 def _examples(t: _Tables, kept: tuple, f: int, cfg: AnalyzeConfig) -> list[dict]:
     token, act, context = kept
     return [
-        _example(t.tokens, int(tok), float(a), c, cfg)
+        _example(t.tokens, int(tok), float(a), c, float(t.norm_ratio[tok]), cfg)
         for tok, a, c in zip(token[f], act[f], context[f], strict=True)
         if tok >= 0
     ]
@@ -396,9 +407,21 @@ def _meta(
         "chunk_size": CHUNK,
         "silent_features": int((passed.stats.count == 0).sum()),
         "detail_features": len(_detail_features(passed.frequency(), cfg.detail_features)),
+        "median_norm": round(float(passed.norms.nanmedian()), 3),
+        "outlier_norm": cfg.outlier_norm,
+        "outlier_positions": round(float((passed.norm_ratio() > cfg.outlier_norm).float().mean()), 6),
+        "features_peaking_at_outliers": _peaking_at_outliers(passed, cfg.outlier_norm),
         "format_version": FORMAT_VERSION,
         "config_hash": hash_,
     }
+
+
+def _peaking_at_outliers(passed: FeaturePass, outlier_norm: float) -> float:
+    """The share of the features that fired whose highest activation is at an outlier position."""
+    top1 = passed.top.token[:, 0].cpu()
+    fired = top1 >= 0
+    outlier = passed.norm_ratio()[top1[fired]] > outlier_norm
+    return round(float(outlier.float().mean()), 4) if fired.any() else 0.0
 
 
 def _analyze(

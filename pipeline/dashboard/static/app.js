@@ -165,6 +165,11 @@ window.SAE_DASHBOARD = (function () {
   function exampleLine(example, peak, mode) {
     const line = el("div", { class: "example" });
     line.appendChild(el("span", { class: "act", text: fmt(example.activation, 2) }));
+    if (example.outlier) {
+      line.appendChild(el("span", { class: "outlier", text: "⚠ outlier",
+        title: `this position's activation norm is ${fmt(example.norm_ratio, 1)}× the median (massive activation): ` +
+          "a feature peaking here may track the outlier rather than a meaning" }));
+    }
     const at = example.position - example.start;
     const signed = mode === "activation" ? null : example[mode];  // attribution or loss, per context token
     if (mode !== "activation" && !signed) line.classList.add("nodata");
@@ -237,6 +242,7 @@ window.SAE_DASHBOARD = (function () {
     document.title = `Feature ${record.id} — ${meta.sae}`;
     main.appendChild(el("p", { class: "small", text:
       `frequency ${percent(record.frequency)} (${record.count} of ${meta.tokens} tokens), ` +
+      (record.top.length && record.top[0].outlier ? "peaks at an outlier position (⚠), " : "") +
       `mean activation ${fmt(record.mean_activation, 3)}, max ${fmt(record.max_activation, 3)}` }));
     if (record.silent) {
       main.appendChild(el("p", { text: "This feature never fired on the analyzed tokens." }));
