@@ -162,14 +162,23 @@ def _claim(run: RunDir, dirs: dict[str, Path], planned: dict[str, Manifest]) -> 
             run.upload(directory / STATE_FILE)
 
 
-def _remove_stale_temporaries(directory: Path, cfg: HarvestConfig) -> None:
+def _remove_stale_temporaries(directory: Path, cfg: HarvestConfig, remote: bool) -> None:
     """Delete the temporary files a killed run of this worker left behind: its shards, their checksum
-    files and its manifest (with one worker, every temporary file in the directory is its own)."""
+    files and its manifest (with one worker, every temporary file in the directory is its own). For
+    a remote run also the shards it staged here: killed before or after their upload, the bucket
+    says which are done, and the local copies would stay on the disk for good."""
     own_manifest = worker_manifest_name(cfg.worker, cfg.num_workers)
     for tmp, target in stale_temporaries(directory):
-        own_shard = target.startswith("shard-") and int(target[6:11]) % cfg.num_workers == cfg.worker
-        if cfg.num_workers == 1 or own_shard or target == own_manifest:
+        if cfg.num_workers == 1 or _own_shard(target, cfg) or target == own_manifest:
             tmp.unlink(missing_ok=True)
+    if remote:
+        for staged in directory.glob("shard-*.safetensors"):
+            if _own_shard(staged.name, cfg):
+                staged.unlink()
+
+
+def _own_shard(name: str, cfg: HarvestConfig) -> bool:
+    return name.startswith("shard-") and int(name[6:11]) % cfg.num_workers == cfg.worker
 
 
 def _shards_of_windows(windows: Iterator[torch.Tensor], per_shard: int) -> Iterator[torch.Tensor]:
@@ -429,7 +438,7 @@ def harvest_activations(
             part = f"worker-{cfg.worker}-of-{cfg.num_workers}"
             locks.enter_context(exclusive(directory, f"the activations in {directory} ({part})", part))
             directory.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(directory, cfg)
+            _remove_stale_temporaries(directory, cfg, run.remote is not None)
         windows = corpus_windows(loaded, corpus_cfg, cfg)
         records, resumed = _write_shards(run, loaded, hooks, dirs, planned, windows, cfg, dtype)
         manifests = {name: _finish(run, dirs[name], planned[name], records[name], cfg) for name in dirs}

@@ -331,5 +331,6 @@ class ShardCache:
         """A shard's int32 token ids [n_seq, context_length], read by range without its activations."""
         return self.remote.shard_tokens(self.directory / record.name)[1]
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        """Cancel the downloads not started (and wait for those running, with `wait`)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +150,12 @@ class RunDir:
     def shards(self, hook: str, verify: bool = False) -> ShardSet:
         """The activations harvested at `hook`; a remote run's through a bounded local cache."""
         directory = self.activations(hook)
-        cache = ShardCache(self.remote, directory) if self.remote else None
-        return ShardSet(directory, verify=verify, cache=cache)
+        if not self.remote:
+            return ShardSet(directory, verify=verify)
+        cache = ShardCache(self.remote, directory)
+        shards = ShardSet(directory, verify=verify, cache=cache)
+        weakref.finalize(shards, cache.close, False)  # read-ahead nobody will read stops with its reader
+        return shards
 
     # ------------------------------------------------------------ train
 
