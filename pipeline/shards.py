@@ -376,6 +376,15 @@ class ShardSet:
             return self._cache.tokens(self.manifest.shards[shard])
         return self._arrays(shard)[1]
 
+    def norms(self, start: int = 0, stop: int | None = None, block: int = 1 << 16) -> torch.Tensor:
+        """The activation norm of every position in [start, stop): float32 [stop - start] (a pass
+        over those activations, in order)."""
+        stop = self.n_tokens if stop is None else stop
+        return torch.cat(
+            [self.gather(torch.arange(lo, min(lo + block, stop))).float().norm(dim=-1) for lo in range(start, stop, block)]
+            or [torch.empty(0)]
+        )
+
     def shuffle_blocks(self, shuffle_shards: int | None) -> tuple[int, int]:
         """(block_tokens, mix_blocks) of iter_batches for `shuffle_shards` whole shards mixed at a time;
         None: blocks of 4096 tokens, 256 at a time, so every batch spreads over the whole range."""
@@ -545,12 +554,14 @@ class ShardSet:
         mix_blocks: int = 256,
         start: int = 0,
         stop: int | None = None,
+        keep: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
         """One shuffled epoch of activation batches [batch_size, d_model] in the stored dtype.
 
         Deterministic for `seed`; `start_batch` skips ahead (for resuming). The last incomplete batch
-        is dropped. With `exclude_bos`, positions holding the BOS token are left out. Only token
-        indices in [start, stop) are used (e.g. a training split).
+        is dropped. With `exclude_bos`, positions holding the BOS token are left out, and with `keep`
+        (bool over the token indices [0, stop)) those where it is False. Only token indices in
+        [start, stop) are used (e.g. a training split).
         """
         bos = self.manifest.bos_token_id
         carry = torch.empty(0, dtype=torch.long)
@@ -558,6 +569,8 @@ class ShardSet:
         for chunk in self.token_order(seed, block_tokens, mix_blocks, start, stop):
             if exclude_bos and bos is not None:
                 chunk = chunk[self.tokens_at(chunk) != bos]
+            if keep is not None:
+                chunk = chunk[keep[chunk]]
             chunk = torch.cat([carry, chunk])
             n_full = len(chunk) // batch_size
             for b in range(n_full):

@@ -86,6 +86,10 @@ class TrainConfig:
     seed: int = 0
     exclude_bos: bool = True
     """Leave BOS positions out (their activations are huge outliers)."""
+    exclude_outliers: float | None = None
+    """source=shards: leave out positions whose activation norm exceeds this multiple of the median
+    over the training split (massive activations); their held-out metrics leave them out too. null:
+    keep them. Costs one pass over the training split's activations before training."""
     dead_tokens: int | None = None
     """A latent not active over this many training tokens counts as dead (and gets AuxK gradient);
     null = max(10,000, 1% of the training tokens): 10k for the default run, 10M for a 1B-token run."""
@@ -102,7 +106,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_settings(
             self, "train", TrainError,
-            positive=("tokens", "shuffle_shards", "buffer_tokens", "epochs", "batch_size", "lr", "lr_base", "grad_clip", "dead_tokens", "log_every"),
+            positive=("tokens", "shuffle_shards", "exclude_outliers", "buffer_tokens", "epochs", "batch_size", "lr", "lr_base", "grad_clip", "dead_tokens", "log_every"),
             non_negative=("holdout_tokens", "lr_warmup_steps", "checkpoint_every", "checkpoint_minutes"),
             fractions=("lr_decay_start", "sparsity_warmup"),
             choices={"source": ("shards", "model"), "optimizer": tuple(OPTIMIZER_DEFAULTS), "autocast": ("auto", "bfloat16", "float32"),
@@ -112,6 +116,11 @@ class TrainConfig:
             raise TrainError(
                 "train.source=model needs train.tokens (the corpus is streamed, so passes are not counted); "
                 "set e.g. train.tokens=10000000"
+            )
+        if self.source == "model" and self.exclude_outliers is not None:
+            raise TrainError(
+                "train.exclude_outliers works with train.source=shards only (the model stream does not filter "
+                "by norm yet); harvest the activations, or set train.exclude_outliers=null"
             )
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise TrainError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
@@ -201,10 +210,10 @@ def _fired_anywhere(fired: torch.Tensor, dist: Dist) -> torch.Tensor:
 
 
 def training_batches(
-    shards: ShardSet, cfg: TrainConfig, n_train: int, per_epoch: int, start_step: int
+    shards: ShardSet, cfg: TrainConfig, n_train: int, per_epoch: int, start_step: int, keep: torch.Tensor | None = None
 ) -> Iterator[torch.Tensor]:
-    """Global batches [batch_size, d_in] of the first n_train tokens from `start_step` on, epoch after
-    epoch (each epoch reshuffled by its seed)."""
+    """Global batches [batch_size, d_in] of the first n_train tokens (where `keep`, when given) from
+    `start_step` on, epoch after epoch (each epoch reshuffled by its seed)."""
     epoch, offset = divmod(start_step, per_epoch)
     block_tokens, mix_blocks = shards.shuffle_blocks(cfg.shuffle_shards)
     while True:
@@ -216,17 +225,18 @@ def training_batches(
             block_tokens=block_tokens,
             mix_blocks=mix_blocks,
             stop=n_train,
+            keep=keep,
         )
         epoch, offset = epoch + 1, 0
 
 
-def input_sample(shards: ShardSet, n_train: int, n: int, cfg: TrainConfig) -> torch.Tensor:
+def input_sample(shards: ShardSet, n_train: int, n: int, cfg: TrainConfig, keep: torch.Tensor | None = None) -> torch.Tensor:
     """A random fp32 sample [n, d_in] of training tokens (for input scaling and b_dec init)."""
     block_tokens, mix_blocks = shards.shuffle_blocks(cfg.shuffle_shards)
     batch = next(
         shards.iter_batches(
             min(n, n_train // 2), seed=cfg.seed + 10_000, exclude_bos=cfg.exclude_bos,
-            block_tokens=block_tokens, mix_blocks=mix_blocks, stop=n_train,
+            block_tokens=block_tokens, mix_blocks=mix_blocks, stop=n_train, keep=keep,
         )  # fmt: skip
     )
     return batch.float()
@@ -321,10 +331,11 @@ def make_step(m: TrainingMember, cfg: TrainConfig, dist: Dist, device: torch.dev
 
 @torch.no_grad()
 def heldout_metrics(
-    sae: Sae, shards: ShardSet, start: int, exclude_bos: bool, batch_size: int = 4096
+    sae: Sae, shards: ShardSet, start: int, exclude_bos: bool, batch_size: int = 4096, norm_limit: float | None = None
 ) -> dict:
     """FVU, L0 and the fraction of latents never active (`silent_fraction`) on the held-out tokens
-    [start, end); silent is stricter than dead (idle over the training window) for rare latents."""
+    [start, end) (those with an activation norm up to `norm_limit`, when given); silent is stricter
+    than dead (idle over the training window) for rare latents."""
     stats = StreamingReconstructionStats(sae.d_in, sae.d_sae, sae.W_enc.device)
     bos = shards.manifest.bos_token_id
     for lo in range(start, shards.n_tokens, batch_size):
@@ -333,7 +344,10 @@ def heldout_metrics(
             idx = idx[shards.tokens_at(idx) != bos]
         if len(idx):
             x = shards.gather(idx).to(sae.W_enc.device, torch.float32)
-            stats.update(x, *sae(x))
+            if norm_limit is not None:
+                x = x[x.norm(dim=-1) <= norm_limit]
+            if len(x):
+                stats.update(x, *sae(x))
     if stats.n == 0:
         return {}
     return {

@@ -136,9 +136,11 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 
 
 def make_shard_set(
-    directory: Path, n_seq: int = 48, ctx: int = 32, d: int = 16, per_shard: int = 16, seed: int = 0
-):
-    """Synthetic activations (sparse combinations of 48 directions) written as a harvested shard set."""
+    directory: Path, n_seq: int = 48, ctx: int = 32, d: int = 16, per_shard: int = 16, seed: int = 0,
+    outlier_positions: tuple[int, ...] = (),
+):  # fmt: skip
+    """Synthetic activations (sparse combinations of 48 directions) written as a harvested shard set;
+    at `outlier_positions` of every window they are huge, as BOS (massive activations)."""
     from pipeline.shards import Manifest, ShardWriter, shard_name, write_manifest
 
     gen = torch.Generator().manual_seed(seed)
@@ -150,6 +152,7 @@ def make_shard_set(
     tokens = torch.randint(2, 300, (n_seq, ctx), generator=gen, dtype=torch.int32)
     tokens[:, 0] = 0
     acts[:, 0] = 50.0  # BOS positions are huge outliers, as in real models
+    acts[:, list(outlier_positions)] = 40.0
     writer = ShardWriter()
     for index, start in enumerate(range(0, n_seq, per_shard)):
         writer.submit(

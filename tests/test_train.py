@@ -17,10 +17,10 @@ from pipeline.locks import LockedError, exclusive
 from pipeline.rundir import RunDir
 from pipeline.sae import Sae, SaeConfig, architectures
 from pipeline.shards import ShardError, shard_name
-from pipeline.stages.train import train_saes
+from pipeline.stages.train import plan_training, train_saes
 from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
-from pipeline.training import TrainConfig, TrainError
+from pipeline.training import TrainConfig, TrainError, training_batches
 from tests.conftest import make_shard_set
 
 HOOK = "blocks.1.resid_post"
@@ -466,3 +466,24 @@ def test_train_from_the_model_on_the_command_line(llama_cfg, text_corpus, tmp_pa
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert Sae.load(tmp_path / "sae" / MODEL_HOOK / "topk-k4-x4").config_dict()["training_source"] == "model"
+
+
+def test_outliers_are_left_out_of_training_and_of_its_heldout_metrics(tmp_path):
+    """train.exclude_outliers: positions far above the median norm never reach a batch or the held-out metrics."""
+    run_dir = tmp_path / "run"
+    make_shard_set(run_dir / "activations" / HOOK, outlier_positions=(5, 17))
+    cfg = _cfg(exclude_outliers=3.0)
+    plan = plan_training(cfg, SAE, RunDir(run_dir))
+    assert not plan.keep[5::32].any() and not plan.keep[17::32].any() and plan.keep[6::32].all()
+    assert plan.outliers.eligible == plan.n_train // 32 * 29  # BOS and two outliers left out of every window
+    batches = training_batches(plan.shards, plan.cfg, plan.n_train, plan.per_epoch, 0, plan.keep)
+    for _ in range(plan.per_epoch):
+        assert (next(batches).float().norm(dim=-1) <= plan.outliers.limit).all()
+    out = train_saes(cfg, SAE, run_dir, OFF)["topk-k4-x4"]
+    meta = json.loads((out / "cfg.json").read_text())
+    kept = train_saes(_cfg(), SaeConfig(architecture="topk", expansion=4, k=4, name="all"), run_dir, OFF)["all"]
+    every = json.loads((kept / "cfg.json").read_text())
+    assert meta["outlier_norm_limit"] == pytest.approx(plan.outliers.limit) and "outlier_norm_limit" not in every
+    assert meta["metrics"]["heldout_tokens"] == every["metrics"]["heldout_tokens"] // 31 * 29  # per window: 31 after BOS, 29
+    with pytest.raises(TrainError, match="exclude_outliers works with train.source=shards only"):
+        _cfg(source="model", tokens=1000, exclude_outliers=2.0)

@@ -66,7 +66,7 @@ from pipeline.training import (
 log = logging.getLogger(__name__)
 
 _NOT_HASHED = {"log_every", "checkpoint_every", "checkpoint_minutes", "progress", "device", "compile"}  # change no result
-_HASHED_WHEN_SET = {"shuffle_shards"}  # settings added later: left at null, earlier dictionaries stay current
+_HASHED_WHEN_SET = {"shuffle_shards", "exclude_outliers"}  # settings added later: left at null, earlier dictionaries stay current
 
 
 @dataclass
@@ -85,6 +85,11 @@ class _Plan:
     config_hash: str
     dist: Dist
     device: torch.device
+    outliers: _Outliers | None = None  # source=shards with train.exclude_outliers
+
+    @property
+    def keep(self) -> torch.Tensor | None:
+        return self.outliers.keep if self.outliers else None
 
     @property
     def shards(self) -> ShardSet:
@@ -130,10 +135,52 @@ def _check_widths(configs: list[SaeConfig], d_in: int) -> None:
             raise TrainError(str(err)) from err
 
 
-def _steps(shards: ShardSet, cfg: TrainConfig, n_train: int) -> tuple[int, int]:
+@dataclass
+class _Outliers:
+    """Training positions left out by train.exclude_outliers."""
+
+    keep: torch.Tensor  # [n_train] bool: False at positions whose norm exceeds `limit`
+    limit: float  # exclude_outliers x the median norm of the training split (BOS left out)
+    eligible: int  # training positions left: neither outliers nor (exclude_bos) BOS
+
+
+def _outliers(cfg: TrainConfig, shards: ShardSet, n_train: int) -> _Outliers:
+    norms = shards.norms(0, n_train)  # [n_train]
+    bos = shards.manifest.bos_token_id
+    ordinary = torch.ones(n_train, dtype=torch.bool)
+    if cfg.exclude_bos and bos is not None:
+        ordinary = shards.tokens_at(torch.arange(n_train)) != bos
+    limit = cfg.exclude_outliers * float(norms[ordinary].median())
+    keep = norms <= limit
+    left_out = int((ordinary & ~keep).sum())
+    log.info("train.exclude_outliers=%g: %d of %d training positions (%.2f%%) have a norm above %.1f and are left out",
+             cfg.exclude_outliers, left_out, int(ordinary.sum()), 100 * left_out / max(1, int(ordinary.sum())), limit)  # fmt: skip
+    return _Outliers(keep, limit, int((ordinary & keep).sum()))
+
+
+def _schedule(
+    cfg: TrainConfig, shards: ShardSet, stream: ModelStream | None, n_train: int
+) -> tuple[int, int, _Outliers | None]:
+    """(batches per epoch of the training split, total steps, the outliers left out)."""
+    if stream is not None:
+        if cfg.tokens // cfg.batch_size < 1:
+            raise TrainError(f"train.tokens={cfg.tokens} is less than one batch of {cfg.batch_size}")
+        return 0, cfg.tokens // cfg.batch_size, None
+    if n_train == 0:
+        raise TrainError(
+            f"train.holdout_tokens={cfg.holdout_tokens} leaves nothing to train on: the shards hold only "
+            f"{shards.n_tokens} tokens. Harvest more, lower train.holdout_tokens, or train from the model "
+            "(train.source=model)."
+        )
+    outliers = _outliers(cfg, shards, n_train) if cfg.exclude_outliers is not None else None
+    return (*_steps(shards, cfg, n_train, outliers), outliers)
+
+
+def _steps(shards: ShardSet, cfg: TrainConfig, n_train: int, outliers: _Outliers | None) -> tuple[int, int]:
     """(batches per epoch of the training split, total steps)."""
     bos = shards.manifest.bos_token_id if cfg.exclude_bos else None
     eligible = n_train - (shards.count_token(bos, stop=n_train) if bos is not None else 0)
+    eligible = outliers.eligible if outliers is not None else eligible
     per_epoch = eligible // cfg.batch_size
     if per_epoch == 0:
         raise TrainError(
@@ -165,18 +212,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
     if cfg.batch_size % dist.world:
         raise TrainError(f"train.batch_size={cfg.batch_size} must be divisible by the {dist.world} processes")
     n_train = heldout_start(shards.n_tokens, shards.manifest.context_length, cfg.holdout_tokens)
-    if stream is not None:
-        per_epoch, total_steps = 0, cfg.tokens // cfg.batch_size
-        if total_steps < 1:
-            raise TrainError(f"train.tokens={cfg.tokens} is less than one batch of {cfg.batch_size}")
-    elif n_train == 0:
-        raise TrainError(
-            f"train.holdout_tokens={cfg.holdout_tokens} leaves nothing to train on: the shards hold only "
-            f"{shards.n_tokens} tokens. Harvest more, lower train.holdout_tokens, or train from the model "
-            "(train.source=model)."
-        )
-    else:
-        per_epoch, total_steps = _steps(shards, cfg, n_train)
+    per_epoch, total_steps, outliers = _schedule(cfg, shards, stream, n_train)
     cfg = replace(cfg, dead_tokens=cfg.dead_window(total_steps * cfg.batch_size))
     if stream is None and cfg.shuffle_shards is None and shards.default_shuffle_shards() is not None:
         cfg = replace(cfg, shuffle_shards=shards.default_shuffle_shards())
@@ -193,14 +229,15 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
             "data": _data_identity(stored, stream),
         }
     )
-    return _Plan(run, cfg, sae_cfgs, hooks, stored, stream, n_train, per_epoch, total_steps, hash_, dist, device)
+    return _Plan(run, cfg, sae_cfgs, hooks, stored, stream, n_train, per_epoch, total_steps, hash_, dist, device,
+                 outliers)  # fmt: skip
 
 
 def _input_samples(plan: _Plan, n: int = 16_384) -> dict[str, torch.Tensor]:
     """fp32 training tokens {hook: [n, d_in]} for the input scales and the b_dec inits."""
     cfg = plan.cfg
     if plan.stream is None:
-        return {cfg.hook: input_sample(plan.shards, plan.n_train, n, cfg)}
+        return {cfg.hook: input_sample(plan.shards, plan.n_train, n, cfg, plan.keep)}
     return {hook: x.float().cpu() for hook, x in plan.stream.sample(n).items()}
 
 
@@ -210,7 +247,7 @@ def _batches(plan: _Plan, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
     cfg, dist = plan.cfg, plan.dist
     local = dist.local_slice(cfg.batch_size)
     if plan.stream is None:
-        batches = training_batches(plan.shards, cfg, plan.n_train, plan.per_epoch, start_step)
+        batches = training_batches(plan.shards, cfg, plan.n_train, plan.per_epoch, start_step, plan.keep)
         return prefetch({cfg.hook: batch[local]} for batch in batches)
     size = local.stop - local.start
     block = min(max(1, cfg.buffer_tokens // size), plan.total_steps) * size  # never more than training needs
@@ -333,7 +370,8 @@ def _save(plan: _Plan, i: int, m: TrainingMember, scale: float) -> tuple[Path, d
     cfg = plan.cfg
     sae = copy.deepcopy(m.final_weights())
     sae.fold_input_scale(scale)
-    metrics = heldout_metrics(sae, plan.stored[plan.hooks[i]], plan.n_train, cfg.exclude_bos)
+    limit = plan.outliers.limit if plan.outliers else None
+    metrics = heldout_metrics(sae, plan.stored[plan.hooks[i]], plan.n_train, cfg.exclude_bos, norm_limit=limit)
     # dead (DESIGN.md): never active over the last `dead_tokens` training tokens
     metrics["dead_fraction"] = float((m.since_fired >= cfg.dead_tokens).float().mean())
     sae.meta.update(
@@ -343,6 +381,7 @@ def _save(plan: _Plan, i: int, m: TrainingMember, scale: float) -> tuple[Path, d
             "training_source": cfg.source,
             "input_scale": scale,
             "metrics": metrics,
+            **({"outlier_norm_limit": limit} if limit is not None else {}),
         }
     )
     out = sae.save(plan.out_dir(i))
