@@ -303,9 +303,12 @@ class FeaturePass:
 
 
 @torch.inference_mode()
-def feature_pass(sae, shards: ShardSet, n_windows: int, cfg: FeaturePassSettings, device) -> FeaturePass:
+def feature_pass(
+    sae, shards: ShardSet, n_windows: int, cfg: FeaturePassSettings, device, norm_limit: float | None = None
+) -> FeaturePass:
     """One pass over the first n_windows stored windows: statistics, top examples, samples and
-    co-activation of every feature of `sae`."""
+    co-activation of every feature of `sae`. Positions whose activation norm exceeds `norm_limit`
+    are left out as BOS is: no feature fires there."""
     ctx = shards.manifest.context_length
     d_sae = sae.d_sae
     windows_per_batch = max(1, (1 << 25) // (d_sae * ctx))  # dense codes of a batch stay ~128 MB
@@ -324,10 +327,11 @@ def feature_pass(sae, shards: ShardSet, n_windows: int, cfg: FeaturePassSettings
         x = shards.gather(idx).to(device, torch.float32)  # [tokens, d_in]
         shards.check_finite(x, idx)
         codes = sae.encode(x)  # [tokens, d_sae]
-        counted = torch.ones(len(codes), dtype=torch.bool, device=device)
+        ordinary = torch.ones(len(codes), dtype=torch.bool, device=device)
         if bos is not None:
-            counted = (shards.tokens_at(idx) != bos).to(device)
-            codes[~counted] = 0
+            ordinary = (shards.tokens_at(idx) != bos).to(device)
+        counted = ordinary & (x.norm(dim=-1) <= norm_limit) if norm_limit is not None else ordinary
+        codes[~counted] = 0
         rows, latents, acts = firing_entries(codes)
         stats.update(len(codes), latents, acts)
         top.update(rows, latents, acts, acts, codes, first * ctx, ctx)
@@ -335,7 +339,7 @@ def feature_pass(sae, shards: ShardSet, n_windows: int, cfg: FeaturePassSettings
         samples.update(rows, latents, keys, acts, codes, first * ctx, ctx)
         coactivation.update(codes)
         correlation.update(x, rows, latents, acts, counted)
-        norms[first * ctx : (first + count) * ctx] = x.norm(dim=-1).masked_fill(~counted, math.nan).cpu()
+        norms[first * ctx : (first + count) * ctx] = x.norm(dim=-1).masked_fill(~ordinary, math.nan).cpu()
         bar.update(len(codes))
     bar.close()
     return FeaturePass(stats, top, samples, coactivation, correlation, n_windows, norms)

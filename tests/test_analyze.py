@@ -143,6 +143,16 @@ def test_index_rows_say_what_a_feature_fires_on(analyzed):
     assert any(row["detail"] for row in rows)
 
 
+def test_outlier_positions_can_be_left_out(trained_run, model_cfg, loaded, tmp_path):
+    """analyze.exclude_outliers with a limit at the median norm: no example sits above it."""
+    run = copy_run(trained_run, tmp_path / "run")
+    out = analyze_saes(model_cfg, _cfg(detail_features=0, exclude_outliers=True, outlier_norm=1.0, saes=["topk-k8-x4"]),
+                       run, OFF, loaded=loaded)["blocks.1.resid_post/topk-k8-x4"]  # fmt: skip
+    meta, records = load_features(out)
+    ratios = [e["norm_ratio"] for r in records for e in r["top"]]
+    assert ratios and max(ratios) <= 1.005 and meta["outlier_positions"] > 0.3  # about half the positions are above
+
+
 def test_a_feature_that_never_fires_is_shown_as_silent(analyzed):
     meta, records = load_features(analyzed[0]["with-silent"])
     assert records[0]["silent"] and records[0]["top"] == [] and records[0]["count"] == 0

@@ -6,11 +6,16 @@ import torch
 from pipeline.feature_stats import (
     Coactivation,
     DimensionCorrelation,
+    FeaturePassSettings,
     FeatureStats,
     TopExamples,
     decoder_neighbours,
+    feature_pass,
     firing_entries,
 )
+from pipeline.sae import Sae, SaeConfig, build_sae
+from pipeline.shards import ShardSet
+from tests.conftest import make_shard_set
 
 
 def _codes(n_tokens=96, d_sae=10, seed=0):
@@ -125,3 +130,26 @@ def test_dimension_correlation_is_pearson_over_every_token():
     expected = np.corrcoef(codes[keep].T.numpy(), x[keep].T.numpy())[:3, 3:]
     torch.testing.assert_close(r, torch.from_numpy(expected).float().gather(1, ids), atol=1e-4, rtol=1e-4)
     assert ids[:, 0].tolist() == [0, 1, 2]  # each feature is read from its own dimension
+
+
+def test_a_pass_can_leave_outlier_positions_out(tmp_path):
+    """norm_limit: positions above it get no firings (as BOS), yet their norms are still recorded."""
+    directory = tmp_path / "acts"
+    make_shard_set(directory, outlier_positions=(7,))
+    shards = ShardSet(directory)
+    sae = Sae.load(_tiny_topk(shards.d_model, tmp_path))
+    cfg = FeaturePassSettings(top_k=3, samples=4, progress=False)
+    kept = feature_pass(sae, shards, 48, cfg, "cpu")
+    left = feature_pass(sae, shards, 48, cfg, "cpu", norm_limit=100.0)
+    assert ((kept.top.token % 32) == 7).any() and not ((left.top.token % 32) == 7).any()
+    assert left.stats.count.sum() < kept.stats.count.sum()
+    assert torch.equal(kept.norms.isnan(), left.norms.isnan()) and (left.norm_ratio()[7::32] > 5).all()
+
+
+def _tiny_topk(d_in: int, tmp_path):
+    """A TopK dictionary whose first latents read the outlier direction (all ones) strongly."""
+    sae = build_sae(SaeConfig(architecture="topk", d_in=d_in, d_sae=32, k=4), d_in, {})
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.W_enc[:, :4] = 1.0
+    return sae.save(tmp_path / "sae")

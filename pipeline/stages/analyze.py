@@ -89,6 +89,9 @@ class AnalyzeConfig(DictionarySelection, FeaturePassSettings):
     """Examples at positions whose activation norm exceeds this multiple of the median are flagged as
     outliers (massive activations). On the default corpus, 0.93 % of positions are above 2x, nearly
     all ` the` and ` ` tokens; every other token stays below 1.43x (99.9th percentile)."""
+    exclude_outliers: bool = False
+    """Leave the positions above `outlier_norm` out as BOS is (no statistics, no examples there);
+    costs one pass reading the analyzed activations first. Off: they are analyzed and flagged."""
     wandb_features: int = 200
     """Rows of the W&B feature table (the most frequent features)."""
 
@@ -416,6 +419,18 @@ def _meta(
     }
 
 
+def _norm_limit(shards: ShardSet, n_windows: int, cfg: AnalyzeConfig) -> float | None:
+    """With analyze.exclude_outliers: outlier_norm x the median activation norm of the analyzed
+    positions (BOS left out), above which positions are left out."""
+    if not cfg.exclude_outliers:
+        return None
+    n = n_windows * shards.manifest.context_length
+    norms = shards.norms(0, n)
+    bos = shards.manifest.bos_token_id
+    ordinary = shards.tokens_at(torch.arange(n)) != bos if cfg.exclude_bos and bos is not None else slice(None)
+    return cfg.outlier_norm * float(norms[ordinary].median())
+
+
 def _peaking_at_outliers(passed: FeaturePass, outlier_norm: float) -> float:
     """The share of the features that fired whose highest activation is at an outlier position."""
     top1 = passed.top.token[:, 0].cpu()
@@ -449,7 +464,7 @@ def _analyze(
     log.info("analyzing %s/%s on %d tokens", d.hook, d.name, n_windows * ctx)
     with exclusive(out, f"the dashboard {out}"):
         remove_dashboard_temporaries(out)
-        passed = feature_pass(sae, shards, n_windows, cfg, loaded.device)
+        passed = feature_pass(sae, shards, n_windows, cfg, loaded.device, _norm_limit(shards, n_windows, cfg))
         frequency = passed.frequency()
         n_table = min(cfg.wandb_features, int((frequency > 0).sum()))
         for_wandb, table_records = set(torch.argsort(frequency, descending=True)[:n_table].tolist()), []
