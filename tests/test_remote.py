@@ -25,7 +25,7 @@ from moto.server import ThreadedMotoServer
 from pipeline.corpus import CorpusConfig
 from pipeline.faults import KILL_VARIABLE
 from pipeline.harvesting import HarvestConfig, harvest_activations
-from pipeline.remote import Remote, RemoteError, ShardCache
+from pipeline.remote import Remote, RemoteError, ShardCache, cache_bytes
 from pipeline.rundir import RunDir
 from pipeline.sae import SaeConfig
 from pipeline.shards import MANIFEST, ShardError, ShardSet
@@ -295,3 +295,11 @@ def test_unreachable_endpoint_stops_the_stage_before_compute(tmp_path):
     assert "error: run_dir=s3://bucket/run: cannot reach the storage at http://127.0.0.1:" in result.stderr
     assert "check AWS_ENDPOINT_URL" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_size_that_is_not_a_number_is_refused(monkeypatch):
+    monkeypatch.setenv("SAE_PIPELINE_CACHE_GB", "lots")
+    with pytest.raises(RemoteError, match="SAE_PIPELINE_CACHE_GB='lots' is not a number of GiB"):
+        cache_bytes()
+    monkeypatch.setenv("SAE_PIPELINE_CACHE_GB", "0.5")
+    assert cache_bytes() == 2**29
