@@ -330,7 +330,8 @@ def feature_pass(
         ordinary = torch.ones(len(codes), dtype=torch.bool, device=device)
         if bos is not None:
             ordinary = (shards.tokens_at(idx) != bos).to(device)
-        counted = ordinary & (x.norm(dim=-1) <= norm_limit) if norm_limit is not None else ordinary
+        norm = x.norm(dim=-1)  # [tokens]
+        counted = ordinary & (norm <= norm_limit) if norm_limit is not None else ordinary
         codes[~counted] = 0
         rows, latents, acts = firing_entries(codes)
         stats.update(len(codes), latents, acts)
@@ -339,7 +340,7 @@ def feature_pass(
         samples.update(rows, latents, keys, acts, codes, first * ctx, ctx)
         coactivation.update(codes)
         correlation.update(x, rows, latents, acts, counted)
-        norms[first * ctx : (first + count) * ctx] = x.norm(dim=-1).masked_fill(~ordinary, math.nan).cpu()
+        norms[first * ctx : (first + count) * ctx] = norm.masked_fill(~ordinary, math.nan).cpu()
         bar.update(len(codes))
     bar.close()
     return FeaturePass(stats, top, samples, coactivation, correlation, n_windows, norms)

@@ -55,6 +55,7 @@ from pipeline.shards import (
     read_shard_tokens,
     recorded_checksums,
     shard_name,
+    token_bytes,
     worker_manifest_name,
     write_manifest,
 )
@@ -318,10 +319,10 @@ def check_disk_space(cfg: HarvestConfig, d_model: int, dtype: torch.dtype, dirs:
     less free space (shards already there count as written)."""
     if cfg.tokens is None:
         log.info("harvest.tokens=null: the disk needed grows with the corpus (%s per token and hook)",
-                 human_bytes(d_model * dtype.itemsize + 4))  # fmt: skip
+                 human_bytes(token_bytes(d_model, dtype.itemsize)))  # fmt: skip
         return
     tokens = -(-cfg.tokens // cfg.num_workers)
-    per_hook = tokens * (d_model * dtype.itemsize + 4)  # activations + int32 token ids
+    per_hook = tokens * token_bytes(d_model, dtype.itemsize)
     written = sum(p.stat().st_size for d in dirs for p in d.glob("shard-*.safetensors"))
     needed = per_hook * len(dirs) - written
     free = free_bytes(dirs[0])
@@ -340,10 +341,10 @@ def check_disk_space(cfg: HarvestConfig, d_model: int, dtype: torch.dtype, dirs:
 def _state_remote_size(cfg: HarvestConfig, d_model: int, dtype: torch.dtype, run: RunDir, hooks: int) -> None:
     """Say what goes to object storage and the little that passes through the local disk (the shards
     being written and uploaded); refuse to start when even that does not fit."""
-    shard = cfg.sequences_per_shard * cfg.context_length * (d_model * dtype.itemsize + 4)
-    staged = shard * hooks * (default_writer_threads() + 2)
+    per_token = token_bytes(d_model, dtype.itemsize)
+    staged = cfg.sequences_per_shard * cfg.context_length * per_token * hooks * (default_writer_threads() + 2)
     free = free_bytes(run.root)
-    total = "a size growing with the corpus" if cfg.tokens is None else human_bytes(cfg.tokens * shard // (cfg.sequences_per_shard * cfg.context_length) * hooks)
+    total = "a size growing with the corpus" if cfg.tokens is None else human_bytes(cfg.tokens * per_token * hooks)
     log.info("harvest writes %s to %s; at most %s at a time passes through %s (%s free)",
              total, run.location, human_bytes(staged), run.root, human_bytes(free))  # fmt: skip
     if staged > free:

@@ -193,13 +193,10 @@ class Remote:
         payload = [p for p in files if p.name != marker]
         if payload:
             self.fs.put([str(p) for p in payload], [self.key(p) for p in payload])
-            listing = self._listing(directory.relative_to(self.mirror).as_posix())
-            self._remember({k[len(self.root) + 1 :]: info for k, info in listing.items()})
         kept = {self.key(p) for p in files}
-        try:
-            stale = [k for k in self.fs.find(self.key(directory)) if k not in kept]
-        except FileNotFoundError:
-            stale = []
+        listing = self._listing(directory.relative_to(self.mirror).as_posix())  # one listing: versions and leftovers
+        self._remember({k[len(self.root) + 1 :]: info for k, info in listing.items() if k in kept})
+        stale = [k for k in listing if k not in kept]
         if stale:
             self.fs.rm(stale)
         if (directory / marker).exists():

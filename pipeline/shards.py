@@ -170,6 +170,11 @@ def recorded_checksums(directory: Path) -> dict[str, str]:
     return known
 
 
+def token_bytes(d_model: int, itemsize: int) -> int:
+    """Bytes one stored position takes in a shard: its activations and its int32 token id."""
+    return d_model * itemsize + 4
+
+
 def write_shard(path: Path, tokens: torch.Tensor, activations: torch.Tensor) -> ShardRecord:
     """Write one shard as a safetensors file straight from the tensors' memory (deterministic bytes),
     then its checksum file."""
@@ -376,14 +381,19 @@ class ShardSet:
             return self._cache.tokens(self.manifest.shards[shard])
         return self._arrays(shard)[1]
 
-    def norms(self, start: int = 0, stop: int | None = None, block: int = 1 << 16) -> torch.Tensor:
-        """The activation norm of every position in [start, stop): float32 [stop - start] (a pass
-        over those activations, in order)."""
-        stop = self.n_tokens if stop is None else stop
-        return torch.cat(
-            [self.gather(torch.arange(lo, min(lo + block, stop))).float().norm(dim=-1) for lo in range(start, stop, block)]
+    def position_norms(self, stop: int, exclude_bos: bool, block: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activation norm of every position in [0, stop): float32 [stop], which of them count:
+        bool [stop], False at BOS with `exclude_bos`), in one pass over those activations in order;
+        the median of the counted norms is what outlier limits multiply."""
+        norms = torch.cat(
+            [self.gather(torch.arange(lo, min(lo + block, stop))).float().norm(dim=-1) for lo in range(0, stop, block)]
             or [torch.empty(0)]
         )
+        bos = self.manifest.bos_token_id
+        counted = torch.ones(stop, dtype=torch.bool)
+        if exclude_bos and bos is not None:
+            counted = self.tokens_at(torch.arange(stop)) != bos
+        return norms, counted
 
     def shuffle_blocks(self, shuffle_shards: int | None) -> tuple[int, int]:
         """(block_tokens, mix_blocks) of iter_batches for `shuffle_shards` whole shards mixed at a time;
@@ -398,7 +408,7 @@ class ShardSet:
         if self._cache is None:
             return None
         itemsize = torch.empty(0, dtype=self._torch_dtype).element_size()
-        shard_bytes = self.manifest.sequences_per_shard * self.manifest.context_length * (self.d_model * itemsize + 4)
+        shard_bytes = self.manifest.sequences_per_shard * self.manifest.context_length * token_bytes(self.d_model, itemsize)
         return max(1, self._cache.shards_held(shard_bytes) // 2)
 
     def prefetch_range(self, start: int, stop: int) -> None:
@@ -536,8 +546,9 @@ class ShardSet:
         stop = self.n_tokens if stop is None else stop
         blocks = torch.randperm((stop - start + block_tokens - 1) // block_tokens, generator=gen)
         for i in range(0, len(blocks), mix_blocks):
-            for block in blocks[i : i + 2 * mix_blocks].tolist():  # this group's and the next one's shards
-                self.prefetch_range(start + block * block_tokens, min(stop, start + (block + 1) * block_tokens))
+            if self._cache is not None:  # remote: download this group's and the next one's shards
+                for block in blocks[i : i + 2 * mix_blocks].tolist():
+                    self.prefetch_range(start + block * block_tokens, min(stop, start + (block + 1) * block_tokens))
             idx = (
                 start + blocks[i : i + mix_blocks, None] * block_tokens + torch.arange(block_tokens)
             ).flatten()

@@ -65,7 +65,10 @@ from pipeline.tracking import Tracker, WandbConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5  # 5: norm_ratio / outlier per example; 2: `silent` / `silent_features` (were `dead` / `dead_features`); 3: partners by lift, neighbours, correlated dimensions; 4: distinct top contexts, quantile shares, index fires_on
+# 2: `silent` / `silent_features` (were `dead` / `dead_features`); 3: partners by lift, neighbours,
+# correlated dimensions; 4: distinct top contexts, quantile shares, index fires_on; 5: norm_ratio /
+# outlier per example
+FORMAT_VERSION = 5
 
 
 class AnalyzeError(DictionaryError):
@@ -424,11 +427,8 @@ def _norm_limit(shards: ShardSet, n_windows: int, cfg: AnalyzeConfig) -> float |
     positions (BOS left out), above which positions are left out."""
     if not cfg.exclude_outliers:
         return None
-    n = n_windows * shards.manifest.context_length
-    norms = shards.norms(0, n)
-    bos = shards.manifest.bos_token_id
-    ordinary = shards.tokens_at(torch.arange(n)) != bos if cfg.exclude_bos and bos is not None else slice(None)
-    return cfg.outlier_norm * float(norms[ordinary].median())
+    norms, counted = shards.position_norms(n_windows * shards.manifest.context_length, cfg.exclude_bos)
+    return cfg.outlier_norm * float(norms[counted].median())
 
 
 def _peaking_at_outliers(passed: FeaturePass, outlier_norm: float) -> float:

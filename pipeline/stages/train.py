@@ -145,11 +145,7 @@ class _Outliers:
 
 
 def _outliers(cfg: TrainConfig, shards: ShardSet, n_train: int) -> _Outliers:
-    norms = shards.norms(0, n_train)  # [n_train]
-    bos = shards.manifest.bos_token_id
-    ordinary = torch.ones(n_train, dtype=torch.bool)
-    if cfg.exclude_bos and bos is not None:
-        ordinary = shards.tokens_at(torch.arange(n_train)) != bos
+    norms, ordinary = shards.position_norms(n_train, cfg.exclude_bos)  # [n_train] each
     limit = cfg.exclude_outliers * float(norms[ordinary].median())
     keep = norms <= limit
     left_out = int((ordinary & ~keep).sum())
@@ -214,8 +210,8 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
     n_train = heldout_start(shards.n_tokens, shards.manifest.context_length, cfg.holdout_tokens)
     per_epoch, total_steps, outliers = _schedule(cfg, shards, stream, n_train)
     cfg = replace(cfg, dead_tokens=cfg.dead_window(total_steps * cfg.batch_size))
-    if stream is None and cfg.shuffle_shards is None and shards.default_shuffle_shards() is not None:
-        cfg = replace(cfg, shuffle_shards=shards.default_shuffle_shards())
+    if stream is None and cfg.shuffle_shards is None and (remote_mix := shards.default_shuffle_shards()) is not None:
+        cfg = replace(cfg, shuffle_shards=remote_mix)
         log.info("shards on object storage: batches mix up to %d shards at a time (train.shuffle_shards)", cfg.shuffle_shards)
     hash_ = config_hash(
         {
