@@ -521,11 +521,12 @@ class ShardSet:
         return out
 
     def gather(self, token_indices: torch.Tensor) -> torch.Tensor:
-        """Activations [n, d_model] at global token indices, read in sorted order for locality."""
-        token_indices, _ = torch.sort(token_indices)
+        """Activations [n, d_model] at global token indices, in the order given (read in sorted order,
+        for locality)."""
+        token_indices, order = torch.sort(token_indices)
         out = torch.empty(len(token_indices), self.d_model, dtype=self._torch_dtype)
         for shard, mask, local in self._by_shard(token_indices):
-            out[mask] = self._as_torch(self._arrays(shard)[0].reshape(-1, self.d_model)[local])
+            out[order[mask]] = self._as_torch(self._arrays(shard)[0].reshape(-1, self.d_model)[local])
         return out
 
     def token_order(

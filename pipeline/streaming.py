@@ -19,6 +19,7 @@ missing) and checks that the stored windows are the ones the stream would comput
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,6 +66,9 @@ class ModelStream:
     """Show a progress bar while a block's windows go through the model (training waits meanwhile)."""
     read_ahead: int = 1024
     """Windows tokenized ahead on a thread (a block's worth overlaps the previous block's forward)."""
+    norm_limits: dict[str, float] | None = None
+    """train.exclude_outliers: positions whose activation norm exceeds its hook's limit at any hook
+    are left out (None: none are)."""
 
     def training_windows(self) -> Iterator[torch.Tensor]:
         """The windows trained on, pass after pass over the corpus."""
@@ -114,9 +118,25 @@ class ModelStream:
         """Activations of tokens [lo, hi) of the training stream: {hook: [hi - lo, d_model]}."""
         return self.compute(walk.covering(lo, hi))
 
+    def kept_rows(self, acts: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The rows of a block {hook: [n, d_model]} below every hook's norm limit (None: all are kept)."""
+        if self.norm_limits is None:
+            return None
+        keep = torch.ones(len(next(iter(acts.values()))), dtype=torch.bool)
+        for name, a in acts.items():
+            keep &= (a.float().norm(dim=-1) <= self.norm_limits[name]).cpu()
+        if not keep.any():
+            raise StreamError(
+                f"every position of a block of {len(keep)} tokens is above the norm limits {self.norm_limits} "
+                "(train.exclude_outliers x the median of the stored windows); raise train.exclude_outliers"
+            )
+        return torch.nonzero(keep).flatten()
+
     def sample(self, n: int) -> dict[str, torch.Tensor]:
-        """The first n training tokens' activations (for input scaling and the b_dec init)."""
-        return self.block(WindowWalk(self), 0, n)
+        """The first n training tokens' activations, outliers left out (for input scaling and the b_dec init)."""
+        acts = self.block(WindowWalk(self), 0, n)
+        kept = self.kept_rows(acts)
+        return acts if kept is None else {name: a[kept.to(a.device)] for name, a in acts.items()}
 
     def batches(
         self, batch_size: int, block_tokens: int, seed: int, start_step: int, rank: int = 0, world: int = 1
@@ -129,12 +149,28 @@ class ModelStream:
         while True:
             index = block * world + rank
             acts = self.block(walk, index * block_tokens, (index + 1) * block_tokens)
-            order = torch.randperm(block_tokens, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+            kept = self.kept_rows(acts)
+            if kept is not None:
+                log.info("stream block %d: %.2f%% of its positions are above the norm limits and left out",
+                         index, 100 * (1 - len(kept) / block_tokens))  # fmt: skip
+            order = block_order(block_tokens, kept, seed * 1_000_003 + index)
             for i in range(offset, per_block):
                 rows = order[i * batch_size : (i + 1) * batch_size]
                 yield {name: a[rows.to(a.device)] for name, a in acts.items()}
             del acts  # before the next block is computed: one block in memory at a time
             block, offset = block + 1, 0
+
+
+def block_order(block_tokens: int, kept: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """The order a block's rows are served in: a permutation of them all, or of the `kept` ones
+    repeated from its start until it is block_tokens long. So every block serves the same number of
+    batches and a step fixes its block whatever was left out (with train.exclude_outliers at 2, ~1 %
+    of a block's tokens are drawn twice in their place)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kept is None:
+        return torch.randperm(block_tokens, generator=gen)
+    order = kept[torch.randperm(len(kept), generator=gen)]
+    return order.repeat(math.ceil(block_tokens / len(order)))[:block_tokens]
 
 
 class WindowWalk:
@@ -255,5 +291,18 @@ def model_stream(
         bos_token_id=manifest.bos_token_id if cfg.exclude_bos else None,
         progress=cfg.progress and dist.rank == 0,
         read_ahead=cfg.buffer_tokens // source.harvest.context_length + source.harvest.batch_size,
+        norm_limits=None if cfg.exclude_outliers is None else _norm_limits(stored, cfg.exclude_outliers, cfg.exclude_bos),
     )
     return stream, stored
+
+
+def _norm_limits(stored: dict[str, ShardSet], multiple: float, exclude_bos: bool) -> dict[str, float]:
+    """train.exclude_outliers' limit at each hook: `multiple` x the median activation norm over the
+    stored windows (the training windows' norms are known only once the model computed them)."""
+    limits = {}
+    for hook, shards in stored.items():
+        norms, counted = shards.position_norms(shards.n_tokens, exclude_bos)
+        limits[hook] = multiple * float(norms[counted].median())
+    log.info("train.exclude_outliers=%g: positions with an activation norm above %s are left out", multiple,
+             ", ".join(f"{limit:.1f} at {hook}" for hook, limit in limits.items()))  # fmt: skip
+    return limits

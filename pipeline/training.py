@@ -87,9 +87,11 @@ class TrainConfig:
     exclude_bos: bool = True
     """Leave BOS positions out (their activations are huge outliers)."""
     exclude_outliers: float | None = None
-    """source=shards: leave out positions whose activation norm exceeds this multiple of the median
-    over the training split (massive activations); their held-out metrics leave them out too. null:
-    keep them. Costs one pass over the training split's activations before training."""
+    """Leave out positions whose activation norm exceeds this multiple of the median (massive
+    activations); the held-out metrics leave them out too. null: keep them. source=shards: the median
+    over the training split, at the cost of one pass over its activations before training;
+    source=model: over the stored windows, and a position is left out where it exceeds the limit at
+    any of the hooks trained on."""
     dead_tokens: int | None = None
     """A latent not active over this many training tokens counts as dead (and gets AuxK gradient);
     null = max(10,000, 1% of the training tokens): 10k for the default run, 10M for a 1B-token run."""
@@ -116,11 +118,6 @@ class TrainConfig:
             raise TrainError(
                 "train.source=model needs train.tokens (the corpus is streamed, so passes are not counted); "
                 "set e.g. train.tokens=10000000"
-            )
-        if self.source == "model" and self.exclude_outliers is not None:
-            raise TrainError(
-                "train.exclude_outliers works with train.source=shards only (the model stream does not filter "
-                "by norm yet); harvest the activations, or set train.exclude_outliers=null"
             )
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise TrainError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")

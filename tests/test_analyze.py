@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.attribution import encoder_terms, input_attribution, loss_contribution
 from pipeline.dashboard import load_features, write_dashboard
 from pipeline.dashboard.pages import highlighted_examples
 from pipeline.dictionaries import DictionaryError
+from pipeline.hooks import validate_hooks
 from pipeline.locks import LockedError, exclusive
 from pipeline.sae import Sae
 from pipeline.shards import ShardError, ShardSet
@@ -24,7 +26,7 @@ OFF = WandbConfig(mode="disabled")
 
 
 def _cfg(**kw) -> AnalyzeConfig:
-    base = dict(progress=False, top_k=5, samples=8, detail_features=4, detail_examples=2, context_before=6)
+    base = dict(progress=False, top_k=5, samples=8, detail_features=4, context_before=6)
     return AnalyzeConfig(**{**base, **kw})
 
 
@@ -122,9 +124,38 @@ def test_detail_features_get_attributions(analyzed):
         total = sum(v for _, v in parts["components"]) + parts["constant"]
         assert total == pytest.approx(parts["pre_activation"], abs=1e-3)
         assert parts["pre_activation"] == pytest.approx(record["top"][0]["activation"], abs=1e-3)
-        for example in record["top"][:2]:
+        for example in _shown(record):
             assert len(example["loss"]) == len(example["ids"]) == len(example["attribution"])
         assert record["logits"]["positive"][0][1] >= record["logits"]["negative"][0][1]
+
+
+def _shown(record: dict) -> list[dict]:
+    return record["top"] + [e for group in record["quantile_groups"] for e in group["examples"]]
+
+
+def test_each_example_gets_the_attributions_of_its_own_window(trained_run, analyzed, loaded):
+    """Examples are computed several at a time on windows cut at the longest context: each must get what
+    its own window alone gives (the model is causal), for top examples and quantile samples alike."""
+    _, records = load_features(analyzed[0]["topk-k8-x4"])
+    sae = Sae.load(trained_run / "sae" / HOOK / "topk-k8-x4").to(loaded.device)
+    shards = ShardSet(trained_run / "activations" / HOOK)
+    tokens = shards.tokens_at(torch.arange(shards.n_tokens)).view(-1, 32)
+    hook = validate_hooks(loaded.model, [HOOK])[0]
+    checked = 0
+    for record in [r for r in records if r["components"] is not None]:
+        w, b = encoder_terms(sae, record["id"])
+        for e in _shown(record)[::3]:
+            end = e["start"] + len(e["ids"])
+            ids = tokens[e["window"], :end][None]
+            _, delta = loss_contribution(loaded.model, hook, sae, record["id"], ids)  # [1, end - 1]: tokens 1..end-1
+            loss = torch.cat([torch.zeros(1), delta[0].cpu()])[e["start"] :]
+            assert e["loss"] == pytest.approx(loss.tolist(), abs=2e-3)
+            attribution, _ = input_attribution(loaded.model, hook, ids[:, : e["position"] + 1],
+                                               torch.tensor([e["position"]]), w, b)  # fmt: skip
+            alone = torch.cat([attribution[0, e["start"] :].cpu(), torch.zeros(end - e["position"] - 1)])
+            assert e["attribution"] == pytest.approx(alone.tolist(), abs=2e-3)
+            checked += 1
+    assert checked >= 8
 
 
 def test_index_rows_say_what_a_feature_fires_on(analyzed):

@@ -79,7 +79,7 @@ def test_roundtrip_and_random_access(tmp_path):
     assert tokens[0] == 0 and tokens[1] == 4 * CTX + 1 + 5
     assert torch.equal(acts[:, 0], torch.arange(4 * CTX, 5 * CTX, dtype=torch.float32))
     idx = torch.tensor([63, 0, 30, 17])
-    assert torch.equal(shards.gather(idx)[:, 0], torch.tensor([0.0, 17, 30, 63]))
+    assert torch.equal(shards.gather(idx)[:, 0], torch.tensor([63.0, 0, 30, 17]))  # in the order asked for
     shards.verify()
 
 

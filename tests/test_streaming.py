@@ -4,7 +4,7 @@ import torch
 from pipeline.corpus import iter_texts, load_documents, pack_windows
 from pipeline.hooks import validate_hooks
 from pipeline.models import load_model
-from pipeline.streaming import ModelStream, StreamError, WindowWalk
+from pipeline.streaming import ModelStream, StreamError, WindowWalk, block_order
 
 CTX, BOS = 32, 0
 
@@ -14,13 +14,13 @@ def loaded(llama_cfg):
     return load_model(llama_cfg)
 
 
-def _stream(loaded, corpus, first_window=4, bos_policy="window", windows=None, bos=BOS):
+def _stream(loaded, corpus, first_window=4, bos_policy="window", windows=None, bos=BOS, norm_limits=None):
     def corpus_windows():
         packed = pack_windows(iter_texts(load_documents(corpus)), loaded.tokenizer, CTX, bos_policy)
         return (w for i, w in enumerate(packed) if windows is None or i < windows)
 
     hooks = validate_hooks(loaded.model, ["blocks.1.resid_post"])
-    return ModelStream(loaded, corpus_windows, first_window, hooks, torch.float32, 3, bos)
+    return ModelStream(loaded, corpus_windows, first_window, hooks, torch.float32, 3, bos, norm_limits=norm_limits)
 
 
 def _trained_tokens(stream: ModelStream, n_windows: int) -> torch.Tensor:
@@ -97,3 +97,36 @@ def test_a_corpus_with_only_stored_windows_stops_with_a_clear_error(loaded, text
     stream = _stream(loaded, text_corpus, first_window=5, windows=5)
     with pytest.raises(StreamError, match="nothing is left to train on"):
         next(stream.training_windows())
+
+
+def test_a_stream_leaves_out_positions_above_the_norm_limit_and_keeps_its_blocks(loaded, text_corpus):
+    """train.exclude_outliers on the model stream: a block serves only its rows below the limit (each
+    at least once, as many batches as ever), so a resumed stream still draws the uninterrupted batches."""
+    hook = "blocks.1.resid_post"
+    plain = _stream(loaded, text_corpus)
+    block = plain.block(WindowWalk(plain), 0, 64)[hook]
+    limit = float(block.norm(dim=-1).median())  # half the rows are left out
+    stream = _stream(loaded, text_corpus, norm_limits={hook: limit})
+    whole = stream.batches(16, 64, seed=3, start_step=0)
+    served = [next(whole)[hook] for _ in range(8)]  # two blocks of 4 batches
+    first = torch.cat(served[:4])
+    assert (first.norm(dim=-1) <= limit).all()
+    kept = block[block.norm(dim=-1) <= limit]
+    assert torch.equal(torch.unique(first, dim=0), torch.unique(kept, dim=0))
+    resumed = stream.batches(16, 64, seed=3, start_step=5)
+    for step in range(5, 8):
+        assert torch.equal(next(resumed)[hook], served[step])
+    assert (stream.sample(64)[hook].norm(dim=-1) <= limit).all() and len(stream.sample(64)[hook]) == len(kept)
+
+
+def test_a_block_order_repeats_its_kept_rows_to_the_block_size():
+    order = block_order(10, torch.tensor([1, 4, 7]), seed=0)
+    assert len(order) == 10 and set(order.tolist()) == {1, 4, 7}
+    assert torch.equal(order[3:6], order[:3])  # the permutation again
+    assert sorted(block_order(10, None, seed=0).tolist()) == list(range(10))
+
+
+def test_a_block_with_every_position_above_the_limit_stops_with_a_clear_error(loaded, text_corpus):
+    stream = _stream(loaded, text_corpus, norm_limits={"blocks.1.resid_post": 0.0})
+    with pytest.raises(StreamError, match="raise train.exclude_outliers"):
+        next(stream.batches(16, 64, seed=0, start_step=0))

@@ -16,7 +16,7 @@ from pipeline.harvesting import HarvestConfig, harvest_activations
 from pipeline.locks import LockedError, exclusive
 from pipeline.rundir import RunDir
 from pipeline.sae import Sae, SaeConfig, architectures
-from pipeline.shards import ShardError, shard_name
+from pipeline.shards import ShardError, ShardSet, shard_name
 from pipeline.stages.train import plan_training, train_saes
 from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
@@ -485,5 +485,16 @@ def test_outliers_are_left_out_of_training_and_of_its_heldout_metrics(tmp_path):
     every = json.loads((kept / "cfg.json").read_text())
     assert meta["outlier_norm_limit"] == pytest.approx(plan.outliers.limit) and "outlier_norm_limit" not in every
     assert meta["metrics"]["heldout_tokens"] == every["metrics"]["heldout_tokens"] // 31 * 29  # per window: 31 after BOS, 29
-    with pytest.raises(TrainError, match="exclude_outliers works with train.source=shards only"):
-        _cfg(source="model", tokens=1000, exclude_outliers=2.0)
+
+
+def test_training_from_the_model_leaves_out_outliers(llama_cfg, text_corpus, tmp_path):
+    """train.exclude_outliers with source=model: the limit is the multiple of the stored windows'
+    median norm, and the held-out metrics leave the same positions out."""
+    source = _source(llama_cfg, text_corpus)
+    out = train_saes(_model_cfg(exclude_outliers=1.0), SAE, tmp_path, OFF, source)["topk-k4-x4"]
+    meta = Sae.load(out).config_dict()
+    shards = ShardSet(tmp_path / "activations" / MODEL_HOOK)
+    norms, counted = shards.position_norms(shards.n_tokens, exclude_bos=True)
+    median = float(norms[counted].median())
+    assert meta["outlier_norm_limit"] == pytest.approx(median)
+    assert meta["metrics"]["heldout_tokens"] == int((norms[counted] <= median).sum()) < int(counted.sum())

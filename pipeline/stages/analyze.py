@@ -67,8 +67,9 @@ log = logging.getLogger(__name__)
 
 # 2: `silent` / `silent_features` (were `dead` / `dead_features`); 3: partners by lift, neighbours,
 # correlated dimensions; 4: distinct top contexts, quantile shares, index fires_on; 5: norm_ratio /
-# outlier per example
-FORMAT_VERSION = 5
+# outlier per example; 6: loss / attribution on every shown example of a detailed feature
+FORMAT_VERSION = 6
+DETAIL_BATCH = 16  # examples whose attributions are computed in one forward / backward (fewer: ~10 % slower on a CPU)
 
 
 class AnalyzeError(DictionaryError):
@@ -85,8 +86,9 @@ class AnalyzeConfig(DictionarySelection, FeaturePassSettings):
     """Groups the random firings (`samples`) are shown in, by activation."""
     detail_features: int = 32
     """Features given input / component attributions and loss contributions (-1 = all)."""
-    detail_examples: int = 3
-    """Top examples per detailed feature that get them."""
+    detail_examples: int | None = None
+    """Shown examples per detailed feature that get them, top examples first, then the quantile
+    groups'; null: every shown example."""
     top_logits: int = 10
     outlier_norm: float = 2.0
     """Examples at positions whose activation norm exceeds this multiple of the median are flagged as
@@ -199,37 +201,49 @@ def _detail_features(frequency: torch.Tensor, n: int) -> list[int]:
     return alive[picks].tolist()
 
 
+def _shown_examples(record: dict, limit: int | None) -> list[dict]:
+    """The examples a feature page shows, top examples first, then the quantile groups' (the first
+    `limit` of them; all when None)."""
+    shown = record["top"] + [e for group in record["quantile_groups"] for e in group["examples"]]
+    return shown[:limit]
+
+
+def _example_details(examples: list[dict], loaded: LoadedModel, hook, sae, latent: int, shards: ShardSet,
+                     tokens: torch.Tensor, stored: bool) -> None:  # fmt: skip
+    """Loss contributions and input attributions of `examples`, computed together on their windows cut
+    after the furthest context: the model is causal, so the tokens after an example's own context
+    change nothing in it."""
+    ctx = tokens.shape[1]
+    windows = torch.tensor([e["window"] for e in examples])
+    ends = torch.tensor([e["start"] + len(e["ids"]) for e in examples])
+    positions = torch.tensor([e["position"] for e in examples])
+    end, first = int(ends.max()), max(1, min(e["start"] for e in examples))  # first: first token predicted
+    ids = tokens[windows, :end]  # [n, end]
+    acts = shards.gather((windows[:, None] * ctx + torch.arange(end)).flatten()).view(len(examples), end, -1) if stored else None
+    _, delta = loss_contribution(loaded.model, hook, sae, latent, ids, acts, last=end - first + 1)
+    # by token index: the change in the loss of predicting that token (at the token before it); none for token 0
+    loss = torch.cat([delta.new_zeros(len(examples), first), delta], dim=1).cpu()  # [n, end]
+    w, b = encoder_terms(sae, latent)
+    span = int(positions.max()) + 1
+    attribution, _ = input_attribution(loaded.model, hook, ids[:, :span].to(loaded.device), positions, w, b)
+    attribution = torch.cat([attribution.cpu(), attribution.new_zeros(len(examples), end - span).cpu()], dim=1)
+    attribution[torch.arange(end)[None] > positions[:, None]] = 0  # no token after the example's one is attributed
+    for i, e in enumerate(examples):
+        e["loss"] = _round(loss[i, e["start"] : ends[i]], 4)
+        e["attribution"] = _round(attribution[i, e["start"] : ends[i]], 4)
+
+
 def _attach_details(
     record: dict, loaded: LoadedModel, hook, sae, shards: ShardSet, tokens: torch.Tensor, cfg: AnalyzeConfig
 ) -> None:
-    """Loss contributions and input attributions on the top examples; components of the first.
-    Each example's window is cut after its context: later tokens change nothing before them."""
+    """Loss contributions and input attributions on the shown examples (DETAIL_BATCH at a time, those
+    of similar length together); components of the first top example."""
     latent = record["id"]
     w, b = encoder_terms(sae, latent)
     stored = stored_activations_match(shards, loaded, hook)
-    ctx = tokens.shape[1]
-    for e in record["top"][: cfg.detail_examples]:
-        end = e["start"] + len(e["ids"])
-        ids = tokens[e["window"], :end][None]
-        acts = (
-            shards.gather(torch.arange(e["window"] * ctx, e["window"] * ctx + end))[None] if stored else None
-        )
-        shown = len(e["ids"]) + (1 if e["start"] > 0 else 0)  # + the prediction made just before the context
-        _, delta = loss_contribution(loaded.model, hook, sae, latent, ids, acts, last=shown)
-        # loss[i]: the change in the loss of predicting token i of the context (at the token before it)
-        loss = delta[0] if e["start"] > 0 else torch.cat([delta.new_zeros(1), delta[0]])
-        e["loss"] = _round(loss[-len(e["ids"]) :].cpu(), 4)
-        attribution, _ = input_attribution(
-            loaded.model,
-            hook,
-            ids[:, : e["position"] + 1].to(loaded.device),
-            torch.tensor([e["position"]]),
-            w,
-            b,
-        )
-        e["attribution"] = _round(
-            torch.cat([attribution[0, e["start"] :].cpu(), torch.zeros(end - e["position"] - 1)]), 4
-        )
+    examples = sorted(_shown_examples(record, cfg.detail_examples), key=lambda e: e["start"] + len(e["ids"]))
+    for lo in range(0, len(examples), DETAIL_BATCH):
+        _example_details(examples[lo : lo + DETAIL_BATCH], loaded, hook, sae, latent, shards, tokens, stored)
     first = record["top"][0]
     if hook.on_residual_stream:
         parts = component_attribution(loaded.model, hook, tokens[first["window"], : first["position"] + 1],

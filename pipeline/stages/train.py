@@ -85,11 +85,17 @@ class _Plan:
     config_hash: str
     dist: Dist
     device: torch.device
-    outliers: _Outliers | None = None  # source=shards with train.exclude_outliers
+    outliers: _Outliers | None = None  # source=shards with train.exclude_outliers (source=model: the stream's norm_limits)
 
     @property
     def keep(self) -> torch.Tensor | None:
         return self.outliers.keep if self.outliers else None
+
+    def norm_limit(self, hook: str) -> float | None:
+        """train.exclude_outliers' activation norm limit at `hook` (None: outliers are kept)."""
+        if self.stream is not None:
+            return self.stream.norm_limits[hook] if self.stream.norm_limits else None
+        return self.outliers.limit if self.outliers else None
 
     @property
     def shards(self) -> ShardSet:
@@ -366,7 +372,7 @@ def _save(plan: _Plan, i: int, m: TrainingMember, scale: float) -> tuple[Path, d
     cfg = plan.cfg
     sae = copy.deepcopy(m.final_weights())
     sae.fold_input_scale(scale)
-    limit = plan.outliers.limit if plan.outliers else None
+    limit = plan.norm_limit(plan.hooks[i])
     metrics = heldout_metrics(sae, plan.stored[plan.hooks[i]], plan.n_train, cfg.exclude_bos, norm_limit=limit)
     # dead (DESIGN.md): never active over the last `dead_tokens` training tokens
     metrics["dead_fraction"] = float((m.since_fired >= cfg.dead_tokens).float().mean())

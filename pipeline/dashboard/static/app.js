@@ -282,27 +282,31 @@ window.SAE_DASHBOARD = (function () {
     let mode = "activation";
     const tops = el("div", { id: "top-examples" });
     const legend = el("p", { class: "small legend" });
-    const computed = record.top.filter((e) => e.attribution || e.loss).length;
-    const drawTops = () => {
+    const groups = record.quantile_groups.map((group) => [group, el("div", {})]);
+    const shown = record.top.concat(...record.quantile_groups.map((g) => g.examples));
+    const computed = shown.filter((e) => e.attribution || e.loss).length;
+    const draw = () => {  // every shown example, in the colour mode chosen
+      legend.textContent = COLOURS[mode] + (mode !== "activation" && computed < shown.length ?
+        ` Computed for the first ${computed} shown examples (analyze.detail_examples); the others are left grey.` : "");
       tops.textContent = "";
-      legend.textContent = COLOURS[mode] + (mode !== "activation" && computed < record.top.length ?
-        ` Computed for the first ${computed} examples (analyze.detail_examples); the others are left grey.` : "");
       for (const example of record.top) tops.appendChild(exampleLine(example, peak, mode));
+      for (const [group, box] of groups) {
+        box.textContent = "";
+        for (const example of group.examples) box.appendChild(exampleLine(example, peak, mode));
+        if (!group.examples.length) box.appendChild(el("p", { class: "small", text: "These firings are among the top activations above." }));
+      }
     };
     const topTitle = el("h2", { text: "Top activations" });
     if (computed) {
       for (const [key, label] of [["activation", "activation"], ["attribution", "input attribution"], ["loss", "loss contribution"]]) {
         const button = el("button", { class: "toggle", "data-mode": key, text: `colour by ${label}` });
-        button.addEventListener("click", () => { mode = key; drawTops(); });
+        button.addEventListener("click", () => { mode = key; draw(); });
         topTitle.appendChild(button);
       }
     }
-    drawTops();
+    draw();
     main.appendChild(el("section", {}, topTitle, legend, tops));
-    for (const group of record.quantile_groups) {
-      const box = el("div", {});
-      for (const example of group.examples) box.appendChild(exampleLine(example, peak, "activation"));
-      if (!group.examples.length) box.appendChild(el("p", { class: "small", text: "These firings are among the top activations above." }));
+    for (const [group, box] of groups) {
       const share = group.share === undefined ? "" : `: ≈ ${Math.round(100 * group.share)}% of its firings (a sample of ${group.sampled})`;
       main.appendChild(section(`Activations ${fmt(group.low, 2)} – ${fmt(group.high, 2)}${share}, random firings`, box));
     }
