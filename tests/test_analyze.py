@@ -1,6 +1,7 @@
 import html
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -304,18 +305,23 @@ def test_rerun_with_the_same_configuration_is_skipped(trained_run, model_cfg, lo
 
 
 def test_wandb_gets_the_feature_table(trained_run, model_cfg, loaded, tmp_path):
-    import shutil
-
+    """The table and every HTML file its cells point to sit in <run_dir>/wandb/: a copied run directory
+    holds the whole table."""
     run = tmp_path / "run"
     shutil.copytree(trained_run / "activations", run / "activations")
     shutil.copytree(trained_run / "sae", run / "sae")
     analyze_saes(
         model_cfg, _cfg(detail_features=0, wandb_features=5), run, WandbConfig(mode="offline"), loaded=loaded
     )
-    tables = list((run / "wandb").glob("offline-run-*/files/media/table/**/*.table.json"))
-    assert tables
-    table = json.loads(tables[0].read_text())
+    # the files the offline run's log points `wandb sync` to: the table's artifact, one HTML per row
+    (log,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    staged = {Path(p.decode()) for p in re.findall(rb"(/[\w./-]+/artifacts/staging/tmp\w{8})", log.read_bytes())}
+    assert staged and all((run / "wandb") in p.parents and p.is_file() for p in staged)
+    html = [p for p in staged if p.read_text().lstrip().startswith("<")]
+    (table_file,) = staged - set(html)
+    table = json.loads(table_file.read_text())
     assert table["columns"][:3] == ["id", "frequency", "max_activation"] and len(table["data"]) == 5
+    assert len(html) == 5 and all("<span style=\"background:rgba" in p.read_text() for p in html)
 
 
 def test_a_dictionary_at_an_mlp_output(trained_run, model_cfg, loaded, tmp_path):
