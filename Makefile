@@ -1,7 +1,7 @@
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-slow run run-full compare-demo bench bench-quality gpu-wheels lint format
+.PHONY: install test test-slow run run-full compare-demo bench bench-quality bench-matryoshka gpu-wheels lint format
 
 # torch first: `torch==2.13.0` resolves to the local CPU wheel on the dev machines (a normal build elsewhere);
 # installing anything that depends on torch before it would pull a multi-GB CUDA build.
@@ -63,6 +63,12 @@ format:
 bench-quality: .bench-venv/bin/python
 	$(PYTHON) -m pipeline harvest
 	.bench-venv/bin/python bench/quality_sweep.py
+
+# Matryoshka BatchTopK against plain BatchTopK (8x k 32) on the default activations: each prefix's
+# held-out FVU, group frequencies, first-letter absorption (~20 min on 2 CPU cores; trained ones kept).
+bench-matryoshka:
+	$(PYTHON) -m pipeline harvest
+	$(PYTHON) bench/bench_matryoshka.py
 
 # The packages a bare GPU machine without network lacks (its Python is 3.12; torch, transformers,
 # tokenizers, pyarrow and pandas are there), as wheels in .whl/ for bench/gpu.sh to install:

@@ -178,9 +178,13 @@ class StreamingReconstructionStats:
     def _variance_per_dimension(self) -> torch.Tensor:
         return self.sum_sq - self.sum_x.pow(2) / self.n
 
+    def total_variance(self) -> float:
+        """sum ||x - mean(x)||^2 over everything seen (the FVU denominator)."""
+        return float(self._variance_per_dimension().sum())
+
     def fvu(self) -> float:
         """Whole-vector FVU over everything seen: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
-        return float(self.sq_err.sum() / self._variance_per_dimension().sum())
+        return float(self.sq_err.sum()) / self.total_variance()
 
     def fvu_per_dimension(self) -> float:
         return float((self.sq_err / self._variance_per_dimension().clamp_min(1e-12)).mean())

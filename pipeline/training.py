@@ -332,8 +332,11 @@ def heldout_metrics(
 ) -> dict:
     """FVU, L0 and the fraction of latents never active (`silent_fraction`) on the held-out tokens
     [start, end) (those with an activation norm up to `norm_limit`, when given); silent is stricter
-    than dead (idle over the training window) for rare latents."""
+    than dead (idle over the training window) for rare latents. A nested (matryoshka) dictionary adds
+    `prefix_fvu`: {prefix size: the FVU of its first latents alone}."""
     stats = StreamingReconstructionStats(sae.d_in, sae.d_sae, sae.W_enc.device)
+    # matryoshka: the squared error of each prefix of the dictionary on its own (the last is `fvu`)
+    prefix_errors = {w: torch.zeros((), dtype=torch.float64, device=sae.W_enc.device) for w in sae.nested_widths()[:-1]}
     bos = shards.manifest.bos_token_id
     for lo in range(start, shards.n_tokens, batch_size):
         idx = torch.arange(lo, min(lo + batch_size, shards.n_tokens))
@@ -344,7 +347,10 @@ def heldout_metrics(
             if norm_limit is not None:
                 x = x[x.norm(dim=-1) <= norm_limit]
             if len(x):
-                stats.update(x, *sae(x))
+                x_hat, codes = sae(x)
+                stats.update(x, x_hat, codes)
+                for w in prefix_errors:
+                    prefix_errors[w] += (x - sae.decode(codes[:, :w], stop=w)).pow(2).sum().double()
     if stats.n == 0:
         return {}
     return {
@@ -352,4 +358,5 @@ def heldout_metrics(
         "fvu": stats.fvu(),
         "l0": stats.l0(),
         "silent_fraction": stats.silent_fraction(),
+        **({"prefix_fvu": {str(w): float(e / stats.total_variance()) for w, e in prefix_errors.items()}} if prefix_errors else {}),
     }

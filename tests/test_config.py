@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import pytest
+from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, check_settings, to_dataclass
 from pipeline.corpus import CorpusConfig, CorpusError
@@ -60,8 +63,6 @@ def test_bad_model_device_and_adam_betas():
 
 
 def test_wrong_types_and_unknown_keys_name_the_key():
-    from omegaconf import OmegaConf
-
     node = OmegaConf.create({"train": {"lr": "abc"}, "sae": {"kk": 3}})
     with pytest.raises(
         ConfigError, match="train.lr: Value 'abc' of type 'str' could not be converted to Float"
@@ -77,3 +78,13 @@ def test_check_settings_lets_none_through():
         lr = 0.1
 
     check_settings(Cfg(), "x", positive=("tokens", "lr"))
+
+
+def test_every_sae_config_node_names_its_architecture():
+    """`sae=<name>` on the command line: conf/sae/<name>.yaml builds that architecture."""
+    from pipeline.sae import architectures
+
+    nodes = sorted((Path(__file__).parents[1] / "conf" / "sae").glob("*.yaml"))
+    assert sorted(p.stem for p in nodes) == sorted(architectures())
+    for node in nodes:
+        assert to_dataclass(SaeConfig, OmegaConf.load(node)).architecture == node.stem

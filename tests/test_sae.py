@@ -10,6 +10,7 @@ from pipeline.sae.sparse import sparse_decode, topk_encode
 
 D_IN = 24
 ARCHS = sorted(architectures())
+BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")
 
 
 def _sae(arch="topk", **kw):
@@ -124,7 +125,7 @@ def test_encode_decode_follow_the_contract(arch, tmp_path):
     from safetensors.torch import load_file
 
     expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | (
-        {"threshold"} if arch in ("batchtopk", "jumprelu") else set()
+        {"threshold"} if arch in ("batchtopk", "jumprelu", "matryoshka_batchtopk") else set()
     )
     assert set(load_file(tmp_path / "sae.safetensors")) == expected
 
@@ -133,7 +134,7 @@ def test_encode_decode_follow_the_contract(arch, tmp_path):
 def test_folding_the_input_scale(arch):
     """An SAE trained on s * x, folded, gives on raw x the reconstruction divided by s."""
     sae, s = _sae(arch), 3.7
-    if arch == "batchtopk":
+    if arch in BATCH_TOPK:
         sae.threshold.fill_(0.2)
     x = torch.randn(16, D_IN)
     scaled_hat = sae(x * s).x_hat
@@ -163,7 +164,7 @@ def test_every_architecture_learns(arch):
         first = first if first is not None else float(out.terms["fvu"])
     assert float(out.terms["fvu"]) < 0.5 * first and float(out.terms["fvu"]) < 0.3
     assert 0 < float(out.l0) < sae.d_sae / 2
-    if arch == "batchtopk":
+    if arch in BATCH_TOPK:
         assert float(sae.threshold[0]) > 0
         assert abs(float(out.l0) - 6) < 1e-4  # k per token on average over the batch
 
@@ -186,6 +187,32 @@ def test_bad_configs():
         SaeConfig(architecture="gated")
     with pytest.raises(FileNotFoundError, match="holds no cfg.json"):
         Sae.load("/nonexistent/sae")
+
+
+def test_matryoshka_prefixes_each_reconstruct_on_their_own():
+    """The loss is the mean over the nested prefixes of each one's FVU (plus AuxK), with the codes
+    BatchTopK picks over the whole dictionary."""
+    sae = _sae("matryoshka_batchtopk", matryoshka_widths=[12, 36, 96])
+    x = torch.randn(64, D_IN)
+    variance = token_variance(x)
+    out = sae.training_forward(x, torch.zeros(sae.d_sae, dtype=torch.bool), variance)
+    pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).relu()
+    values, flat = pre.flatten().topk(6 * 64)
+    z = torch.zeros_like(pre).flatten().scatter(0, flat, values).view_as(pre)
+    fvus = [((x - z[:, :w] @ sae.W_dec[:w] - sae.b_dec).pow(2).sum(1).mean() / variance) for w in (12, 36, 96)]
+    torch.testing.assert_close(out.loss, torch.stack(fvus).mean())
+    torch.testing.assert_close(out.terms["fvu_12"], fvus[0])
+    torch.testing.assert_close(out.terms["fvu"], fvus[2])
+    assert _sae("matryoshka_batchtopk").nested_widths() == [6, 12, 24, 48, 96]  # d_sae / 16 ... d_sae
+
+
+def test_matryoshka_widths_are_checked():
+    with pytest.raises(ValueError, match=r"matryoshka_widths=\[12, 12, 96\] must be increasing"):
+        build_sae(SaeConfig(architecture="matryoshka_batchtopk", expansion=4, k=6, matryoshka_widths=[12, 12, 96]), D_IN)
+    with pytest.raises(ValueError, match="ending at d_sae=96"):
+        build_sae(SaeConfig(architecture="matryoshka_batchtopk", expansion=4, k=6, matryoshka_widths=[12, 48]), D_IN)
+    with pytest.raises(ValueError, match="only sae=matryoshka_batchtopk uses it"):
+        build_sae(SaeConfig(architecture="topk", expansion=4, k=6, matryoshka_widths=[12, 96]), D_IN)
 
 
 def test_jumprelu_threshold_gets_gradient_from_the_l0_penalty():

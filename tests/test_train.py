@@ -498,3 +498,20 @@ def test_training_from_the_model_leaves_out_outliers(llama_cfg, text_corpus, tmp
     median = float(norms[counted].median())
     assert meta["outlier_norm_limit"] == pytest.approx(median)
     assert meta["metrics"]["heldout_tokens"] == int((norms[counted] <= median).sum()) < int(counted.sum())
+
+
+def test_a_matryoshka_dictionary_reports_the_fvu_of_each_prefix(run_dir):
+    """Held-out metrics of sae=matryoshka_batchtopk: each prefix's FVU with its first latents alone,
+    falling as the prefix grows; the whole dictionary's is `fvu`."""
+    matryoshka = SaeConfig(architecture="matryoshka_batchtopk", expansion=4, k=4, matryoshka_widths=[8, 32, 64])
+    out = train_saes(_cfg(), matryoshka, run_dir, OFF)["matryoshka_batchtopk-k4-x4"]
+    metrics = json.loads((out / "cfg.json").read_text())["metrics"]
+    assert list(metrics["prefix_fvu"]) == ["8", "32"]
+    assert metrics["prefix_fvu"]["8"] > metrics["prefix_fvu"]["32"] > metrics["fvu"]
+    shards, sae = ShardSet(run_dir / "activations" / HOOK), Sae.load(out)
+    idx = torch.arange(shards.n_tokens - 256, shards.n_tokens)
+    x = shards.gather(idx[shards.tokens_at(idx) != shards.manifest.bos_token_id]).float()
+    with torch.no_grad():
+        codes = sae.encode(x)
+        alone = (x - codes[:, :8] @ sae.W_dec[:8] - sae.b_dec).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert metrics["prefix_fvu"]["8"] == pytest.approx(float(alone), rel=1e-4)

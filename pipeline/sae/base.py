@@ -39,7 +39,8 @@ class SaeConfig:
     """Architecture and size of one dictionary, with its architecture-specific loss settings."""
 
     architecture: str = "topk"
-    """A registered architecture (`architectures()`): relu | topk | batchtopk | jumprelu."""
+    """A registered architecture (`architectures()`): relu | topk | batchtopk | jumprelu |
+    matryoshka_batchtopk."""
     d_in: int | None = None
     """Expected input width, checked against the activations; null takes it from them."""
     expansion: int = 16
@@ -59,6 +60,9 @@ class SaeConfig:
     jumprelu_bandwidth: float = 0.05
     """jumprelu: width of the rectangle kernel of the straight-through estimators."""
     jumprelu_init_threshold: float = 0.05
+    matryoshka_widths: list[int] | None = None
+    """matryoshka_batchtopk: the nested prefix sizes, increasing, the last d_sae; null: d_sae / 16,
+    / 8, / 4, / 2 and d_sae."""
     name: str | None = None
     """Directory name under sae/<hook>/; default like `topk-k32-x16`."""
 
@@ -84,9 +88,26 @@ class SaeConfig:
                 "fix sae.d_in (or drop it) or use other activations"
             )
         d_sae = self.width(d_in)
+        self._check_matryoshka_widths(d_sae)
         if _REGISTRY[self.architecture].uses_k and self.k >= d_sae:
             raise SaeConfigError(
                 f"sae.k={self.k} must be smaller than d_sae={d_sae} (expansion {self.expansion} x d_in {d_in})"
+            )
+
+    def _check_matryoshka_widths(self, d_sae: int) -> None:
+        widths = self.matryoshka_widths
+        if widths is None:
+            return
+        if self.architecture != "matryoshka_batchtopk":
+            raise SaeConfigError(
+                f"sae.matryoshka_widths is set, but only sae=matryoshka_batchtopk uses it (this is "
+                f"{self.architecture!r}); drop it or choose that architecture"
+            )
+        steps = zip([0, *widths], widths, strict=False)
+        if not widths or widths[-1] != d_sae or any(not isinstance(b, int) or b <= a for a, b in steps):
+            raise SaeConfigError(
+                f"sae.matryoshka_widths={list(widths)} must be increasing whole prefix sizes ending at d_sae={d_sae}; "
+                f"e.g. [{d_sae // 4}, {d_sae // 2}, {d_sae}], or null for the default"
             )
 
     def default_name(self) -> str:
@@ -169,9 +190,14 @@ class Sae(nn.Module):
         """Latent activations [..., d_sae] of raw activations x [..., d_in]."""
         return self.activation(self.pre_acts(x))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Reconstruction [..., d_in] from latents [..., d_sae]."""
-        return z @ self.W_dec + self.b_dec
+    def decode(self, z: torch.Tensor, stop: int | None = None) -> torch.Tensor:
+        """Reconstruction [..., d_in] from latents [..., d_sae], or from the first `stop` latents
+        z [..., stop] alone."""
+        return z @ self.W_dec[:stop] + self.b_dec
+
+    def nested_widths(self) -> list[int]:
+        """The prefix sizes each trained to reconstruct on their own (matryoshka), the last d_sae."""
+        return [self.d_sae]
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         z = self.encode(x)

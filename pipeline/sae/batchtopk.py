@@ -28,12 +28,22 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
         self, x: torch.Tensor, dead_mask: torch.Tensor, variance: torch.Tensor, sparsity_scale: float = 1.0
     ) -> TrainOutput:
         pre = self.pre_acts(x).relu()  # [batch, d_sae]
-        values, flat = pre.flatten().topk(self.cfg.k * len(x), sorted=False)
-        z = torch.zeros_like(pre).flatten().scatter_(0, flat, values).view_as(pre)
+        z = self.batch_topk(pre)
         x_hat = z @ self.W_dec + self.b_dec
-        self._update_threshold(values)
         fvu = M.fvu(x, x_hat, variance)
-        loss, terms = fvu, {"fvu": fvu.detach()}
+        loss, terms = self.with_auxk(fvu, {"fvu": fvu.detach()}, x, x_hat, pre, dead_mask, variance)
+        return dense_train_output(x_hat, loss, terms, z)
+
+    def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
+        """Dense codes keeping the batch_size * k largest of pre [batch, d_sae] (>= 0) over the whole
+        batch; updates the inference threshold."""
+        values, flat = pre.flatten().topk(self.cfg.k * len(pre), sorted=False)
+        self._update_threshold(values)
+        return torch.zeros_like(pre).flatten().scatter_(0, flat, values).view_as(pre)
+
+    def with_auxk(self, loss: torch.Tensor, terms: dict, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
+                  dead_mask: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, dict]:  # fmt: skip
+        """`loss` plus AuxK on the dead latents (TopK's), with its term."""
         n_dead = dead_mask.sum()
         k_aux = self.cfg.k_aux or self.d_in // 2
         if bool(n_dead > 0) and self.cfg.aux_coefficient > 0:
@@ -41,8 +51,8 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
             e_hat = torch.zeros_like(pre).scatter_(1, aux_idx, aux_values) @ self.W_dec
             aux = auxk_loss(x, x_hat, e_hat, n_dead, k_aux, variance)
             loss = loss + self.cfg.aux_coefficient * aux
-            terms["auxk"] = aux.detach()
-        return dense_train_output(x_hat, loss, terms, z)
+            terms = {**terms, "auxk": aux.detach()}
+        return loss, terms
 
     @torch.no_grad()
     def _update_threshold(self, selected: torch.Tensor) -> None:

@@ -4,7 +4,7 @@ This project: cfg.json (with `format_version`) + sae.safetensors (W_enc [d_in, d
 [d_sae, d_in], b_dec, threshold). The other two, from their published code:
 
 SAELens v6: cfg.json + sae_weights.safetensors with the same tensor names; `architecture` is
-standard | topk | jumprelu (a BatchTopK SAE is saved for inference as jumprelu). Encoding:
+standard | topk | jumprelu (a BatchTopK or Matryoshka BatchTopK SAE is saved for inference as jumprelu). Encoding:
     pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
     standard: ReLU(pre);  topk: ReLU of the k largest (pre * ||W_dec,i|| with rescale_acts_by_decoder_norm);
     jumprelu: ReLU(pre) * (pre > threshold)
@@ -177,10 +177,10 @@ def read_saelens(directory: Path) -> Sae:
 
 
 def write_saelens(sae: Sae, directory: Path) -> Path:
-    """Write `sae` as an SAELens v6 inference SAE (BatchTopK becomes jumprelu, as SAELens saves it)."""
-    arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[
-        sae.architecture
-    ]
+    """Write `sae` as an SAELens v6 inference SAE (BatchTopK and Matryoshka BatchTopK become jumprelu,
+    as SAELens saves them)."""
+    arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+            "matryoshka_batchtopk": "jumprelu"}[sae.architecture]  # fmt: skip
     config = {
         "architecture": arch,
         "d_in": sae.d_in,

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 _NOT_HASHED = {"log_every", "checkpoint_every", "checkpoint_minutes", "progress", "device", "compile"}  # change no result
 _HASHED_WHEN_SET = {"shuffle_shards", "exclude_outliers"}  # settings added later: left at null, earlier dictionaries stay current
+_SAE_HASHED_WHEN_SET = {"matryoshka_widths"}  # the same for the dictionaries' settings
 
 
 @dataclass
@@ -227,7 +228,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
                 for k, v in asdict(cfg).items()
                 if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and v is None)
             },
-            "saes": [asdict(c) for c in sae_cfgs],
+            "saes": [{k: v for k, v in asdict(c).items() if not (k in _SAE_HASHED_WHEN_SET and v is None)} for c in sae_cfgs],
             "data": _data_identity(stored, stream),
         }
     )

@@ -1,0 +1,52 @@
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka
+Sparse Autoencoders"; Nabeshima 2024).
+
+The codes are BatchTopK's, chosen over the whole dictionary. The loss asks every prefix of the
+dictionary to reconstruct on its own: with prefix sizes m_1 < ... < m_n = d_sae,
+
+    x_hat_j = b_dec + z[:, :m_j] @ W_dec[:m_j]
+    loss    = mean_j FVU(x, x_hat_j) + aux_coefficient * AuxK(x, x_hat_n)
+
+so the first latents must carry the general directions on their own, and later ones refine them
+instead of absorbing them (a "starts with s" latent that stops firing on "short" because a "short"
+latent took over). The mean over the prefixes, not their sum (SAELens sums them), keeps AuxK's
+weight what it is in BatchTopK. Inference is BatchTopK's: one threshold, saved as `threshold`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline import metrics as M
+from pipeline.sae.base import TrainOutput, dense_train_output
+from pipeline.sae.batchtopk import BatchTopKSae
+
+DEFAULT_LEVELS = 5
+"""Default prefixes: d_sae / 16, / 8, / 4, / 2 and d_sae (each twice the one before)."""
+
+
+def nested_widths(widths: list[int] | None, d_sae: int) -> list[int]:
+    """The prefix sizes: `widths` (checked by SaeConfig) or the default doubling ones."""
+    if widths is None:  # (a tiny dictionary has fewer levels: no empty prefix)
+        return sorted({d_sae >> shift for shift in range(DEFAULT_LEVELS)} - {0})
+    return [int(w) for w in widths]
+
+
+class MatryoshkaBatchTopKSae(BatchTopKSae, architecture="matryoshka_batchtopk"):
+    def nested_widths(self) -> list[int]:
+        return nested_widths(self.cfg.matryoshka_widths, self.d_sae)
+
+    def training_forward(
+        self, x: torch.Tensor, dead_mask: torch.Tensor, variance: torch.Tensor, sparsity_scale: float = 1.0
+    ) -> TrainOutput:
+        pre = self.pre_acts(x).relu()  # [batch, d_sae]
+        z = self.batch_topk(pre)
+        widths = self.nested_widths()
+        x_hat, fvus, start = self.b_dec.expand_as(x), [], 0
+        for stop in widths:  # each prefix's reconstruction adds its group to the one before
+            x_hat = x_hat + z[:, start:stop] @ self.W_dec[start:stop]
+            fvus.append(M.fvu(x, x_hat, variance))
+            start = stop
+        terms = {"fvu": fvus[-1].detach(), **{f"fvu_{w}": f.detach() for w, f in zip(widths[:-1], fvus, strict=False)}}
+        loss, terms = self.with_auxk(torch.stack(fvus).mean(), terms, x, x_hat, pre, dead_mask, variance)
+        return dense_train_output(x_hat, loss, terms, z)
