@@ -209,6 +209,10 @@ class RunDir:
     def features(self, hook: str, name: str) -> Path:
         return self.root / "features" / hook / name
 
+    def steering(self, hook: str, name: str, feature: int) -> Path:
+        """The steer stage's report on one feature of a dictionary."""
+        return self.root / "steer" / hook / name / f"feature-{feature}.json"
+
     def feature_page(self, hook: str, name: str) -> Path:
         """The dashboard page that shows one feature (`#<id>` selects it)."""
         return self.features(hook, name) / FEATURE_PAGE

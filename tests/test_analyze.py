@@ -128,6 +128,13 @@ def test_detail_features_get_attributions(analyzed):
         for example in _shown(record):
             assert len(example["loss"]) == len(example["ids"]) == len(example["attribution"])
         assert record["logits"]["positive"][0][1] >= record["logits"]["negative"][0][1]
+        steering = record["steering"]  # the steering panel: the feature added at 1x and 4x its max
+        assert steering["unit"] == pytest.approx(record["max_activation"], abs=1e-3)
+        assert [s["scale"] for s in steering["scales"]] == [1.0, 4.0] and len(steering["plain"]) == 3
+        assert all(len(s["texts"]) == 3 for s in steering["scales"])
+    assert all(r["steering"] is None for r in records if r["components"] is None)
+    meta, _ = load_features(analyzed[0]["topk-k8-x4"])
+    assert meta["steered_features"] == 4 and set(meta["steering_promoted_rise"]) == {"1.0", "4.0"}
 
 
 def _shown(record: dict) -> list[dict]:
@@ -276,7 +283,7 @@ def test_dashboard_in_headless_chromium(analyzed, tmp_path):
     dom = _browse(f"file://{out / 'feature.html'}#{detailed}", tmp_path, shot)
     assert f"Feature {detailed}" in dom
     assert dom.count('class="tok max"') >= 3  # highlighted top examples rendered
-    assert "Component attribution" in dom and "Top promoted tokens" in dom
+    assert "Component attribution" in dom and "Top promoted tokens" in dom and "Steering: the feature added" in dom
     assert "Co-activating features (by lift" in dom and "Nearest features by decoder direction" in dom
     assert "correlated with the activation" in dom
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000

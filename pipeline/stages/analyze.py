@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,14 +61,16 @@ from pipeline.models import LoadedModel, ModelConfig, load_model
 from pipeline.rundir import RunDir
 from pipeline.shards import ShardSet
 from pipeline.splits import leading_windows
+from pipeline.steering import Plain, plain_outputs, steering_report
 from pipeline.tracking import Tracker, WandbConfig
 
 log = logging.getLogger(__name__)
 
 # 2: `silent` / `silent_features` (were `dead` / `dead_features`); 3: partners by lift, neighbours,
 # correlated dimensions; 4: distinct top contexts, quantile shares, index fires_on; 5: norm_ratio /
-# outlier per example; 6: loss / attribution on every shown example of a detailed feature
-FORMAT_VERSION = 6
+# outlier per example; 6: loss / attribution on every shown example of a detailed feature; 7: `steering`
+# of the detailed features, meta `steering_promoted_rise`
+FORMAT_VERSION = 7
 DETAIL_BATCH = 16  # examples whose attributions are computed in one forward / backward (fewer: ~10 % slower on a CPU)
 
 
@@ -99,12 +101,18 @@ class AnalyzeConfig(DictionarySelection, FeaturePassSettings):
     costs one pass reading the analyzed activations first. Off: they are analyzed and flagged."""
     wandb_features: int = 200
     """Rows of the W&B feature table (the most frequent features)."""
+    steer_scales: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    """The steering panel of the detailed features: the feature added at these multiples of its max
+    activation, on `steer_prompts`; [] for none."""
+    steer_prompts: list[str] = field(default_factory=lambda: ["I think that", "The function returns", "In the beginning"])
+    steer_tokens: int = 16
+    """Tokens generated per prompt and scale."""
 
     def __post_init__(self) -> None:
         check_settings(
             self, "analyze", AnalyzeError,
             positive=("tokens", "top_k", "samples", "quantile_groups", "detail_examples", "top_logits",
-                      "coactivation_min_count", "outlier_norm"),
+                      "coactivation_min_count", "outlier_norm", "steer_tokens"),
             non_negative=("context_before", "context_after", "coactivation_tokens", "wandb_features"),
         )  # fmt: skip
         if self.detail_features < -1:
@@ -347,7 +355,30 @@ def _record(f: int, t: _Tables, cfg: AnalyzeConfig) -> dict:
         ],
         "neighbours": _pairs(t.neighbours[0][f], t.neighbours[1][f]),
         "components": None,
+        "steering": None,
     }
+
+
+def _steering(record: dict, loaded: LoadedModel, hook: HookPoint, sae, plain: Plain | None, cfg: AnalyzeConfig) -> dict | None:
+    """The steering panel of a detailed feature: it is added at multiples of its max activation."""
+    if plain is None:
+        return None
+    return steering_report(loaded, hook, sae, record["id"], "add", record["max_activation"], cfg.steer_scales, plain,
+                           cfg.steer_prompts, cfg.steer_tokens)  # fmt: skip
+
+
+def _steering_summary(chunks: Iterator[list[dict]], meta: dict) -> Iterator[list[dict]]:
+    """Pass the chunks on; once they are all through, meta["steering_promoted_rise"] holds, per scale,
+    the share of the steered features whose logit-lens promoted tokens rose (meta is written after
+    the chunks)."""
+    rises: dict[float, list[bool]] = {}
+    for chunk in chunks:
+        for r in chunk:
+            for step in (r.get("steering") or {}).get("scales", []):
+                rises.setdefault(step["scale"], []).append(step["promoted_rise"] > 0)
+        yield chunk
+    meta["steering_promoted_rise"] = {str(scale): round(sum(v) / len(v), 4) for scale, v in rises.items()}
+    meta["steered_features"] = max((len(v) for v in rises.values()), default=0)
 
 
 def feature_records(
@@ -362,12 +393,14 @@ def feature_records(
     records is ever held in memory, whatever the number of features)."""
     tables = _tables(d.sae, passed, loaded, shards, cfg)
     detail = set(_detail_features(tables.frequency, cfg.detail_features))
+    plain = plain_outputs(loaded, hook, cfg.steer_prompts, cfg.steer_tokens) if detail and cfg.steer_scales else None
     bar = tqdm(total=len(detail), desc="attributions", unit="feature", disable=not cfg.progress)
     records = []
     for f in range(d.sae.d_sae):
         record = _record(f, tables, cfg)
         if f in detail and record["top"]:
             _attach_details(record, loaded, hook, d.sae, shards, tables.tokens, cfg)
+            record["steering"] = _steering(record, loaded, hook, d.sae, plain, cfg)
             bar.update(1)
         records.append(record)
         if len(records) == CHUNK or f == d.sae.d_sae - 1:
@@ -482,8 +515,9 @@ def _analyze(
         frequency = passed.frequency()
         n_table = min(cfg.wandb_features, int((frequency > 0).sum()))
         for_wandb, table_records = set(torch.argsort(frequency, descending=True)[:n_table].tolist()), []
-        chunks = _keeping(feature_records(d, passed, loaded, hook, shards, cfg), for_wandb, table_records)
         meta = _meta(d, loaded, shards, passed, cfg, hash_)
+        chunks = _steering_summary(_keeping(feature_records(d, passed, loaded, hook, shards, cfg), for_wandb,
+                                            table_records), meta)  # fmt: skip
         index = write_dashboard(out, meta, chunks, vocab)
         run.publish(out, INDEX_FILE)
     _wandb_table(tracker, table_records, frequency, vocab, f"{d.hook}/{d.name}")

@@ -310,7 +310,25 @@ window.SAE_DASHBOARD = (function () {
       const share = group.share === undefined ? "" : `: ≈ ${Math.round(100 * group.share)}% of its firings (a sample of ${group.sampled})`;
       main.appendChild(section(`Activations ${fmt(group.low, 2)} – ${fmt(group.high, 2)}${share}, random firings`, box));
     }
+    if (record.steering) drawSteering(main, record.steering);
     if (record.components) drawComponents(main, record);
+  }
+
+  // what the model writes when the feature is added at its hook at multiples of its max activation
+  function drawSteering(main, steering) {
+    const table = el("table", { class: "logits steering" });
+    const scaleHead = (s) => `+${fmt(s.scale, 2)}× max (${fmt(s.scale * steering.unit, 3)})`;
+    table.appendChild(el("tr", {}, el("th", { text: "prompt" }), el("th", { text: "plain model" }),
+      ...steering.scales.map((s) => el("th", { text: scaleHead(s) }))));
+    steering.prompts.forEach((prompt, i) => {
+      table.appendChild(el("tr", {}, el("td", { class: "prompt", text: prompt }), el("td", { text: steering.plain[i] }),
+        ...steering.scales.map((s) => el("td", { text: s.texts[i], title: `KL(steered || plain) of the next token: ${fmt(s.kl[i], 3)} nats` }))));
+    });
+    const rises = steering.scales.map((s) => `${s.promoted_rise >= 0 ? "+" : ""}${fmt(s.promoted_rise, 3)} at +${fmt(s.scale, 2)}×`).join(", ");
+    const promoted = steering.promoted_tokens.map((id) => JSON.stringify(state.vocab[id] || "")).join(" ");
+    main.appendChild(section("Steering: the feature added at its hook, greedy continuations", table,
+      el("p", { class: "small", text: `Change in the log-probability of the next token being one of the 10 tokens it promotes ` +
+        `(logit lens: ${promoted}), averaged over the prompts: ${rises}.` })));
   }
 
   function drawComponents(main, record) {

@@ -1,0 +1,138 @@
+"""What a feature does: edit it in the model's forward pass and see what the model says.
+
+Three edits at the dictionary's hook, at every position (the prompt's and each generated one's):
+
+    add      x + s * d                      d: the feature's decoder row (unit norm), s: the scale
+    clamp    x + (s - z(x)) * d             the feature's activation z(x) set to s
+    remove   x - z(x) * d                   the feature taken out (as the loss contribution does)
+
+`generate` continues a prompt greedily under an edit; `next_token_shift` compares the next-token
+distribution after a prompt with and without it; `promoted_rise` asks whether the tokens the feature
+promotes by the logit lens (attribution.logit_effects) become more likely when it is added.
+`steering_report` puts them together for one feature (the steer stage's report, and the steering
+panel of the dashboard's detailed features).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.attribution import logit_effects
+from pipeline.errors import PipelineError
+from pipeline.hooks import HookPoint, splice_activations
+from pipeline.models import LoadedModel
+
+MODES = ("add", "clamp", "remove")
+
+
+class SteeringError(PipelineError, ValueError):
+    """A steering request that cannot run; the message says what to change."""
+
+
+def feature_edit(sae, latent: int, mode: str, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The edit of activations [..., d_in] at the hook for `mode` (one of MODES) at `scale`."""
+    if mode not in MODES:
+        raise SteeringError(f"steering mode {mode!r} is not one of {', '.join(MODES)}")
+    direction = sae.W_dec[latent].detach()
+
+    def edit(x: torch.Tensor) -> torch.Tensor:
+        d = direction.to(x.device, torch.float32)
+        if mode == "add":
+            return (x.float() + scale * d).to(x.dtype)
+        z = sae.encode(x.float())[..., latent : latent + 1]  # [..., 1]
+        target = scale if mode == "clamp" else 0.0
+        return (x.float() + (target - z) * d).to(x.dtype)
+
+    return edit
+
+
+@torch.inference_mode()
+def generate(loaded: LoadedModel, hook: HookPoint, edit: Callable | None, prompt: str, max_new_tokens: int) -> str:
+    """The greedy continuation of `prompt` (its new text only), under `edit` (None: the plain model)."""
+    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(loaded.device)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
+              "attention_mask": torch.ones_like(ids)}  # fmt: skip
+    if edit is None:
+        out = loaded.model.generate(ids, **kwargs)
+    else:
+        with splice_activations(loaded.model, hook, edit):
+            out = loaded.model.generate(ids, **kwargs)
+    return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def next_token_logprobs(loaded: LoadedModel, hook: HookPoint, edit: Callable | None, prompts: list[str]) -> torch.Tensor:
+    """Log-probabilities [prompts, vocab] of the token after each prompt, under `edit`."""
+    rows = []
+    for prompt in prompts:
+        ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(loaded.device)
+        if edit is None:
+            logits = loaded.model(input_ids=ids, logits_to_keep=1).logits
+        else:
+            with splice_activations(loaded.model, hook, edit):
+                logits = loaded.model(input_ids=ids, logits_to_keep=1).logits
+        rows.append(logits[0, -1].float().log_softmax(-1).cpu())
+    return torch.stack(rows)
+
+
+@dataclass
+class Shift:
+    """How an edit moves the next-token distribution after one prompt."""
+
+    kl: float
+    """KL(steered || plain) in nats."""
+    risen: list[tuple[int, float]]
+    """The tokens whose probability rose most: (token id, change in probability)."""
+
+
+def next_token_shift(plain: torch.Tensor, steered: torch.Tensor, n: int = 5) -> list[Shift]:
+    """Per prompt, from log-probabilities [prompts, vocab] without and with the edit."""
+    shifts = []
+    for before, after in zip(plain, steered, strict=True):
+        kl = float((after.exp() * (after - before)).sum())
+        change = after.exp() - before.exp()
+        top = change.topk(n)
+        shifts.append(Shift(kl, [(int(i), float(v)) for i, v in zip(top.indices, top.values, strict=True)]))
+    return shifts
+
+
+def promoted_rise(plain: torch.Tensor, steered: torch.Tensor, promoted: list[int]) -> float:
+    """Mean change in log-probability of the `promoted` tokens over the prompts (> 0: they rose)."""
+    index = torch.tensor(promoted)
+    return float((steered[:, index] - plain[:, index]).mean())
+
+
+@dataclass
+class Plain:
+    """The unedited model on the prompts (computed once, shared by every feature steered on them)."""
+
+    texts: list[str]
+    logprobs: torch.Tensor  # [prompts, vocab]: of the token after each prompt
+
+
+def plain_outputs(loaded: LoadedModel, hook: HookPoint, prompts: list[str], max_new_tokens: int) -> Plain:
+    return Plain([generate(loaded, hook, None, p, max_new_tokens) for p in prompts],
+                 next_token_logprobs(loaded, hook, None, prompts))  # fmt: skip
+
+
+def steering_report(loaded: LoadedModel, hook: HookPoint, sae, latent: int, mode: str, unit: float,
+                    scales: list[float], plain: Plain, prompts: list[str], max_new_tokens: int) -> dict:  # fmt: skip
+    """JSON-ready: the plain and edited continuations of every prompt at every scale (x `unit`), the
+    next-token shift after each prompt, and the log-probability change of the feature's 10 most
+    promoted tokens (logit lens)."""
+    promoted = logit_effects(loaded.model, sae.W_dec[latent : latent + 1].detach())[0].topk(10).indices.tolist()
+    steps = []
+    for scale in scales:
+        edit = feature_edit(sae, latent, mode, scale * unit)
+        steered = next_token_logprobs(loaded, hook, edit, prompts)
+        shifts = next_token_shift(plain.logprobs, steered)
+        steps.append({"scale": scale, "texts": [generate(loaded, hook, edit, p, max_new_tokens) for p in prompts],
+                      "kl": [round(s.kl, 4) for s in shifts],
+                      "risen": [[[t, round(p, 4)] for t, p in s.risen] for s in shifts],
+                      "promoted_rise": round(promoted_rise(plain.logprobs, steered, promoted), 4)})  # fmt: skip
+    return {"feature": latent, "mode": mode, "unit": round(unit, 4), "prompts": prompts,
+            "promoted_tokens": promoted, "plain": plain.texts, "scales": steps}  # fmt: skip

@@ -1,0 +1,68 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.sae import Sae
+from pipeline.shards import ShardSet
+from pipeline.stages.steer import SteerConfig, steer
+from pipeline.steering import SteeringError
+from tests.conftest import copy_run
+
+HOOK = "blocks.1.resid_post"
+
+
+def _cfg(**kw) -> SteerConfig:
+    return SteerConfig(**{"feature": 3, "sae": "topk-k8-x4", "prompts": ["the cat", "a dog"], "max_new_tokens": 4,
+                          "scales": [1.0, 6.0], **kw})  # fmt: skip
+
+
+def test_steering_a_feature_writes_its_report_and_prints_it(trained_run, model_cfg, loaded, capsys):
+    out = steer(model_cfg, _cfg(), trained_run, loaded=loaded)
+    assert out == trained_run / "steer" / HOOK / "topk-k8-x4" / "feature-3.json"
+    report = json.loads(out.read_text())
+    shards = ShardSet(trained_run / "activations" / HOOK)
+    idx = torch.arange(shards.n_tokens)
+    with torch.no_grad():
+        codes = Sae.load(trained_run / "sae" / HOOK / "topk-k8-x4").encode(shards.gather(idx).float())[:, 3]
+    largest = float(codes[shards.tokens_at(idx) != shards.manifest.bos_token_id].max())
+    assert report["feature"] == 3 and report["mode"] == "add" and report["unit"] == pytest.approx(largest, rel=1e-4)
+    assert [s["scale"] for s in report["scales"]] == [1.0, 6.0]
+    assert all(len(s["texts"]) == 2 for s in report["scales"]) and len(report["plain"]) == 2
+    printed = capsys.readouterr().out
+    assert "'the cat'" in printed and "plain" in printed and "tokens it promotes" in printed
+    absolute = json.loads(steer(model_cfg, _cfg(relative=False, mode="clamp"), trained_run, loaded=loaded).read_text())
+    assert absolute["unit"] == 1 and absolute["mode"] == "clamp"
+
+
+def test_steer_bad_inputs_say_what_to_change(trained_run, model_cfg, loaded, tmp_path):
+    with pytest.raises(SteeringError, match="steer.feature is not set"):
+        SteerConfig()
+    with pytest.raises(SteeringError, match="steer.mode='double'"):
+        _cfg(mode="double")
+    with pytest.raises(SteeringError, match="steer.prompts is empty"):
+        _cfg(prompts=[])
+    with pytest.raises(SteeringError, match="steer.feature=9999 is not a feature of topk-k8-x4"):
+        steer(model_cfg, _cfg(feature=9999), trained_run, loaded=loaded)
+    run = copy_run(trained_run, tmp_path / "run")
+    silent = Sae.load(run / "sae" / HOOK / "topk-k8-x4")
+    with torch.no_grad():
+        silent.W_enc[:, 3] = 0
+        silent.b_enc[3] = -1e4
+    silent.save(run / "sae" / HOOK / "silent")
+    with pytest.raises(SteeringError, match="names 2 dictionaries"):
+        steer(model_cfg, _cfg(sae=None), run, loaded=loaded)
+    with pytest.raises(SteeringError, match="feature 3 never fires"):
+        steer(model_cfg, _cfg(sae="silent"), run, loaded=loaded)
+
+
+def test_steer_on_the_command_line(trained_run, model_cfg, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    cmd = [sys.executable, "-m", "pipeline", "steer", f"run_dir={run}", "steer.feature=3", "steer.sae=topk-k8-x4",
+           "steer.max_new_tokens=3", "steer.prompts=[the cat]", f"model.path={model_cfg.path}", "model.package=null",
+           "model.gguf_file=null", "model.dtype=float32", "wandb.mode=disabled"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'the cat'" in result.stdout and (run / "steer" / HOOK / "topk-k8-x4" / "feature-3.json").exists()
