@@ -148,3 +148,13 @@ def output_config_hash(sae: Sae, loaded: LoadedModel, shards: ShardSet, settings
             "settings": settings,
         }
     )
+
+
+def one_dictionary(found: list[Dictionary], named: str | None, stage: str, error: type[Exception]) -> Dictionary:
+    """The single dictionary a stage works on; `error` names the choices when there are several."""
+    if len(found) != 1:
+        raise error(
+            f"{stage}.sae={named} names {len(found)} dictionaries ({', '.join(d.name for d in found)}); name one, "
+            f"e.g. {stage}.sae=" + (found[0].name if found else "topk-k32-x16")
+        )
+    return found[0]

@@ -209,6 +209,10 @@ class RunDir:
     def features(self, hook: str, name: str) -> Path:
         return self.root / "features" / hook / name
 
+    def relevance(self, hook: str, name: str, task: str) -> Path:
+        """The relevance stage's ranking of a dictionary's features for one task corpus."""
+        return self.root / "relevance" / hook / name / task
+
     def steering(self, hook: str, name: str, feature: int) -> Path:
         """The steer stage's report on one feature of a dictionary."""
         return self.root / "steer" / hook / name / f"feature-{feature}.json"

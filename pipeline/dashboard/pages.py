@@ -92,3 +92,32 @@ def comparison_page(report: dict, link: Callable[[str, int], str | None]) -> str
     parts.append(_changed_table(report["most_changed"], link))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def relevance_page(report: dict, link: str | None, fires_on: dict[int, list[str]]) -> str:
+    """The relevance stage's ranking as a page: the features the task needs most and those it would
+    do better without, each linked to its dashboard page (`link` + '#id', None: not analyzed) with
+    the tokens it fires on where the dashboard has them."""
+
+    def rows(features: list[dict]) -> list[list]:
+        out = []
+        for rank, f in enumerate(features, 1):
+            name = f"#{f['id']}"
+            cell = f"<a href='{escape(link)}#{f['id']}'>{name}</a>" if link else name
+            tokens = " ".join(escape(repr(t)) for t in fires_on.get(f["id"], []))
+            out.append([rank, cell, f"{f['effect_per_1k']:+.4f}", f"{f['frequency']:.3%}", tokens])
+        return out
+
+    header = ["rank", "feature", "loss change when removed (nats per 1k tokens)", "fires on (task)", "fires on (top examples)"]
+    check = report["check"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Task relevance</title><style>{_STYLE}</style></head><body>",
+        f"<h1>Features {escape(report['task'])} relies on: {escape(report['sae'])} at {escape(report['hook'])}</h1>",
+        f"<p>{report['tokens']:,} task tokens, mean next-token loss {report['loss']:.4f}. Attribution patching: "
+        "the first-order change of the task loss when the feature is removed at every position. Checked against "
+        f"true removal for {len(check['features'])} features on {check['tokens']:,} tokens: Pearson r = {check['pearson']:.3f}.</p>",
+        "<h2>Needed most (removing them raises the loss)</h2>", _table(header, rows(report["needed"])),
+        "<h2>In the way (removing them lowers the loss)</h2>", _table(header, rows(report["in_the_way"])),
+        "</body></html>",
+    ]  # fmt: skip
+    return "\n".join(parts)

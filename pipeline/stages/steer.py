@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
-from pipeline.dictionaries import Dictionary, check_model, find_dictionaries, shards_for
+from pipeline.dictionaries import Dictionary, check_model, find_dictionaries, one_dictionary, shards_for
 from pipeline.fileio import atomic_write
 from pipeline.hooks import validate_hooks
 from pipeline.models import LoadedModel, ModelConfig, load_model
@@ -104,12 +104,7 @@ def steer(model_cfg: ModelConfig, cfg: SteerConfig, run_dir: str | Path, loaded:
     """Steer the configured feature; print the report and write it as JSON; return its path."""
     run = RunDir.open(run_dir)
     found = find_dictionaries(run, [cfg.sae] if cfg.sae else [], cfg.hook, cfg.force, "steer")
-    if len(found) != 1:
-        raise SteeringError(
-            f"steer.sae={cfg.sae} names {len(found)} dictionaries ({', '.join(d.name for d in found)}); "
-            "name one, e.g. steer.sae=" + (found[0].name if found else "topk-k32-x16")
-        )
-    d = found[0]
+    d = one_dictionary(found, cfg.sae, "steer", SteeringError)
     if not 0 <= cfg.feature < d.sae.d_sae:
         raise SteeringError(f"steer.feature={cfg.feature} is not a feature of {d.name} (0 to {d.sae.d_sae - 1})")
     loaded = loaded or load_model(model_cfg)
