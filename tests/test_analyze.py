@@ -166,6 +166,21 @@ def test_each_example_gets_the_attributions_of_its_own_window(trained_run, analy
     assert checked >= 8
 
 
+def test_synthesized_inputs_and_no_steering_panel(trained_run, model_cfg, loaded, tmp_path):
+    """analyze.synthesize: each detailed feature gets an input searched from its top example and one
+    from random tokens; steer_scales=[] leaves the steering panel out."""
+    run = copy_run(trained_run, tmp_path / "run")
+    cfg = _cfg(detail_features=2, synthesize=True, synth_steps=3, synth_length=5, steer_scales=[], saes=["topk-k8-x4"])
+    out = analyze_saes(model_cfg, cfg, run, OFF, loaded=loaded)[f"{HOOK}/topk-k8-x4"]
+    meta, records = load_features(out)
+    detailed = [r for r in records if r["components"] is not None]
+    assert len(detailed) == 2 and all(r["steering"] is None for r in records)
+    for record in detailed:
+        assert [s["start"] for s in record["synthesized"]] == ["top example", "random"]
+        assert all(len(s["ids"]) <= 5 and s["activation"] >= 0 and s["steps"] <= 3 for s in record["synthesized"])
+    assert set(meta["synthesized_over_corpus_max"]) == {"top example", "random"} and meta["steered_features"] == 0
+
+
 def test_index_rows_say_what_a_feature_fires_on(analyzed):
     """features.json: the tokens at the top examples' maxima, and the top example split at its maximum."""
     out = analyzed[0]["topk-k8-x4"]

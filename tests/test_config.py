@@ -88,3 +88,20 @@ def test_every_sae_config_node_names_its_architecture():
     assert sorted(p.stem for p in nodes) == sorted(architectures())
     for node in nodes:
         assert to_dataclass(SaeConfig, OmegaConf.load(node)).architecture == node.stem
+
+
+@pytest.mark.parametrize("stage", ["harvest", "train", "evaluate", "analyze", "steer", "relevance", "compare", "finetune"])
+def test_every_stage_setting_is_in_its_config_node(stage):
+    """conf/stage/<stage>.yaml lists every field of the stage's settings (finetune's model and corpus
+    come from config groups), so that each can be overridden on the command line."""
+    import dataclasses
+    import importlib
+
+    from pipeline.harvesting import HarvestConfig
+
+    classes = {"harvest": HarvestConfig, "train": TrainConfig}
+    module = importlib.import_module(f"pipeline.stages.{stage}")
+    cls = classes.get(stage) or getattr(module, f"{stage.capitalize()}Config")
+    keys = set(OmegaConf.load(Path(__file__).parents[1] / "conf" / "stage" / f"{stage}.yaml"))
+    fields = {f.name for f in dataclasses.fields(cls)} - ({"model", "corpus"} if stage == "finetune" else set())
+    assert fields == keys

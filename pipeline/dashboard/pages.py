@@ -53,29 +53,46 @@ def _transfer_table(transfer: dict) -> str:
     return "<h2>Transfer</h2>" + _table(["dictionary on model", "L0", "FVU", "CE recovered", "KL"], rows)
 
 
-def _changed_table(rows: list[dict], link: Callable[[str, int], str | None]) -> str:
-    """One line per changed base feature, its ids linked into the two runs' dashboards."""
+def meaning(summary: dict | None) -> str:
+    """What a feature is, from its dashboard index row: the tokens it fires on and its top example's
+    text around the firing token (marked); empty where the dictionary is not analyzed."""
+    if not summary:
+        return ""
+    tokens = " ".join(escape(repr(t)) for t in summary.get("fires_on", []))
+    before, token, after = summary.get("example") or ["", "", ""]
+    snippet = f"{escape(before)}<mark>{escape(token)}</mark>{escape(after)}" if token else ""
+    return f"{tokens}<br><span style='font-family:monospace;white-space:pre-wrap'>{snippet}</span>"
+
+
+def _changed_table(rows: list[dict], link: Callable[[str, int], str | None],
+                   describe: Callable[[str, int], dict | None]) -> str:  # fmt: skip
+    """One line per changed base feature, its ids linked into the two runs' dashboards, and what each
+    side's feature fires on."""
     lines = []
     for row in rows:
-        ids = []
+        ids, meanings = [], []
         for role, feature in (("base", row["base"]), ("other", row["assigned"])):
             href = link(role, feature) if feature >= 0 else None
             text = f"#{feature}" if feature >= 0 else "-"
             ids.append(f"<a href='{escape(href)}'>{text}</a>" if href else text)
+            meanings.append(meaning(describe(role, feature)) if feature >= 0 else "")
         freq = row["frequency"]
         overlap = row.get("overlap")
         lines.append([
-            ids[0], escape(row["status"]), ids[1], f"{row['decoder_cos']:.3f}", f"{row['encoder_cos']:.3f}",
-            f"{freq[0]:.2e} &rarr; {freq[1]:.2e}" if freq else "", "" if overlap is None else f"{overlap:.2f}",
+            ids[0], meanings[0], escape(row["status"]), ids[1], meanings[1], f"{row['decoder_cos']:.3f}",
+            f"{row['encoder_cos']:.3f}", f"{freq[0]:.3%} &rarr; {freq[1]:.3%}" if freq else "",
+            "" if overlap is None else f"{overlap:.2f}",
         ])  # fmt: skip
-    header = ["base feature", "status", "assigned other", "decoder cos", "encoder cos",
-              "frequency base &rarr; other", "top-example overlap"]  # fmt: skip
+    header = ["base feature", "fires on (base)", "status", "assigned other", "fires on (other)", "decoder cos",
+              "encoder cos", "frequency base &rarr; other", "top-example overlap"]  # fmt: skip
     return "<h2>Most changed base features</h2>" + _table(header, lines)
 
 
-def comparison_page(report: dict, link: Callable[[str, int], str | None]) -> str:
+def comparison_page(report: dict, link: Callable[[str, int], str | None],
+                    describe: Callable[[str, int], dict | None] = lambda _role, _feature: None) -> str:  # fmt: skip
     """The comparison report (compare stage) as a page; `link(role, feature)` is the href of a
-    feature's dashboard page in the base or other run, or None where there is none."""
+    feature's dashboard page in the base or other run, or None where there is none; `describe` its
+    dashboard index row (what it fires on), or None."""
     counts = report["summary"]
     summary = [[counts["kept"], counts["shifted"], counts["vanished"], counts["new"],
                 f"{counts['mean_assigned_cos']:.3f}"]]  # fmt: skip
@@ -89,7 +106,7 @@ def comparison_page(report: dict, link: Callable[[str, int], str | None]) -> str
     ]
     if report.get("transfer"):
         parts.append(_transfer_table(report["transfer"]))
-    parts.append(_changed_table(report["most_changed"], link))
+    parts.append(_changed_table(report["most_changed"], link, describe))
     parts.append("</body></html>")
     return "\n".join(parts)
 

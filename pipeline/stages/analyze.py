@@ -62,6 +62,7 @@ from pipeline.rundir import RunDir
 from pipeline.shards import ShardSet
 from pipeline.splits import leading_windows
 from pipeline.steering import Plain, plain_outputs, steering_report
+from pipeline.synthesis import SynthesisSettings, synthesize
 from pipeline.tracking import Tracker, WandbConfig
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 # 2: `silent` / `silent_features` (were `dead` / `dead_features`); 3: partners by lift, neighbours,
 # correlated dimensions; 4: distinct top contexts, quantile shares, index fires_on; 5: norm_ratio /
 # outlier per example; 6: loss / attribution on every shown example of a detailed feature; 7: `steering`
-# of the detailed features, meta `steering_promoted_rise`
+# of the detailed features, meta `steering_promoted_rise`; `synthesized` (analyze.synthesize)
 FORMAT_VERSION = 7
 DETAIL_BATCH = 16  # examples whose attributions are computed in one forward / backward (fewer: ~10 % slower on a CPU)
 
@@ -107,12 +108,19 @@ class AnalyzeConfig(DictionarySelection, FeaturePassSettings):
     steer_prompts: list[str] = field(default_factory=lambda: ["I think that", "The function returns", "In the beginning"])
     steer_tokens: int = 16
     """Tokens generated per prompt and scale."""
+    synthesize: bool = False
+    """Search, for each detailed feature, token sequences that make it fire (synthesis.py), from its top
+    example's context and from random tokens; ~2 x synth_seconds per feature."""
+    synth_length: int = 8
+    synth_steps: int = 40
+    synth_seconds: float = 15.0
 
     def __post_init__(self) -> None:
         check_settings(
             self, "analyze", AnalyzeError,
             positive=("tokens", "top_k", "samples", "quantile_groups", "detail_examples", "top_logits",
-                      "coactivation_min_count", "outlier_norm", "steer_tokens"),
+                      "coactivation_min_count", "outlier_norm", "steer_tokens", "synth_length", "synth_steps",
+                      "synth_seconds"),
             non_negative=("context_before", "context_after", "coactivation_tokens", "wandb_features"),
         )  # fmt: skip
         if self.detail_features < -1:
@@ -356,6 +364,7 @@ def _record(f: int, t: _Tables, cfg: AnalyzeConfig) -> dict:
         "neighbours": _pairs(t.neighbours[0][f], t.neighbours[1][f]),
         "components": None,
         "steering": None,
+        "synthesized": None,
     }
 
 
@@ -367,18 +376,44 @@ def _steering(record: dict, loaded: LoadedModel, hook: HookPoint, sae, plain: Pl
                            cfg.steer_prompts, cfg.steer_tokens)  # fmt: skip
 
 
-def _steering_summary(chunks: Iterator[list[dict]], meta: dict) -> Iterator[list[dict]]:
-    """Pass the chunks on; once they are all through, meta["steering_promoted_rise"] holds, per scale,
-    the share of the steered features whose logit-lens promoted tokens rose (meta is written after
-    the chunks)."""
+def _synthesized(record: dict, loaded: LoadedModel, hook: HookPoint, sae, cfg: AnalyzeConfig) -> list[dict] | None:
+    """With analyze.synthesize: the inputs searched for the feature, from its top example's context (the
+    tokens up to its maximum) and from random tokens, each with its activation and fluency."""
+    if not cfg.synthesize:
+        return None
+    tokenizer = loaded.tokenizer
+    banned = torch.zeros(len(tokenizer), dtype=torch.bool)
+    banned[tokenizer.all_special_ids] = True
+    top = record["top"][0]
+    at = top["position"] - top["start"]
+    context = torch.tensor(top["ids"][max(0, at + 1 - cfg.synth_length) : at + 1])
+    randomly = torch.nonzero(~banned).flatten()
+    randomly = randomly[torch.randint(len(randomly), (cfg.synth_length,), generator=torch.Generator().manual_seed(record["id"]))]
+    settings = SynthesisSettings(steps=cfg.synth_steps, seconds=cfg.synth_seconds, seed=cfg.seed)
+    found = []
+    for start, ids in (("top example", context), ("random", randomly)):
+        out = synthesize(loaded.model, hook, sae, record["id"], ids, tokenizer.bos_token_id, banned, settings)
+        found.append({"start": start, "ids": out.ids, "activation": round(out.activation, 4),
+                      "logprob": round(out.logprob, 3), "steps": out.steps})  # fmt: skip
+    return found
+
+
+def _panel_summary(chunks: Iterator[list[dict]], meta: dict) -> Iterator[list[dict]]:
+    """Pass the chunks on; once they are all through (meta is written after the chunks), meta holds
+    per steering scale the share of the steered features whose logit-lens promoted tokens rose, and
+    per synthesis start the mean ratio of the synthesized input's activation to the corpus maximum."""
     rises: dict[float, list[bool]] = {}
+    ratios: dict[str, list[float]] = {}
     for chunk in chunks:
         for r in chunk:
             for step in (r.get("steering") or {}).get("scales", []):
                 rises.setdefault(step["scale"], []).append(step["promoted_rise"] > 0)
+            for found in r.get("synthesized") or []:
+                ratios.setdefault(found["start"], []).append(found["activation"] / max(r["max_activation"], 1e-9))
         yield chunk
     meta["steering_promoted_rise"] = {str(scale): round(sum(v) / len(v), 4) for scale, v in rises.items()}
     meta["steered_features"] = max((len(v) for v in rises.values()), default=0)
+    meta["synthesized_over_corpus_max"] = {start: round(sum(v) / len(v), 4) for start, v in ratios.items()}
 
 
 def feature_records(
@@ -401,6 +436,7 @@ def feature_records(
         if f in detail and record["top"]:
             _attach_details(record, loaded, hook, d.sae, shards, tables.tokens, cfg)
             record["steering"] = _steering(record, loaded, hook, d.sae, plain, cfg)
+            record["synthesized"] = _synthesized(record, loaded, hook, d.sae, cfg)
             bar.update(1)
         records.append(record)
         if len(records) == CHUNK or f == d.sae.d_sae - 1:
@@ -516,7 +552,7 @@ def _analyze(
         n_table = min(cfg.wandb_features, int((frequency > 0).sum()))
         for_wandb, table_records = set(torch.argsort(frequency, descending=True)[:n_table].tolist()), []
         meta = _meta(d, loaded, shards, passed, cfg, hash_)
-        chunks = _steering_summary(_keeping(feature_records(d, passed, loaded, hook, shards, cfg), for_wandb,
+        chunks = _panel_summary(_keeping(feature_records(d, passed, loaded, hook, shards, cfg), for_wandb,
                                             table_records), meta)  # fmt: skip
         index = write_dashboard(out, meta, chunks, vocab)
         run.publish(out, INDEX_FILE)

@@ -32,6 +32,7 @@ from scipy.optimize import linear_sum_assignment
 
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
+from pipeline.dashboard import INDEX_FILE
 from pipeline.dashboard.pages import comparison_page
 from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
@@ -222,6 +223,14 @@ def _dashboard_link(out: Path, side: _Side, feature: int) -> str | None:
     return f"{os.path.relpath(page, out)}#{feature}" if page.exists() else None
 
 
+def _index_rows(side: _Side) -> dict[int, dict]:
+    """A side's dashboard index rows by feature id ({} where its dictionary is not analyzed)."""
+    if side.run is None:
+        return {}
+    index = side.run.features(side.dictionary.hook, side.dictionary.name) / INDEX_FILE
+    return {row["id"]: row for row in json.loads(index.read_text())["features"]} if index.exists() else {}
+
+
 STATUS_NAMES = ("kept", "shifted", "vanished")
 ROW_COLUMNS = ("base", "assigned", "status", "decoder_cos", "encoder_cos", "best_other", "best_cos",
                "frequency", "overlap")  # fmt: skip
@@ -265,7 +274,9 @@ def _write(out: Path, report: dict, matches: dict, classes: dict, overlap, drift
         tensors["frequency_other"] = drift["other"]["frequency"].float().contiguous()
     atomic_write(out / "matches.safetensors", save(tensors))
     atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
-    page = comparison_page(report, lambda role, feature: _dashboard_link(out, sides[role], feature))
+    rows = {role: _index_rows(side) for role, side in sides.items()}
+    page = comparison_page(report, lambda role, feature: _dashboard_link(out, sides[role], feature),
+                           lambda role, feature: rows[role].get(feature))  # fmt: skip
     atomic_write(out / "index.html", page.encode())
     return out / "index.html"
 

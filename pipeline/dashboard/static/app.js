@@ -311,7 +311,25 @@ window.SAE_DASHBOARD = (function () {
       main.appendChild(section(`Activations ${fmt(group.low, 2)} – ${fmt(group.high, 2)}${share}, random firings`, box));
     }
     if (record.steering) drawSteering(main, record.steering);
+    if (record.synthesized) drawSynthesized(main, record);
     if (record.components) drawComponents(main, record);
+  }
+
+  // token sequences searched to make the feature fire, against the strongest corpus example
+  function drawSynthesized(main, record) {
+    const table = el("table", { class: "logits steering" });
+    table.appendChild(el("tr", {}, el("th", { text: "search from" }), el("th", { text: "tokens found" }),
+      el("th", { text: "activation" }), el("th", { text: "of the corpus max" }), el("th", { text: "log p per token" })));
+    for (const found of record.synthesized) {
+      table.appendChild(el("tr", {}, el("td", { text: found.start }),
+        el("td", { text: found.ids.map((id) => tokenText(id)).join("") }), el("td", { text: fmt(found.activation, 3) }),
+        el("td", { text: `${Math.round((100 * found.activation) / Math.max(1e-9, record.max_activation))}%` }),
+        el("td", { text: fmt(found.logprob, 2) })));
+    }
+    main.appendChild(section(`Synthesized inputs (corpus max ${fmt(record.max_activation, 3)})`, table,
+      el("p", { class: "small", text: "Short token sequences found by gradient-guided token swaps to make the feature fire at " +
+        "the last token while staying likely under the model (analyze.synthesize). Above 100%: the corpus examples do not reach " +
+        "what the feature can do." })));
   }
 
   // what the model writes when the feature is added at its hook at multiples of its max activation
