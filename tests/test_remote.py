@@ -303,3 +303,17 @@ def test_a_cache_size_that_is_not_a_number_is_refused(monkeypatch):
         cache_bytes()
     monkeypatch.setenv("SAE_PIPELINE_CACHE_GB", "0.5")
     assert cache_bytes() == 2**29
+
+
+def test_nothing_is_s3_specific_any_fsspec_url_works(model_cfg, loaded, tmp_path):
+    """run_dir on another fsspec filesystem (memory://, in this process) harvests and trains to the same
+    shard and dictionary bytes as local disk: the remote path only speaks fsspec's interface."""
+    url, local = f"memory://runs/{uuid.uuid4().hex[:8]}", tmp_path / "local"
+    corpus = CorpusConfig(name="test", source="files", path=str(TEXT))
+    for run_dir in (url, local):
+        harvest_activations(model_cfg, corpus, HARVEST, run_dir, loaded=loaded)
+        train_saes(TRAIN, SAE, run_dir, OFF)
+    remote, here = _objects(url), _files(local)
+    sae = f"sae/{HOOK}/topk-k8-x4/sae.safetensors"
+    assert remote[sae] == here[sae]
+    assert {k: v for k, v in remote.items() if k.startswith("activations/")} == _files(local, "activations/*/*")
