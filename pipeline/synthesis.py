@@ -4,10 +4,11 @@ Greedy coordinate gradient search (Zou et al. 2023's GCG, with the language mode
 fluency as in Thompson et al. 2024's evolutionary prompt optimisation of features): the objective of
 a sequence t_1..t_L is
 
-    J = pre_f(t_L) + fluency * mean_i log p(t_i | t_<i)
+    J = pre_f(t_L) / unit + fluency * mean_i log p(t_i | t_<i)
 
 where pre_f is the feature's pre-activation at the last token (smooth where the activation is cut
-by TopK or a threshold). Each step takes the gradient of J with respect to the one-hot tokens, draws
+by TopK or a threshold) and `unit` its scale (the largest activation on the corpus), so that one
+weight of fluency means the same for a strong feature as for a weak one. Each step takes the gradient of J with respect to the one-hot tokens, draws
 `candidates` single-token swaps among each position's `top_tokens` most promising, scores them in one
 batched forward and keeps the best if it improves J. The search is bounded by `steps` and `seconds`.
 """
@@ -28,8 +29,9 @@ class SynthesisSettings:
     steps: int = 40
     candidates: int = 64
     top_tokens: int = 32
-    fluency: float = 0.5
-    """Weight of the mean log-probability per token, against the pre-activation."""
+    fluency: float = 0.1
+    """Weight of the mean log-probability per token (nats), against the pre-activation in units of the
+    feature's corpus maximum: 0.1 trades one nat per token for a tenth of that maximum."""
     seconds: float = 20.0
     """Time bound per search."""
     seed: int = 0
@@ -60,13 +62,13 @@ def _objective(model, hook: HookPoint, w: torch.Tensor, b: float, embeds: torch.
 
 
 def synthesize(model, hook: HookPoint, sae, latent: int, start: torch.Tensor, bos: int | None,
-               banned: torch.Tensor, settings: SynthesisSettings) -> Synthesized:  # fmt: skip
+               banned: torch.Tensor, settings: SynthesisSettings, unit: float = 1.0) -> Synthesized:  # fmt: skip
     """The best sequence found from `start` (int [L]: the tokens optimised, after a BOS where the model
-    has one); `banned` (bool [vocab]) tokens are never tried."""
+    has one); `banned` (bool [vocab]) tokens are never tried; `unit`: the feature's activation scale."""
     device = next(model.parameters()).device
     table = model.get_input_embeddings().weight  # [vocab, d]
     w, b = encoder_terms(sae, latent)
-    w = w.to(device)
+    w, b = w.to(device) / unit, b / unit  # the pre-activation in units of the feature's scale
     head = torch.tensor([bos] if bos is not None else [], dtype=torch.long, device=device)
     ids, gen = start.to(device, torch.long).clone(), torch.Generator().manual_seed(settings.seed)
     vocab, prefix = table.shape[0], len(head)

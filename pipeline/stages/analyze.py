@@ -392,7 +392,8 @@ def _synthesized(record: dict, loaded: LoadedModel, hook: HookPoint, sae, cfg: A
     settings = SynthesisSettings(steps=cfg.synth_steps, seconds=cfg.synth_seconds, seed=cfg.seed)
     found = []
     for start, ids in (("top example", context), ("random", randomly)):
-        out = synthesize(loaded.model, hook, sae, record["id"], ids, tokenizer.bos_token_id, banned, settings)
+        out = synthesize(loaded.model, hook, sae, record["id"], ids, tokenizer.bos_token_id, banned, settings,
+                         unit=max(record["max_activation"], 1e-6))  # fmt: skip
         found.append({"start": start, "ids": out.ids, "activation": round(out.activation, 4),
                       "logprob": round(out.logprob, 3), "steps": out.steps})  # fmt: skip
     return found
