@@ -21,7 +21,7 @@ test-slow:
 	$(PYTHON) -m pytest -q -m slow
 
 # The main job on the embedded defaults: SmolLM2-135M activations of Python's docs, then a TopK SAE.
-# The whole pipeline on the embedded model and corpus: the fast demo preset (~3 min on 2 CPU cores) ...
+# The whole pipeline on the embedded model and corpus: the fast demo preset (~3.5 min on 2 CPU cores) ...
 run:
 	$(PYTHON) -m pipeline all experiment=demo
 
