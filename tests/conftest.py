@@ -17,10 +17,10 @@ from pipeline.models import ModelConfig
 TEXT = Path(__file__).with_name("data") / "corpus.txt"
 
 # Where libraries keep caches and settings under ~ (datasets' cache of local corpus files, the
-# converted default model, matplotlib, Chromium's profile and dconf): a temporary folder of the test
-# session instead, so that tests write nothing outside their tmp dirs.
+# converted default model, matplotlib, Chromium's profile and dconf) and W&B's staging links (under
+# /tmp): a temporary folder of the test session instead, so that tests write nothing outside their tmp dirs.
 _HOME_DIRS = {"HF_DATASETS_CACHE": "datasets", "SAE_PIPELINE_CACHE": "sae-pipeline", "MPLCONFIGDIR": "matplotlib",
-              "XDG_CACHE_HOME": "cache", "XDG_CONFIG_HOME": "config"}  # fmt: skip
+              "XDG_CACHE_HOME": "cache", "XDG_CONFIG_HOME": "config", "SAE_PIPELINE_WANDB_LINKS": "wandb-links"}  # fmt: skip
 
 
 def pytest_configure(config):
