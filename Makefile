@@ -30,7 +30,7 @@ run-full:
 	$(PYTHON) -m pipeline all
 
 # How fine-tuning moves features: the demo run on SmolLM2 (θ0), a brief fine-tune on the standard
-# library's source code (θf), the demo run on θf, and the comparison (~8 min on 2 CPU cores).
+# library's source code (θf), the demo run on θf, and the comparison (~10 min on 2 CPU cores).
 compare-demo:
 	$(PYTHON) -m pipeline all experiment=demo
 	$(PYTHON) -m pipeline finetune experiment=compare_demo

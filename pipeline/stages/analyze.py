@@ -387,6 +387,7 @@ def _synthesized(record: dict, loaded: LoadedModel, hook: HookPoint, sae, cfg: A
     top = record["top"][0]
     at = top["position"] - top["start"]
     context = torch.tensor(top["ids"][max(0, at + 1 - cfg.synth_length) : at + 1])
+    context = context[~banned[context]]  # a BOS in the context stays out of the optimised tokens
     randomly = torch.nonzero(~banned).flatten()
     randomly = randomly[torch.randint(len(randomly), (cfg.synth_length,), generator=torch.Generator().manual_seed(record["id"]))]
     settings = SynthesisSettings(steps=cfg.synth_steps, seconds=cfg.synth_seconds, seed=cfg.seed)
@@ -430,7 +431,7 @@ def feature_records(
     tables = _tables(d.sae, passed, loaded, shards, cfg)
     detail = set(_detail_features(tables.frequency, cfg.detail_features))
     plain = plain_outputs(loaded, hook, cfg.steer_prompts, cfg.steer_tokens) if detail and cfg.steer_scales else None
-    bar = tqdm(total=len(detail), desc="attributions", unit="feature", disable=not cfg.progress)
+    bar = tqdm(total=len(detail), desc="detailed features", unit="feature", disable=not cfg.progress)
     records = []
     for f in range(d.sae.d_sae):
         record = _record(f, tables, cfg)
