@@ -31,6 +31,7 @@ import torch
 
 from pipeline.models import ModelConfig, load_model
 from pipeline.sae import Sae, SaeConfig
+from pipeline.sae.matryoshka import nested_widths
 from pipeline.shards import ShardSet
 from pipeline.stages import train as train_stage
 from pipeline.stages.analyze import vocabulary
@@ -130,7 +131,7 @@ def absorption(sae: Sae, x: torch.Tensor, scaled: torch.Tensor, labels: torch.Te
 @torch.no_grad()
 def prefix_report(sae: Sae, heldout: torch.Tensor, sample: torch.Tensor) -> dict:
     """Held-out FVU of each Matryoshka-level prefix and the mean firing frequency of each group."""
-    widths = sorted({sae.d_sae >> shift for shift in range(5)})
+    widths = nested_widths(None, sae.d_sae)  # the default Matryoshka levels, for both dictionaries
     codes = sae.encode(heldout)
     variance = (heldout - heldout.mean(0)).pow(2).sum()
     fvu = {w: float((heldout - sae.decode(codes[:, :w], stop=w)).pow(2).sum() / variance) for w in widths}

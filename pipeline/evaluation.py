@@ -127,14 +127,11 @@ def _constant_ablations(
     return out
 
 
-def _mean_activation(shards: ShardSet, first: int, count: int, bos: int | None) -> torch.Tensor:
+def _mean_activation(shards: ShardSet, first: int, count: int, exclude_bos: bool) -> torch.Tensor:
     """Mean activation over the evaluation tokens (the mean-ablation value): [d_model]."""
     ctx = shards.manifest.context_length
     total, n = torch.zeros(shards.d_model, dtype=torch.float64), 0
-    for lo in range(first * ctx, (first + count) * ctx, 8192):
-        idx = torch.arange(lo, min(lo + 8192, (first + count) * ctx))
-        if bos is not None:
-            idx = idx[shards.tokens_at(idx) != bos]
+    for idx in shards.position_chunks(first * ctx, (first + count) * ctx, 8192, exclude_bos):
         x = shards.gather(idx)
         shards.check_finite(x, idx)
         total += x.double().sum(0)
@@ -394,7 +391,7 @@ def evaluate_dictionaries(
     """Evaluate `group` on the held-out windows: {name: (metrics.json content, full result with the
     per-token losses and the density)}."""
     started = time.perf_counter()
-    mean = _mean_activation(held.shards, held.first, len(held.windows), held.bos)
+    mean = _mean_activation(held.shards, held.first, len(held.windows), held.bos is not None)
     saes = {d.name: d.sae for d in group}
     stored = _stored_activations(held, loaded)
     try:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.hooks import HookPoint, splice_activations
+from pipeline.steering import feature_edit
 
 
 @dataclass
@@ -33,6 +34,15 @@ class TaskAttribution:
     """Positions counted (BOS left out)."""
     loss: float
     """Mean next-token loss of the task."""
+    predictions: int
+    """Next-token predictions the loss is the mean of."""
+
+    def plus(self, other: TaskAttribution) -> TaskAttribution:
+        """The attribution over both parts' windows together."""
+        predictions = self.predictions + other.predictions
+        loss = (self.loss * self.predictions + other.loss * other.predictions) / max(1, predictions)
+        return TaskAttribution(self.effect + other.effect, self.count + other.count, self.tokens + other.tokens,
+                               loss, predictions)  # fmt: skip
 
 
 def _task_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -65,7 +75,8 @@ def attribution_patching(model, hook: HookPoint, sae, windows: torch.Tensor, bos
             count += (z > 0).sum(0).double()
         loss += float(task_loss.detach())
         tokens += int(counted.sum())
-    return TaskAttribution(effect.cpu(), count.cpu(), tokens, loss / max(1, windows.numel() - len(windows)))
+    predictions = windows.numel() - len(windows)
+    return TaskAttribution(effect.cpu(), count.cpu(), tokens, loss / max(1, predictions), predictions)
 
 
 @torch.no_grad()
@@ -80,11 +91,6 @@ def ablation_effects(model, hook: HookPoint, sae, windows: torch.Tensor, bos: in
         keep = (ids != bos)[..., None] if bos is not None else torch.ones_like(ids, dtype=torch.bool)[..., None]
         clean = float(_task_loss(model(input_ids=ids, use_cache=False).logits, ids))
         for j, f in enumerate(features):
-
-            def remove(a: torch.Tensor, f: int = f, keep: torch.Tensor = keep) -> torch.Tensor:
-                z = sae.encode(a.float())[..., f : f + 1]
-                return (a.float() - z * keep * sae.W_dec[f].float()).to(a.dtype)
-
-            with splice_activations(model, hook, remove):
+            with splice_activations(model, hook, feature_edit(sae, f, "remove", 0.0, where=keep)):
                 changes[j] += float(_task_loss(model(input_ids=ids, use_cache=False).logits, ids)) - clean
     return changes

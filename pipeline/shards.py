@@ -381,6 +381,17 @@ class ShardSet:
             return self._cache.tokens(self.manifest.shards[shard])
         return self._arrays(shard)[1]
 
+    def position_chunks(self, start: int, stop: int, size: int, exclude_bos: bool) -> Iterator[torch.Tensor]:
+        """The token indices of [start, stop) in order, `size` at a time (fewer where BOS positions are
+        left out, with `exclude_bos`; chunks left empty are skipped)."""
+        bos = self.manifest.bos_token_id if exclude_bos else None
+        for lo in range(start, stop, size):
+            idx = torch.arange(lo, min(lo + size, stop))
+            if bos is not None:
+                idx = idx[self.tokens_at(idx) != bos]
+            if len(idx):
+                yield idx
+
     def position_norms(self, stop: int, exclude_bos: bool, block: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
         """(activation norm of every position in [0, stop): float32 [stop], which of them count:
         bool [stop], False at BOS with `exclude_bos`), in one pass over those activations in order;

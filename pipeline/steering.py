@@ -32,8 +32,10 @@ class SteeringError(PipelineError, ValueError):
     """A steering request that cannot run; the message says what to change."""
 
 
-def feature_edit(sae, latent: int, mode: str, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The edit of activations [..., d_in] at the hook for `mode` (one of MODES) at `scale`."""
+def feature_edit(sae, latent: int, mode: str, scale: float,
+                 where: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """The edit of activations [..., d_in] at the hook for `mode` (one of MODES) at `scale`; only at
+    the positions where `where` (bool [..., 1]) is True, when given."""
     if mode not in MODES:
         raise SteeringError(f"steering mode {mode!r} is not one of {', '.join(MODES)}")
     direction = sae.W_dec[latent].detach()
@@ -41,10 +43,11 @@ def feature_edit(sae, latent: int, mode: str, scale: float) -> Callable[[torch.T
     def edit(x: torch.Tensor) -> torch.Tensor:
         d = direction.to(x.device, torch.float32)
         if mode == "add":
-            return (x.float() + scale * d).to(x.dtype)
-        z = sae.encode(x.float())[..., latent : latent + 1]  # [..., 1]
-        target = scale if mode == "clamp" else 0.0
-        return (x.float() + (target - z) * d).to(x.dtype)
+            change = scale * d
+        else:
+            z = sae.encode(x.float())[..., latent : latent + 1]  # [..., 1]
+            change = ((scale if mode == "clamp" else 0.0) - z) * d
+        return (x.float() + (change if where is None else change * where)).to(x.dtype)
 
     return edit
 

@@ -8,7 +8,8 @@ a sequence t_1..t_L is
 
 where pre_f is the feature's pre-activation at the last token (smooth where the activation is cut
 by TopK or a threshold) and `unit` its scale (the largest activation on the corpus), so that one
-weight of fluency means the same for a strong feature as for a weak one. Each step takes the gradient of J with respect to the one-hot tokens, draws
+weight of fluency means the same for a strong feature as for a weak one. Each step takes the
+gradient of J with respect to the one-hot tokens, draws
 `candidates` single-token swaps among each position's `top_tokens` most promising, scores them in one
 batched forward and keeps the best if it improves J. The search is bounded by `steps` and `seconds`.
 """
@@ -49,8 +50,8 @@ class Synthesized:
 
 
 def _objective(model, hook: HookPoint, w: torch.Tensor, b: float, embeds: torch.Tensor, onehot: torch.Tensor,
-               prefix: int, fluency: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(J, pre-activation at the last token, mean log-probability), each [batch], of sequences given as
+               prefix: int, fluency: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(J, mean log-probability per token), each [batch], of sequences given as
     input embeddings [batch, prefix + L, d] whose last L tokens are onehot [batch, L, vocab]."""
     with watch_activation(model, hook) as seen:
         logits = model(inputs_embeds=embeds, use_cache=False).logits.float()
@@ -58,7 +59,7 @@ def _objective(model, hook: HookPoint, w: torch.Tensor, b: float, embeds: torch.
     first = max(prefix, 1)  # the first token with a prediction (none for the very first)
     logp = logits[:, first - 1 : -1].log_softmax(-1)
     fluent = (logp * onehot[:, first - prefix :]).sum(-1).mean(-1)
-    return pre + fluency * fluent, pre, fluent
+    return pre + fluency * fluent, fluent
 
 
 def synthesize(model, hook: HookPoint, sae, latent: int, start: torch.Tensor, bos: int | None,
@@ -82,7 +83,7 @@ def synthesize(model, hook: HookPoint, sae, latent: int, start: torch.Tensor, bo
     for step in range(settings.steps):  # noqa: B007  (its last value is reported)
         onehot = torch.nn.functional.one_hot(ids, vocab).float()[None].requires_grad_(True)
         with torch.enable_grad():
-            score, _, _ = _objective(model, hook, w, b, embed(onehot), onehot, prefix, settings.fluency)
+            score, _ = _objective(model, hook, w, b, embed(onehot), onehot, prefix, settings.fluency)
             (grad,) = torch.autograd.grad(score.sum(), onehot)
         best = float(score.detach()) if best is None else best
         promising = grad[0].masked_fill(~allowed, float("-inf")).topk(settings.top_tokens, dim=-1).indices  # [L, k]
@@ -92,7 +93,7 @@ def synthesize(model, hook: HookPoint, sae, latent: int, start: torch.Tensor, bo
         trials[torch.arange(settings.candidates), where] = promising[where, which]
         with torch.no_grad():
             trial_onehot = torch.nn.functional.one_hot(trials, vocab).float()
-            scores, _, _ = _objective(model, hook, w, b, embed(trial_onehot), trial_onehot, prefix, settings.fluency)
+            scores, _ = _objective(model, hook, w, b, embed(trial_onehot), trial_onehot, prefix, settings.fluency)
         top = int(scores.argmax())
         if float(scores[top]) > best:
             ids, best = trials[top], float(scores[top])
@@ -108,6 +109,6 @@ def _measured(model, hook, sae, latent: int, ids: torch.Tensor, embed, terms: tu
     w, b, prefix, fluency = terms
     onehot = torch.nn.functional.one_hot(ids, model.get_input_embeddings().weight.shape[0]).float()[None]
     with watch_activation(model, hook) as seen:
-        _, _, fluent = _objective(model, hook, w, b, embed(onehot), onehot, prefix, fluency)
+        _, fluent = _objective(model, hook, w, b, embed(onehot), onehot, prefix, fluency)
     activation = float(sae.encode(seen[0][:, -1].float())[0, latent])
     return Synthesized(ids.tolist(), activation, float(fluent), steps)

@@ -337,20 +337,15 @@ def heldout_metrics(
     stats = StreamingReconstructionStats(sae.d_in, sae.d_sae, sae.W_enc.device)
     # matryoshka: the squared error of each prefix of the dictionary on its own (the last is `fvu`)
     prefix_errors = {w: torch.zeros((), dtype=torch.float64, device=sae.W_enc.device) for w in sae.nested_widths()[:-1]}
-    bos = shards.manifest.bos_token_id
-    for lo in range(start, shards.n_tokens, batch_size):
-        idx = torch.arange(lo, min(lo + batch_size, shards.n_tokens))
-        if exclude_bos and bos is not None:
-            idx = idx[shards.tokens_at(idx) != bos]
-        if len(idx):
-            x = shards.gather(idx).to(sae.W_enc.device, torch.float32)
-            if norm_limit is not None:
-                x = x[x.norm(dim=-1) <= norm_limit]
-            if len(x):
-                x_hat, codes = sae(x)
-                stats.update(x, x_hat, codes)
-                for w in prefix_errors:
-                    prefix_errors[w] += (x - sae.decode(codes[:, :w], stop=w)).pow(2).sum().double()
+    for idx in shards.position_chunks(start, shards.n_tokens, batch_size, exclude_bos):
+        x = shards.gather(idx).to(sae.W_enc.device, torch.float32)
+        if norm_limit is not None:
+            x = x[x.norm(dim=-1) <= norm_limit]
+        if len(x):
+            x_hat, codes = sae(x)
+            stats.update(x, x_hat, codes)
+            for w in prefix_errors:
+                prefix_errors[w] += (x - sae.decode(codes[:, :w], stop=w)).pow(2).sum().double()
     if stats.n == 0:
         return {}
     return {

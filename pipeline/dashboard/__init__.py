@@ -88,6 +88,13 @@ def remove_dashboard_temporaries(out: Path) -> None:
     remove_stale_temporaries(out / "data")
 
 
+def index_rows(directory: Path) -> dict[int, dict]:
+    """The index rows (`summary`) of an analyzed dictionary's features directory by feature id; {} where
+    it is not analyzed."""
+    index = directory / INDEX_FILE
+    return {row["id"]: row for row in json.loads(index.read_text())["features"]} if index.exists() else {}
+
+
 def load_features(directory: str | Path) -> tuple[dict, list[dict]]:
     """(meta, full records of every feature) of an analyzed dictionary's features directory."""
     directory = Path(directory)

@@ -32,7 +32,7 @@ from scipy.optimize import linear_sum_assignment
 
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
-from pipeline.dashboard import INDEX_FILE
+from pipeline.dashboard import index_rows
 from pipeline.dashboard.pages import comparison_page
 from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
@@ -225,10 +225,7 @@ def _dashboard_link(out: Path, side: _Side, feature: int) -> str | None:
 
 def _index_rows(side: _Side) -> dict[int, dict]:
     """A side's dashboard index rows by feature id ({} where its dictionary is not analyzed)."""
-    if side.run is None:
-        return {}
-    index = side.run.features(side.dictionary.hook, side.dictionary.name) / INDEX_FILE
-    return {row["id"]: row for row in json.loads(index.read_text())["features"]} if index.exists() else {}
+    return index_rows(side.run.features(side.dictionary.hook, side.dictionary.name)) if side.run else {}
 
 
 STATUS_NAMES = ("kept", "shifted", "vanished")

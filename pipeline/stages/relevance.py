@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
 from pipeline.corpus import CorpusConfig
-from pipeline.dashboard import INDEX_FILE
+from pipeline.dashboard import index_rows
 from pipeline.dashboard.pages import relevance_page
 from pipeline.dictionaries import DictionaryError, check_model, find_dictionaries, one_dictionary
 from pipeline.fileio import atomic_write
@@ -102,13 +102,10 @@ def _ranked(estimate: TaskAttribution, top: int) -> tuple[list[dict], list[dict]
     return needed, in_the_way
 
 
-def _fires_on(run: RunDir, hook: str, name: str) -> tuple[str | None, dict[int, list[str]]]:
+def _fires_on(run: RunDir, hook: str, name: str) -> tuple[Path | None, dict[int, list[str]]]:
     """(the analyze dashboard's feature page, each feature's fires_on) where the dictionary is analyzed."""
-    index = run.features(hook, name) / INDEX_FILE
-    if not index.exists():
-        return None, {}
-    rows = json.loads(index.read_text())["features"]
-    return str(index.parent / "feature.html"), {r["id"]: r.get("fires_on", []) for r in rows}
+    rows = index_rows(run.features(hook, name))
+    return (run.feature_page(hook, name) if rows else None), {i: r.get("fires_on", []) for i, r in rows.items()}
 
 
 def rank_features(model_cfg: ModelConfig, corpus: CorpusConfig, cfg: RelevanceConfig, run_dir: str | Path,
@@ -122,11 +119,11 @@ def rank_features(model_cfg: ModelConfig, corpus: CorpusConfig, cfg: RelevanceCo
     hook, sae = validate_hooks(loaded.model, [d.hook])[0], d.sae.to(loaded.device).eval()
     windows, bos = task_windows(loaded, corpus, cfg), loaded.tokenizer.bos_token_id
     log.info("relevance of %s/%s for %s: %d windows of %d tokens", d.hook, d.name, corpus.name, *windows.shape)
-    estimate = attribution_patching(loaded.model, hook, sae, windows, bos, cfg.batch_size)
-    check_windows = windows[: max(1, cfg.check_tokens // cfg.context_length)]
-    on_check = attribution_patching(loaded.model, hook, sae, check_windows, bos, cfg.batch_size)
+    checked = max(1, cfg.check_tokens // cfg.context_length)  # the first windows: the check runs on them
+    on_check = attribution_patching(loaded.model, hook, sae, windows[:checked], bos, cfg.batch_size)
+    estimate = on_check.plus(attribution_patching(loaded.model, hook, sae, windows[checked:], bos, cfg.batch_size))
     sample = check_sample(on_check, cfg.check_features, cfg.seed)
-    true = ablation_effects(loaded.model, hook, sae, check_windows, bos, sample, cfg.batch_size)
+    true = ablation_effects(loaded.model, hook, sae, windows[:checked], bos, sample, cfg.batch_size)
     needed, in_the_way = _ranked(estimate, cfg.top)
     report = {"task": corpus.name, "sae": d.name, "hook": d.hook, "tokens": estimate.tokens, "loss": estimate.loss,
               "needed": needed, "in_the_way": in_the_way, "check": _checked(sample, on_check, true, on_check.tokens),

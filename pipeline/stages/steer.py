@@ -71,13 +71,10 @@ def largest_activation(d: Dictionary, run: RunDir, loaded: LoadedModel, feature:
     """The feature's largest activation over the first `tokens` stored tokens at its hook (BOS left
     out, as training and analyze leave it)."""
     shards = shards_for(run, d.hook, loaded)
-    top, bos = 0.0, shards.manifest.bos_token_id
-    for lo in range(0, min(tokens, shards.n_tokens), 8192):
-        idx = torch.arange(lo, min(lo + 8192, tokens, shards.n_tokens))
-        idx = idx[shards.tokens_at(idx) != bos] if bos is not None else idx
-        if len(idx):
-            x = shards.gather(idx).to(loaded.device, torch.float32)
-            top = max(top, float(d.sae.encode(x)[:, feature].max()))
+    top = 0.0
+    for idx in shards.position_chunks(0, min(tokens, shards.n_tokens), 8192, exclude_bos=True):
+        x = shards.gather(idx).to(loaded.device, torch.float32)
+        top = max(top, float(d.sae.encode(x)[:, feature].max()))
     if top <= 0:
         raise SteeringError(
             f"feature {feature} never fires on the first {tokens} stored tokens, so relative scales mean "
