@@ -10,7 +10,9 @@
    tokenizer trained here on the embedded pydoc corpus; the embedded standard-library source corpus
    (large enough that the stream continues after the harvested windows); hook blocks.8.resid_post:
    harvest / the bare truncated forward (target >= 0.9), training from the model / the bare forward,
-   evaluate / the bare forward to logits.
+   evaluate / the bare forward to logits. Two diagnostics beside harvest: the same harvest with the
+   tokenizer on a thread (as before it moved to a worker process), and the shard writers alone on
+   synthetic shards of harvest's shape (the ceiling that hashing and the disk put on harvest).
 Prints one table; --json writes the figures. `--smoke` runs the same code at toy sizes on the CPU
 (a check of the script before GPU time is spent on it; its figures mean nothing).
 """
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 from bench_evaluate import bare_forward as bare_logits_forward
@@ -36,14 +40,16 @@ from pipeline.harvesting import HarvestConfig, harvest_activations
 from pipeline.hooks import validate_hooks
 from pipeline.metrics import token_variance
 from pipeline.models import ModelConfig, load_model
+from pipeline.prefetch import prefetch
 from pipeline.sae import SaeConfig, build_sae
-from pipeline.shards import ShardSet
+from pipeline.shards import ShardSet, ShardWriter, shard_name
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes
 from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
 from pipeline.training import Dist, TrainConfig, TrainingMember, make_step
 
 HOOK = "blocks.8.resid_post"
+CORPUS = CorpusConfig(name="stdlib_source", source="stdlib_source")
 
 
 @dataclass(frozen=True)
@@ -136,19 +142,47 @@ def llama_1b_like(sizes: Sizes, directory: Path) -> ModelConfig:
     return ModelConfig(name="llama-1b-shaped", path=str(directory), dtype="bfloat16", device=sizes.device)
 
 
+def timed_harvest(model_cfg: ModelConfig, loaded, cfg: HarvestConfig, run: Path) -> float:
+    start = time.perf_counter()
+    harvest_activations(model_cfg, CORPUS, cfg, run, loaded=loaded)
+    return time.perf_counter() - start
+
+
+def on_a_thread(make, size: int = 2):
+    """Harvest's read-ahead as it was before the worker process: the tokenizer on a thread."""
+    return prefetch(make(), size)
+
+
+def writers_alone(shape: tuple[int, int, int], shards: int, directory: Path) -> float:
+    """Seconds for harvest's shard writers (hash, write, fsync, rename) to write `shards` synthetic
+    bf16 shards of `shape` [windows, context, d_model]: no model, no tokenizer."""
+    tokens = torch.zeros(shape[:2], dtype=torch.int32)
+    acts = torch.randn(shape, dtype=torch.bfloat16)
+    writer = ShardWriter()
+    start = time.perf_counter()
+    for index in range(shards):
+        writer.submit(("writers", index), directory / shard_name(index), tokens, acts)
+    writer.close()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(directory)
+    return seconds
+
+
 def model_side(model_cfg: ModelConfig, sizes: Sizes, run: Path, tokens: int, train_tokens: int) -> dict:
     loaded = load_model(model_cfg)
-    corpus = CorpusConfig(name="stdlib_source", source="stdlib_source")
     harvest_cfg = HarvestConfig(hooks=[HOOK], tokens=tokens, batch_size=64, progress=False)
-    start = time.perf_counter()
-    harvest_activations(model_cfg, corpus, harvest_cfg, run, loaded=loaded)
-    harvest_s = time.perf_counter() - start
+    harvest_s = timed_harvest(model_cfg, loaded, harvest_cfg, run)
     shards = ShardSet(run / "activations" / HOOK)
     windows = shards.tokens_at(torch.arange(shards.n_tokens)).view(-1, shards.manifest.context_length)
     bare_s = bare_forward(loaded, validate_hooks(loaded.model, [HOOK]), windows, harvest_cfg.batch_size)
     n = windows.numel()
     figures = {"bare truncated forward": n / bare_s, "harvest": n / harvest_s}
-    source = ModelSource(model_cfg, corpus, harvest_cfg)
+    with mock.patch("pipeline.harvesting.prefetch_process", on_a_thread):
+        figures["harvest, tokenizer on a thread"] = n / timed_harvest(model_cfg, loaded, harvest_cfg, run.with_name("thread"))
+    shutil.rmtree(run.with_name("thread"))
+    shape = (harvest_cfg.sequences_per_shard, harvest_cfg.context_length, loaded.d_model)
+    figures["shard writers alone"] = n / writers_alone(shape, len(shards.manifest.shards), run.with_name("writers"))
+    source = ModelSource(model_cfg, CORPUS, harvest_cfg)
     held = shards.n_tokens // 8  # the last eighth of the stored windows: held out, evaluated on
     cfg = TrainConfig(hook=HOOK, source="model", tokens=train_tokens, batch_size=sizes.batch, holdout_tokens=held,
                       device=sizes.device, progress=False)  # fmt: skip
@@ -168,26 +202,30 @@ def report(figures: dict, sizes: Sizes) -> None:
     print(f"TopK step, d_in {sizes.d_in}, {sizes.latents} latents, k {sizes.k}, batch {sizes.batch}, bf16 autocast (tokens/s):")
     step, model = figures.get("sae_step", {}), figures.get("model", {})
     for name, rate in step.items():
-        print(f"  {name:24}{rate:>12,.0f}")
+        print(f"  {name:32}{rate:>12,.0f}")
     if "sparsify" in step:
         print(f"  ours (signum) / sparsify: {step['ours (signum)'] / step['sparsify']:.2f}   (target >= 1.4)")
     print(f"Llama-3.2-1B-shaped model (random weights, bf16), {HOOK} (tokens/s):")
     for name, rate in model.items():
-        print(f"  {name:24}{rate:>12,.0f}")
+        print(f"  {name:32}{rate:>12,.0f}")
     if "evaluate" in model:
         forward, logits = model["bare truncated forward"], model["bare forward to logits"]
         print(f"  harvest / forward {model['harvest'] / forward:.2f} (target >= 0.9), train from the model / forward "
               f"{model['train from the model'] / forward:.2f}, evaluate / forward to logits {model['evaluate'] / logits:.2f}")  # fmt: skip
+        print(f"  diagnostics / forward: harvest with the tokenizer on a thread "
+              f"{model['harvest, tokenizer on a thread'] / forward:.2f}, shard writers alone {model['shard writers alone'] / forward:.2f}")  # fmt: skip
 
 
 def measure(name: str, work, figures: dict, json_path: Path | None) -> None:
     """Runs one section; a failure is printed and the next section still runs (device time is scarce)."""
+    start = time.perf_counter()
     try:
         figures[name] = work()
     except Exception:  # noqa: BLE001  (the traceback is the report)
         traceback.print_exc()
         figures[name] = {}
-    print(f"{name}: {figures[name]}", flush=True)
+    figures.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 1)
+    print(f"{name} ({figures['seconds'][name]} s): {figures[name]}", flush=True)
     if json_path:
         json_path.write_text(json.dumps(figures))
 
@@ -195,7 +233,7 @@ def measure(name: str, work, figures: dict, json_path: Path | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="SAE steps per measurement")
-    parser.add_argument("--tokens", type=int, default=1_048_576, help="tokens harvested")
+    parser.add_argument("--tokens", type=int, default=4_194_304, help="tokens harvested")
     parser.add_argument("--train-tokens", type=int, default=4_194_304, help="tokens trained from the model")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only-step", action="store_true", help="the SAE step alone")

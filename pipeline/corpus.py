@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import glob
+import itertools
 import logging
 import os
 import sys
@@ -212,8 +213,7 @@ def _token_batches(
     texts: Iterable[str], tokenizer, bos_policy: str, bos_id: int | None, eos_id: int | None, batch_docs: int
 ) -> Iterator[np.ndarray]:
     """The token ids of `batch_docs` documents at a time, each with its separator, as one int32 array
-    (numpy, not Python lists: tokenization runs on a thread beside the model forward, and the less
-    it holds the interpreter lock the less it slows the forward's Python)."""
+    (numpy, not Python lists: compact in memory and cheap to hand from harvest's tokenizing worker)."""
     batch: list[str] = []
 
     def flush() -> np.ndarray:
@@ -277,3 +277,9 @@ def pack_windows(
             f"the corpus holds {seen} tokens, fewer than one window of {context_length}; "
             "use a larger corpus or a smaller context_length"
         )
+
+
+def window_groups(windows: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """The windows `size` at a time, stacked: int32 [size, context_length] (the last group may be shorter)."""
+    while group := list(itertools.islice(windows, size)):
+        yield torch.stack(group)

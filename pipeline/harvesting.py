@@ -32,6 +32,7 @@ from pipeline.corpus import (
     load_documents,
     pack_windows,
     special_token_ids,
+    window_groups,
 )
 from pipeline.errors import PipelineError
 from pipeline.faults import kill_point
@@ -39,7 +40,7 @@ from pipeline.fileio import file_sha256, free_bytes, human_bytes, stale_temporar
 from pipeline.hooks import HookPoint, capture_activations, validate_hooks
 from pipeline.locks import exclusive
 from pipeline.models import DTYPES, LoadedModel, ModelConfig, dtype_name, load_model, resolve_dtype
-from pipeline.prefetch import prefetch
+from pipeline.prefetch import prefetch_process
 from pipeline.rundir import RunDir
 from pipeline.shards import (
     MANIFEST,
@@ -182,12 +183,6 @@ def _own_shard(name: str, cfg: HarvestConfig) -> bool:
     return name.startswith("shard-") and int(name[6:11]) % cfg.num_workers == cfg.worker
 
 
-def _shards_of_windows(windows: Iterator[torch.Tensor], per_shard: int) -> Iterator[torch.Tensor]:
-    """Group windows into int32 [n_seq, context_length] shard token tensors."""
-    while group := list(itertools.islice(windows, per_shard)):
-        yield torch.stack(group)
-
-
 def _completed_shard(
     run: RunDir, path: Path, tokens: torch.Tensor, d_model: int, dtype: torch.dtype, expected: str | None
 ) -> ShardRecord | None:
@@ -255,23 +250,45 @@ def forward_shard(
 ) -> dict[str, torch.Tensor]:
     """Run one shard's windows through the truncated model: {hook: [n_seq, context_length, d_model]}."""
     n_seq, context_length = tokens.shape
-    # on CUDA: page-locked memory, so copies run asynchronously and the next batch's forward overlaps them
+    # on CUDA: page-locked memory, so copies run asynchronously, beside the next batch's forward
     pinned = loaded.device.type == "cuda"
     out = {
         h.name: torch.empty(n_seq, context_length, loaded.d_model, dtype=dtype, pin_memory=pinned) for h in hooks
     }
-    sources = set()  # the devices copies come from (several under model.device_map)
+    copies = HostCopies()
     with torch.inference_mode():
         for start in range(0, n_seq, batch_size):
             ids = tokens[start : start + batch_size].to(loaded.device, dtype=torch.long, non_blocking=pinned)
             for name, acts in capture_activations(loaded.model, ids, hooks).items():
-                out[name][start : start + len(ids)].copy_(acts.to(dtype), non_blocking=pinned)
-                sources.add(acts.device)
+                copies.copy(out[name][start : start + len(ids)], acts.to(dtype))
             on_batch(ids.numel())
-    for device in sources:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    copies.wait()
     return out
+
+
+class HostCopies:
+    """Copies from the GPU into page-locked host memory on a side stream per device, so they overlap
+    the compute stream's next kernels instead of queueing between them; CPU sources copy at once."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def copy(self, host: torch.Tensor, source: torch.Tensor) -> None:
+        if source.device.type != "cuda":
+            host.copy_(source)
+            return
+        if source.device not in self._streams:
+            self._streams[source.device] = torch.cuda.Stream(source.device)
+        stream = self._streams[source.device]
+        stream.wait_stream(torch.cuda.current_stream(source.device))  # the kernels computing `source`
+        with torch.cuda.stream(stream):
+            host.copy_(source, non_blocking=True)
+        source.record_stream(stream)  # its memory is not reused before the copy has read it
+
+    def wait(self) -> None:
+        """Until every copy has landed."""
+        for stream in self._streams.values():
+            stream.synchronize()
 
 
 def corpus_windows(
@@ -373,9 +390,10 @@ def _write_shards(
     resumed = 0
     total = cfg.tokens // cfg.num_workers if cfg.tokens else None
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress)
+    # tokenization runs ahead in a worker process, overlapping the forward and the writers
+    shards = prefetch_process(lambda: window_groups(windows, cfg.sequences_per_shard))
     try:
-        # tokenization runs ahead on a thread, overlapping the forward and the writers
-        for index, tokens in enumerate(prefetch(_shards_of_windows(windows, cfg.sequences_per_shard))):
+        for index, tokens in enumerate(shards):
             if index % cfg.num_workers != cfg.worker:
                 continue
             kill_point("harvest.shard", index)
@@ -395,6 +413,7 @@ def _write_shards(
             for name, directory in dirs.items():
                 writer.submit((name, index), directory / shard_name(index), tokens, acts[name])
     finally:
+        shards.close()
         bar.close()
         writer.close()
     for (name, index), record in writer.records.items():
