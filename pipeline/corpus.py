@@ -213,7 +213,8 @@ def _token_batches(
     texts: Iterable[str], tokenizer, bos_policy: str, bos_id: int | None, eos_id: int | None, batch_docs: int
 ) -> Iterator[np.ndarray]:
     """The token ids of `batch_docs` documents at a time, each with its separator, as one int32 array
-    (numpy, not Python lists: compact in memory and cheap to hand from harvest's tokenizing worker)."""
+    (numpy, not Python lists: tokenization runs on a thread beside the model forward, and the less
+    it holds the interpreter lock the less it slows the forward's Python)."""
     batch: list[str] = []
 
     def flush() -> np.ndarray:

@@ -40,7 +40,7 @@ from pipeline.fileio import file_sha256, free_bytes, human_bytes, stale_temporar
 from pipeline.hooks import HookPoint, capture_activations, validate_hooks
 from pipeline.locks import exclusive
 from pipeline.models import DTYPES, LoadedModel, ModelConfig, dtype_name, load_model, resolve_dtype
-from pipeline.prefetch import prefetch_process
+from pipeline.prefetch import prefetch
 from pipeline.rundir import RunDir
 from pipeline.shards import (
     MANIFEST,
@@ -390,8 +390,8 @@ def _write_shards(
     resumed = 0
     total = cfg.tokens // cfg.num_workers if cfg.tokens else None
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress)
-    # tokenization runs ahead in a worker process, overlapping the forward and the writers
-    shards = prefetch_process(lambda: window_groups(windows, cfg.sequences_per_shard))
+    # tokenization runs ahead on a thread, overlapping the forward and the writers
+    shards = prefetch(window_groups(windows, cfg.sequences_per_shard))
     try:
         for index, tokens in enumerate(shards):
             if index % cfg.num_workers != cfg.worker:

@@ -4,9 +4,7 @@ A stage holds the lock of every output it writes (a hook's activations, a dictio
 a dashboard) while it writes it; a second process asking for the same lock stops at once with a
 message naming the process that holds it, while different outputs of one run directory are written
 side by side. The lock is a hidden file beside the output (`.<name>.lock`) locked with flock(2): the
-kernel releases it when its process ends, even by kill -9, so a lock never outlives its holder. A
-forked child (the tokenizing worker of harvest) closes its copies of the held locks at once, so a
-holder killed while its child still runs leaves no lock behind either.
+kernel releases it when its process ends, even by kill -9, so a lock never outlives its holder.
 """
 
 from __future__ import annotations
@@ -25,18 +23,6 @@ from pipeline.errors import PipelineError
 
 class LockedError(PipelineError, RuntimeError):
     """Another process is writing the same output."""
-
-
-_held: set[int] = set()  # the descriptors of the locks this process holds
-
-
-def _drop_inherited_locks() -> None:
-    for fd in _held:
-        os.close(fd)  # the parent's lock stays: it holds its own descriptor
-    _held.clear()
-
-
-os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def lock_file(target: Path, part: str = "") -> Path:
@@ -60,7 +46,6 @@ def exclusive(target: Path, what: str, part: str = "") -> Iterator[None]:
                 f"{what} is being written by {holder} (lock {path}); wait for it to finish, or stop it, "
                 "then run again"
             ) from None
-        _held.add(fd)
         os.ftruncate(fd, 0)
         since = time.strftime("%Y-%m-%d %H:%M:%S")
         command = " ".join(sys.argv)[:300]
@@ -69,5 +54,4 @@ def exclusive(target: Path, what: str, part: str = "") -> Iterator[None]:
         )
         yield
     finally:
-        _held.discard(fd)
         os.close(fd)  # releases the lock

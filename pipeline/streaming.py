@@ -28,20 +28,18 @@ import torch
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
-from pipeline.corpus import CorpusConfig, corpus_id, load_documents, window_groups
+from pipeline.corpus import CorpusConfig, corpus_id, load_documents
 from pipeline.errors import PipelineError
 from pipeline.harvesting import HarvestConfig, corpus_windows, harvest_activations
 from pipeline.hooks import HookPoint, capture_activations, validate_hooks
 from pipeline.models import DTYPES, LoadedModel, ModelConfig, load_model
-from pipeline.prefetch import prefetch_process
+from pipeline.prefetch import prefetch
 from pipeline.rundir import RunDir
 from pipeline.shards import MANIFEST, ShardSet
 from pipeline.splits import whole_windows
 from pipeline.training import Dist, TrainConfig, TrainError
 
 log = logging.getLogger(__name__)
-
-WINDOW_GROUP = 64  # windows per message from the tokenizing worker
 
 
 class StreamError(PipelineError, ValueError):
@@ -67,7 +65,7 @@ class ModelStream:
     progress: bool = False
     """Show a progress bar while a block's windows go through the model (training waits meanwhile)."""
     read_ahead: int = 1024
-    """Windows tokenized ahead in a worker process (a block's worth overlaps the previous block's forward)."""
+    """Windows tokenized ahead on a thread (a block's worth overlaps the previous block's forward)."""
     norm_limits: dict[str, float] | None = None
     """train.exclude_outliers: positions whose activation norm exceeds its hook's limit at any hook
     are left out (None: none are)."""
@@ -181,11 +179,8 @@ class WindowWalk:
 
     def __init__(self, stream: ModelStream):
         self._stream = stream
-        # tokenized in a worker process, a block's worth ahead, while the previous block goes through
-        # the model (in groups: one message per window would cost more than tokenizing it)
-        groups = prefetch_process(lambda: window_groups(stream.training_windows(), WINDOW_GROUP),
-                                  size=-(-stream.read_ahead // WINDOW_GROUP))  # fmt: skip
-        self._windows = (window for group in groups for window in group)
+        # tokenized on a thread, a block's worth ahead, while the previous block goes through the model
+        self._windows = prefetch(stream.training_windows(), size=stream.read_ahead)
         self._start = 0  # trained-on tokens before the current window
         self._current: tuple[torch.Tensor, torch.Tensor] | None = None  # (window, its positions)
 
