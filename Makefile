@@ -1,7 +1,7 @@
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-slow run run-full compare-demo bench bench-quality bench-matryoshka gpu-wheels lint format
+.PHONY: install test test-slow run run-full compare-demo track-demo bench bench-quality bench-matryoshka gpu-wheels lint format
 
 # torch first: `torch==2.13.0` resolves to the local CPU wheel on the dev machines (a normal build elsewhere);
 # installing anything that depends on torch before it would pull a multi-GB CUDA build.
@@ -36,6 +36,11 @@ compare-demo:
 	$(PYTHON) -m pipeline finetune experiment=compare_demo
 	$(PYTHON) -m pipeline all experiment=compare_demo
 	$(PYTHON) -m pipeline compare experiment=compare_demo
+
+track-demo:
+	$(PYTHON) -m pipeline all experiment=demo
+	$(PYTHON) -m pipeline finetune experiment=track_demo
+	$(PYTHON) -m pipeline track experiment=track_demo
 
 bench: .bench-venv/bin/python
 	$(PYTHON) bench/bench_harvest.py

@@ -110,8 +110,14 @@ def check_model(dictionaries: list[Dictionary], loaded: LoadedModel, force: bool
             )
 
 
+def _vocabulary(tokenizer_id: str) -> str:
+    """The vocabulary part of a tokenizer id (`<model>#vocab-<hash>`, models.py)."""
+    return tokenizer_id.rpartition("#")[2]
+
+
 def shards_for(run: RunDir, hook: str, loaded: LoadedModel) -> ShardSet:
-    """The run's harvested activations at `hook`, checked to come from this model's tokenizer."""
+    """The run's harvested activations at `hook`, checked to hold token ids of this model's vocabulary
+    (the stored windows are then the same text for it: a fine-tuned copy of the run's model reads them)."""
     directory = run.activations(hook)
     if not directory.is_dir():
         raise DictionaryError(
@@ -119,10 +125,10 @@ def shards_for(run: RunDir, hook: str, loaded: LoadedModel) -> ShardSet:
             f"harvest them first: python -m pipeline harvest run_dir={run.location} harvest.hooks=[{hook}]"
         )
     shards = run.shards(hook)
-    if shards.manifest.tokenizer_id != loaded.tokenizer_id:
+    if _vocabulary(shards.manifest.tokenizer_id) != _vocabulary(loaded.tokenizer_id):
         raise DictionaryError(
-            f"{shards.directory} was tokenized by {shards.manifest.tokenizer_id}, not by this model's "
-            f"tokenizer {loaded.tokenizer_id}; use the model the run was harvested with (model=...)"
+            f"{shards.directory} was tokenized by {shards.manifest.tokenizer_id}, whose vocabulary differs from "
+            f"this model's tokenizer {loaded.tokenizer_id}; use the model the run was harvested with (model=...)"
         )
     return shards
 

@@ -229,3 +229,7 @@ class RunDir:
     @property
     def comparison(self) -> Path:
         return self.root / "compare"
+
+    def tracking(self, name: str) -> Path:
+        """The track stage's output for one fine-tuning (named after its directory)."""
+        return self.root / "track" / name

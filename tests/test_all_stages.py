@@ -86,3 +86,17 @@ def test_experiment_presets_compose(experiment):
                       (AnalyzeConfig, cfg.analyze)):  # fmt: skip
         to_dataclass(cls, node)
     assert cfg.train.hook in cfg.harvest.hooks
+
+
+@pytest.mark.parametrize("config_name", ["finetune", "track"])
+def test_the_track_demo_preset_composes_for_its_stages(config_name):
+    from pipeline.config import to_dataclass
+    from pipeline.stages.finetune import FinetuneConfig
+    from pipeline.stages.track import TrackConfig
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=["experiment=track_demo"])
+    if config_name == "finetune":
+        assert to_dataclass(FinetuneConfig, cfg.finetune).save_every == 10
+    else:
+        assert to_dataclass(TrackConfig, cfg.track).checkpoints == cfg.finetune.out == "outputs/demo-finetune-steps"

@@ -138,3 +138,63 @@ def relevance_page(report: dict, link: str | None, fires_on: dict[int, list[str]
         "</body></html>",
     ]  # fmt: skip
     return "\n".join(parts)
+
+
+def sparkline(values: list[float], width: int = 120, height: int = 28) -> str:
+    """An inline SVG line through `values` (NaN points left out), scaled to their own range."""
+    points = [(i, v) for i, v in enumerate(values) if v == v]
+    if not points:
+        return ""
+    low, high = min(v for _, v in points), max(v for _, v in points)
+    span, steps = (high - low) or 1.0, max(1, len(values) - 1)
+    xy = " ".join(f"{2 + i * (width - 4) / steps:.1f},{height - 2 - (v - low) / span * (height - 4):.1f}" for i, v in points)
+    return (f"<svg width='{width}' height='{height}' style='vertical-align:middle'><polyline points='{xy}' "
+            "fill='none' stroke='#d35400' stroke-width='1.5'/></svg>")  # fmt: skip
+
+
+def _steps_table(steps: list[dict]) -> str:
+    keys = ("fvu", "ce_loss_score", "kl_div_with_sae", "l0", "mean_cosine")
+    curves = ["<b>over the steps</b>", *[sparkline([s[k] for s in steps]) for k in keys], "", "", "", ""]
+    rows = [[s["step"], *[f"{s[k]:.4f}" for k in keys[:3]], f"{s['l0']:.1f}", f"{s['mean_cosine']:.3f}", s["kept"],
+             s["shifted"], s["vanished"], s["appeared"]] for s in steps]  # fmt: skip
+    header = ["step", "FVU", "CE recovered", "KL", "L0", "mean cosine with θ₀", "kept", "shifted", "vanished", "appeared"]
+    return _table(header, [*rows, curves])
+
+
+def _trajectory_rows(rows: list[dict], link: str | None, describe: Callable[[int], dict | None]) -> list[list]:
+    out = []
+    for row in rows:
+        name = f"#{row['id']}"
+        freq, cos = row["frequency"], row["cosine"]
+        out.append([
+            f"<a href='{escape(link)}#{row['id']}'>{name}</a>" if link else name, meaning(describe(row["id"])),
+            escape(row["status"]), row["first_step"], f"{sparkline(freq)} {freq[0]:.3%} &rarr; {freq[-1]:.3%}",
+            f"{sparkline(cos)} {cos[-1]:.2f}", row["task_rank"] or "",
+        ])  # fmt: skip
+    return out
+
+
+def track_page(report: dict, link: str | None, describe: Callable[[int], dict | None]) -> str:
+    """The track stage's report as a page: the steps' metrics and curves, whether the task's features
+    moved, and the most changed features with their trajectories, linked to the dashboard (`link` +
+    '#id', None: not analyzed) with what each fires on (`describe`: its dashboard index row)."""
+    rel, settings = report["relevance"], report["settings"]
+    header = ["feature", "fires on (θ₀)", "status", "first changed at step", "frequency over the steps",
+              "cosine with θ₀ over the steps", "task relevance rank"]  # fmt: skip
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Features through fine-tuning</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{escape(report['sae'])} at {escape(report['hook'])} through {escape(report['checkpoints'])}</h1>",
+        f"<p>The dictionary trained on θ₀ applied to every step's activations on the same {report['positions']:,} "
+        f"held-out positions. A feature is kept while its activations keep a cosine of at least {settings['kept']} "
+        f"with θ₀'s, vanished once it fires at under {settings['vanished']} times its θ₀ frequency; a feature "
+        f"silent under θ₀ has appeared once it fires on {settings['appeared']} positions.</p>",
+        _steps_table(report["steps"]),
+        f"<h2>Did the task's features move?</h2><p>Of the {rel['top']} features {escape(report['task'])} relies on "
+        f"most under θ₀ (attribution patching over {rel['task_tokens']:,} tokens), "
+        f"{rel['moved_share_of_top_relevant']:.0%} moved by the last step, against {rel['moved_share_of_all']:.0%} "
+        f"of all features firing under θ₀. Spearman correlation of |attribution| with movement (1 - cosine): "
+        f"{rel['spearman_relevance_vs_movement']:.3f}.</p>",
+        "<h2>Most changed features</h2>", _table(header, _trajectory_rows(report["most_changed"], link, describe)),
+        "</body></html>",
+    ]  # fmt: skip
+    return "\n".join(parts)
