@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import save
+from tqdm.auto import tqdm
 
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
@@ -136,7 +137,7 @@ def _follow(run: RunDir, d: Dictionary, steps: list[tuple[int, ModelConfig]], co
             cfg: TrackConfig) -> tuple[list[dict], list[StepStats], TaskAttribution]:  # fmt: skip
     """Every step's metrics and feature statistics, and the task's attribution under θ₀."""
     records, stats, reference, task = [], [], None, None
-    for step, model_cfg in steps:
+    for step, model_cfg in tqdm(steps, desc="track", unit="step", disable=not cfg.progress):
         loaded = load_model(model_cfg)
         if reference is None:
             check_model([d], loaded, cfg.force, "track")
@@ -156,12 +157,13 @@ def _follow(run: RunDir, d: Dictionary, steps: list[tuple[int, ModelConfig]], co
 
 def _changed_rows(steps: list[int], stats: list[StepStats], statuses: torch.Tensor, first: torch.Tensor,
                   task: TaskAttribution, n: int) -> list[dict]:  # fmt: skip
-    """The n most changed features: moved furthest from θ₀ by the last step, the most frequent first."""
+    """The n most changed features by the last step, ordered by (1 - cosine) x their largest frequency
+    over the steps: the share of positions whose firing moved (a feature seen on one position first
+    would put noise on top)."""
     final = statuses[-1]
     changed = torch.nonzero((final == SHIFTED) | (final == VANISHED) | (final == APPEARED)).flatten()
-    movement = 1 - stats[-1].cosine.nan_to_num(0.0)
-    frequency = torch.stack([s.frequency for s in stats]).max(0).values
-    order = sorted(changed.tolist(), key=lambda f: (-round(float(movement[f]), 3), -float(frequency[f])))
+    moved = (1 - stats[-1].cosine.nan_to_num(0.0)) * torch.stack([s.frequency for s in stats]).max(0).values
+    order = changed[moved[changed].argsort(descending=True)].tolist()
     rank = torch.argsort(torch.argsort(task.effect, descending=True))
     return [{"id": f, "status": STATUS_NAMES[int(final[f])], "first_step": steps[int(first[f])],
              "frequency": [float(s.frequency[f]) for s in stats], "cosine": [float(s.cosine[f]) for s in stats],
