@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.attribution import encoder_terms, input_attribution, loss_contribution
-from pipeline.dashboard import load_features, write_dashboard
+from pipeline.dashboard import link_report, load_features, write_dashboard
 from pipeline.dashboard.pages import highlighted_examples
 from pipeline.dictionaries import DictionaryError
 from pipeline.hooks import validate_hooks
@@ -396,3 +396,18 @@ def test_a_dashboard_being_written_is_locked(trained_run, model_cfg, loaded, tmp
     held = exclusive(run / "features" / HOOK / "topk-k8-x4", "test")
     with held, pytest.raises(LockedError, match="the dashboard .*topk-k8-x4 is being written by process"):
         analyze_saes(model_cfg, _cfg(saes=["topk-k8-x4"]), run, OFF, loaded=loaded)
+
+
+@pytest.mark.browser
+def test_later_stages_pages_are_listed_on_the_dashboard_index(analyzed, tmp_path):
+    out = tmp_path / "dashboard"
+    shutil.copytree(analyzed[0]["topk-k8-x4"], out)
+    report = tmp_path / "relevance" / "task" / "relevance.html"
+    report.parent.mkdir(parents=True)
+    report.write_text("<html></html>")
+    link_report(out, "relevance/task", "what task relies on", report)
+    link_report(out, "relevance/task", "what task relies on (again)", report)  # replaces, not adds
+    dom = _browse(f"file://{out / 'index.html'}", tmp_path)
+    assert dom.count("what task relies on") == 1 and "(again)" in dom
+    assert 'href="../relevance/task/relevance.html"' in dom
+    assert link_report(tmp_path / "not-analyzed", "k", "t", report) is None

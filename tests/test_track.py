@@ -63,6 +63,7 @@ def test_a_fine_tuning_moves_features_and_the_page_shows_their_trajectories(trai
     html = page.read_text()
     assert f"href='../../features/{HOOK}/{SAE}/feature.html#{row['id']}'" in html and "<svg" in html
     assert "tok&lt;" in html  # what it fires on, from the dashboard, escaped
+    assert "../../../track/tuned/index.html" in (features / "data" / "reports.js").read_text()  # on the index
     tables = list((run / "wandb").glob("offline-run-*/files/media/table/most_changed*.table.json"))
     assert len(tables) == 1
 

@@ -5,6 +5,8 @@ files from a page, but load local scripts):
     data/features.js     SAE_DASHBOARD.index({"meta": ..., "features": [summary per feature]});
     data/chunk-NNN.js    SAE_DASHBOARD.chunk(NNN, [full record of features NNN*CHUNK ...]);
     data/vocab.js        SAE_DASHBOARD.vocab(["token text by id", ...]);
+    data/reports.js      SAE_DASHBOARD.reports([{"key", "title", "href"}, ...]);  (link_report: the pages
+                         later stages made of these features, e.g. a task's relevance ranking)
 features.json holds the same index as plain JSON and is written last: it marks the dashboard
 complete. `load_features(directory)` reads the records. Token texts are only ever inserted as text
 (textContent), never as markup. HTML made in Python (W&B tables, the comparison page): pages.py.
@@ -13,6 +15,7 @@ complete. `load_features(directory)` reads the records. Token texts are only eve
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -24,6 +27,7 @@ CHUNK = 256
 INDEX_FILE = "features.json"
 INDEX_PAGE = "index.html"  # the feature list
 FEATURE_PAGE = "feature.html"  # one feature: FEATURE_PAGE#<id>
+REPORTS_SCRIPT = "reports.js"  # under data/: link_report
 STATIC = Path(__file__).with_name("static")
 _WRAPPED = re.compile(r"^SAE_DASHBOARD\.\w+\((?:\d+, )?(.*)\);\s*$", re.S)
 
@@ -80,6 +84,20 @@ def write_dashboard(out: Path, meta: dict, chunks: Iterable[list[dict]], vocab: 
         atomic_write(out / page.name, page.read_bytes())
     atomic_write(out / INDEX_FILE, json.dumps(index).encode())
     return out / INDEX_PAGE
+
+
+def link_report(out: Path, key: str, title: str, page: Path) -> Path | None:
+    """List `page` (a later stage's page about these features) on the index of the dashboard in `out`,
+    under `title`; a report of the same `key` is replaced. Returns the file written (None where the
+    features are not analyzed)."""
+    if not (out / INDEX_FILE).exists():
+        return None
+    path = out / "data" / REPORTS_SCRIPT
+    reports = json.loads(_WRAPPED.match(path.read_text()).group(1)) if path.exists() else []
+    reports = [r for r in reports if r["key"] != key]
+    reports.append({"key": key, "title": title, "href": os.path.relpath(page, out)})
+    atomic_write(path, _js("reports", sorted(reports, key=lambda r: r["key"])))
+    return path
 
 
 def remove_dashboard_temporaries(out: Path) -> None:

@@ -32,7 +32,7 @@ from scipy.optimize import linear_sum_assignment
 
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
-from pipeline.dashboard import index_rows
+from pipeline.dashboard import index_rows, link_report
 from pipeline.dashboard.pages import comparison_page
 from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
@@ -275,7 +275,20 @@ def _write(out: Path, report: dict, matches: dict, classes: dict, overlap, drift
     page = comparison_page(report, lambda role, feature: _dashboard_link(out, sides[role], feature),
                            lambda role, feature: rows[role].get(feature))  # fmt: skip
     atomic_write(out / "index.html", page.encode())
+    _link_from_dashboards(out / "index.html", sides)
     return out / "index.html"
+
+
+def _link_from_dashboards(page: Path, sides: dict[str, _Side]) -> None:
+    """List the comparison on each analyzed side's dashboard index."""
+    for role, side in sides.items():
+        if side.run is None:
+            continue
+        other = sides["other" if role == "base" else "base"].dictionary
+        features = side.run.features(side.dictionary.hook, side.dictionary.name)
+        title = f"compared with {other.name} ({other.directory})"
+        if linked := link_report(features, f"compare/{page.parent}", title, page):
+            side.run.upload(linked)
 
 
 def _log_wandb(report: dict, cfg: CompareConfig, run: RunDir, wandb_cfg: WandbConfig | None) -> None:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
 from pipeline.corpus import CorpusConfig
-from pipeline.dashboard import index_rows
+from pipeline.dashboard import index_rows, link_report
 from pipeline.dashboard.pages import relevance_page
 from pipeline.dictionaries import DictionaryError, check_model, find_dictionaries, one_dictionary
 from pipeline.fileio import atomic_write
@@ -135,6 +135,9 @@ def rank_features(model_cfg: ModelConfig, corpus: CorpusConfig, cfg: RelevanceCo
     atomic_write(out / PAGE, relevance_page(report, link, fires_on).encode())
     for name in (REPORT, PAGE):
         run.upload(out / name)
+    if linked := link_report(run.features(d.hook, d.name), f"relevance/{corpus.name}", f"what {corpus.name} relies on",
+                             out / PAGE):  # fmt: skip
+        run.upload(linked)
     _log_wandb(report, run, wandb_cfg)
     log.info("relevance: estimate vs true removal r = %.3f over %d features -> %s", report["check"]["pearson"],
              len(sample), out / PAGE)  # fmt: skip

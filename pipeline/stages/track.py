@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
 from pipeline.corpus import CorpusConfig
-from pipeline.dashboard import index_rows
+from pipeline.dashboard import index_rows, link_report
 from pipeline.dashboard.pages import track_page
 from pipeline.dictionaries import Dictionary, DictionaryError, check_model, find_dictionaries, one_dictionary
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
@@ -204,6 +204,9 @@ def _write(out: Path, run: RunDir, d: Dictionary, report: dict, stats: list[Step
     atomic_write(out / PAGE, track_page(report, link, rows.get).encode())
     for name in (TENSORS, REPORT, PAGE):
         run.upload(out / name)
+    if linked := link_report(run.features(d.hook, d.name), f"track/{out.name}", f"through fine-tuning: {out.name}",
+                             out / PAGE):  # fmt: skip
+        run.upload(linked)
     return out / PAGE
 
 

@@ -44,9 +44,22 @@ window.SAE_DASHBOARD = (function () {
 
   // ------------------------------------------------------------ index page
 
+  function renderReports() {
+    // pages later stages made of these features (relevance, track, compare): link_report in Python
+    const nav = document.getElementById("reports");
+    if (!state.reports || !state.reports.length) return;
+    nav.appendChild(document.createTextNode("Reports: "));
+    state.reports.forEach((r, i) => {
+      if (i) nav.appendChild(document.createTextNode(" · "));
+      nav.appendChild(el("a", { href: r.href, text: r.title }));
+    });
+    nav.hidden = false;
+  }
+
   function renderIndex() {
     const meta = state.index.meta;
     setMeta(meta);
+    renderReports();
     document.getElementById("title").textContent = `Features of ${meta.sae}`;
     const rows = state.index.features;
     const body = document.querySelector("#features tbody");
@@ -428,6 +441,7 @@ window.SAE_DASHBOARD = (function () {
   return {
     vocab(v) { state.vocab = v; },
     index(data) { state.index = data; },
+    reports(list) { state.reports = list; },
     chunk(n, records) {
       state.chunks[n] = records;
       for (const then of state.waiting[n] || []) then(records);
