@@ -7,6 +7,8 @@ files from a page, but load local scripts):
     data/vocab.js        SAE_DASHBOARD.vocab(["token text by id", ...]);
     data/reports.js      SAE_DASHBOARD.reports([{"key", "title", "href"}, ...]);  (link_report: the pages
                          later stages made of these features, e.g. a task's relevance ranking)
+    data/explanations.js SAE_DASHBOARD.explanations({"<id>": {"explanation", "detection", "fuzzing"}});
+                         (the explain stage)
 features.json holds the same index as plain JSON and is written last: it marks the dashboard
 complete. `load_features(directory)` reads the records. Token texts are only ever inserted as text
 (textContent), never as markup. HTML made in Python (W&B tables, the comparison page): pages.py.
@@ -28,6 +30,7 @@ INDEX_FILE = "features.json"
 INDEX_PAGE = "index.html"  # the feature list
 FEATURE_PAGE = "feature.html"  # one feature: FEATURE_PAGE#<id>
 REPORTS_SCRIPT = "reports.js"  # under data/: link_report
+EXPLANATIONS_SCRIPT = "explanations.js"  # under data/: write_explanations
 STATIC = Path(__file__).with_name("static")
 _WRAPPED = re.compile(r"^SAE_DASHBOARD\.\w+\((?:\d+, )?(.*)\);\s*$", re.S)
 
@@ -84,6 +87,18 @@ def write_dashboard(out: Path, meta: dict, chunks: Iterable[list[dict]], vocab: 
         atomic_write(out / page.name, page.read_bytes())
     atomic_write(out / INDEX_FILE, json.dumps(index).encode())
     return out / INDEX_PAGE
+
+
+def load_vocab(directory: Path) -> list[str]:
+    """The token texts by id a dashboard shows (data/vocab.js)."""
+    return json.loads(_WRAPPED.match((Path(directory) / "data" / "vocab.js").read_text()).group(1))
+
+
+def write_explanations(out: Path, explanations: dict[int, dict]) -> Path:
+    """The explain stage's explanations and scores for the dashboard in `out` (data/explanations.js)."""
+    path = out / "data" / EXPLANATIONS_SCRIPT
+    atomic_write(path, _js("explanations", {str(k): v for k, v in explanations.items()}))
+    return path
 
 
 def link_report(out: Path, key: str, title: str, page: Path) -> Path | None:

@@ -44,6 +44,16 @@ window.SAE_DASHBOARD = (function () {
 
   // ------------------------------------------------------------ index page
 
+  function explanationOf(id) {
+    const e = state.explanations && state.explanations[String(id)];
+    return e ? e.explanation : "";
+  }
+
+  function explanationCell(id) {
+    const e = state.explanations && state.explanations[String(id)];
+    return el("td", { class: "snippet", text: e ? `${e.explanation} (${fmt(e.detection, 2)})` : "" });
+  }
+
   function renderReports() {
     // pages later stages made of these features (relevance, track, compare): link_report in Python
     const nav = document.getElementById("reports");
@@ -60,6 +70,7 @@ window.SAE_DASHBOARD = (function () {
     const meta = state.index.meta;
     setMeta(meta);
     renderReports();
+    document.getElementById("explanation-head").hidden = !state.explanations;
     document.getElementById("title").textContent = `Features of ${meta.sae}`;
     const rows = state.index.features;
     const body = document.querySelector("#features tbody");
@@ -73,7 +84,8 @@ window.SAE_DASHBOARD = (function () {
       const needle = filter.value.toLowerCase();
       return rows.filter((r) => (!hideSilent.checked || !r.silent) && (!onlyDetail.checked || r.detail) &&
         (!needle || r.top_tokens.concat(r.fires_on || []).some((t) => t.toLowerCase().includes(needle)) ||
-         [].concat(r.example).join("").toLowerCase().includes(needle)));
+         [].concat(r.example).join("").toLowerCase().includes(needle) ||
+         explanationOf(r.id).toLowerCase().includes(needle)));
     }
 
     function draw() {
@@ -90,7 +102,7 @@ window.SAE_DASHBOARD = (function () {
           el("td", {}, link, r.detail ? el("span", { class: "detail", title: "has attributions", text: " ◆" }) : ""),
           el("td", { text: percent(r.frequency) }),
           el("td", { text: fmt(r.mean_activation, 2) }), el("td", { text: fmt(r.max_activation, 2) }),
-          quoted(r.fires_on || []), quoted(r.top_tokens), example));
+          quoted(r.fires_on || []), quoted(r.top_tokens), example, state.explanations ? explanationCell(r.id) : null));
       }
       document.getElementById("count").textContent = `${list.length} features`;
       more.hidden = list.length <= shown;
@@ -257,6 +269,13 @@ window.SAE_DASHBOARD = (function () {
       `frequency ${percent(record.frequency)} (${record.count} of ${meta.tokens} tokens), ` +
       (record.top.length && record.top[0].outlier ? "peaks at an outlier position (⚠), " : "") +
       `mean activation ${fmt(record.mean_activation, 3)}, max ${fmt(record.max_activation, 3)}` }));
+    const explained = state.explanations && state.explanations[String(record.id)];
+    if (explained) {
+      main.appendChild(el("p", {}, el("b", { text: "Explanation: " }), document.createTextNode(explained.explanation),
+        el("span", { class: "small", text: ` (written by the explain stage's model; AUROC of a judge telling ` +
+          `activating texts from others: detection ${fmt(explained.detection, 2)}, marked firing tokens from ` +
+          `others: fuzzing ${fmt(explained.fuzzing, 2)}; 0.5 is chance)` })));
+    }
     if (record.silent) {
       main.appendChild(el("p", { text: "This feature never fired on the analyzed tokens." }));
     }
@@ -442,6 +461,7 @@ window.SAE_DASHBOARD = (function () {
     vocab(v) { state.vocab = v; },
     index(data) { state.index = data; },
     reports(list) { state.reports = list; },
+    explanations(byId) { state.explanations = byId; },
     chunk(n, records) {
       state.chunks[n] = records;
       for (const then of state.waiting[n] || []) then(records);
