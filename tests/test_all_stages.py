@@ -100,3 +100,15 @@ def test_the_track_demo_preset_composes_for_its_stages(config_name):
         assert to_dataclass(FinetuneConfig, cfg.finetune).save_every == 10
     else:
         assert to_dataclass(TrackConfig, cfg.track).checkpoints == cfg.finetune.out == "outputs/demo-finetune-steps"
+
+
+def test_all_stages_with_the_explain_step(tmp_path, trained_llama_dir):
+    from tests.test_explainers import chat_model_dir
+
+    explainer = chat_model_dir(trained_llama_dir, tmp_path / "explainer")
+    run_all(_config(tmp_path / "run", trained_llama_dir, "explain_after_analyze=true", "explain.features=2",
+                    "explain.explain_examples=3", "explain.score_examples=2", "explain.max_tokens=3",
+                    "explain.progress=false", "model@explainer_model=hub", f"explainer_model.path={explainer}",
+                    "explainer_model.dtype=float32", "explainer_model.device=cpu"))  # fmt: skip
+    report = tmp_path / "run" / "features" / "blocks.1.resid_post" / "topk-k8-x4" / "explanations.json"
+    assert len(json.loads(report.read_text())["features"]) == 2

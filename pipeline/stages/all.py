@@ -1,5 +1,6 @@
-"""`python -m pipeline all`: harvest -> train -> evaluate -> analyze on one composed configuration.
-The one module that imports other stages: it only runs them in order.
+"""`python -m pipeline all`: harvest -> train -> evaluate -> analyze (-> explain, with
+explain_after_analyze=true) on one composed configuration. The one module that imports other stages:
+it only runs them in order.
 
     python -m pipeline all experiment=demo
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig
 from pipeline.cli import stage_main
 from pipeline.dashboard import INDEX_PAGE
 from pipeline.rundir import RunDir
-from pipeline.stages import analyze, evaluate, harvest, train
+from pipeline.stages import analyze, evaluate, explain, harvest, train
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ def run_all(cfg: DictConfig) -> dict:
             continue
         log.info("---- %s", name)
         results[name] = stage.run(cfg)
+    if cfg.explain_after_analyze:
+        log.info("---- explain")
+        results["explain"] = {key: explain.run(cfg, *key.split("/", 1)) for key in results["analyze"]}
     run = RunDir.open(cfg.run_dir)
     lines = ["", f"done: {run.location}" + (f" (local mirror: {run.root})" if run.remote else "")]
     for key, path in results["analyze"].items():

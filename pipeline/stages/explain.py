@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -241,10 +241,13 @@ def _log_wandb(report: dict, run: RunDir, wandb_cfg: WandbConfig | None) -> None
     tracker.finish()
 
 
-def run(cfg: DictConfig) -> Path:
-    """The explain stage on a composed Hydra config."""
-    return explain_features(to_dataclass(ModelConfig, cfg.explainer_model), to_dataclass(ExplainConfig, cfg.explain),
-                            cfg.run_dir, to_dataclass(WandbConfig, cfg.wandb))  # fmt: skip
+def run(cfg: DictConfig, hook: str | None = None, sae: str | None = None) -> Path:
+    """The explain stage on a composed Hydra config (`hook` / `sae`: this dictionary, as `all` asks)."""
+    settings = to_dataclass(ExplainConfig, cfg.explain)
+    if sae is not None:
+        settings = replace(settings, hook=hook, sae=sae)
+    return explain_features(to_dataclass(ModelConfig, cfg.explainer_model), settings, cfg.run_dir,
+                            to_dataclass(WandbConfig, cfg.wandb))  # fmt: skip
 
 
 main = stage_main("explain", run)
