@@ -17,13 +17,15 @@ def step_dir(out: Path, step: int) -> Path:
 
 def finished_steps(out: Path) -> list[tuple[int, Path]]:
     """(step, model directory) of every complete intermediate step and of the final model, in order;
-    [] where `out` holds no finished fine-tuning."""
+    [] where `out` holds no finished fine-tuning. Steps a fine-tuning of other settings left are not
+    listed (their done marker holds those settings)."""
     steps = [
         (int(d.name.removeprefix("step-")), d)
         for d in sorted((out / CHECKPOINTS).glob("step-*"))
         if (d / DONE).exists()
     ]
     if (out / DONE).exists():
-        final = json.loads((out / DONE).read_text())["steps"]
-        steps = [s for s in steps if s[0] < final] + [(final, out)]
+        settings = (out / DONE).read_text()
+        final = json.loads(settings)["steps"]
+        steps = [s for s in steps if s[0] < final and (s[1] / DONE).read_text() == settings] + [(final, out)]
     return steps

@@ -10,8 +10,12 @@ def test_steps_are_listed_in_order_and_a_half_written_one_is_left_out(tmp_path):
         if done:
             (step_dir(out, step) / DONE).write_text("{}")
     assert finished_steps(out) == [(5, step_dir(out, 5)), (10, step_dir(out, 10))]
-    (out / DONE).write_text(json.dumps({"steps": 30}))
-    assert finished_steps(out)[-1] == (30, out)
+    settings = json.dumps({"steps": 30})
+    (out / DONE).write_text(settings)
+    assert finished_steps(out) == [(30, out)]  # the steps' markers hold other settings: another fine-tuning's
+    for step in (5, 10):
+        (step_dir(out, step) / DONE).write_text(settings)
+    assert finished_steps(out) == [(5, step_dir(out, 5)), (10, step_dir(out, 10)), (30, out)]
 
 
 def test_a_directory_without_fine_tuning_lists_nothing(tmp_path):

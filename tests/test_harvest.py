@@ -312,7 +312,7 @@ def test_command_line(tiny_model_dirs, text_corpus, tmp_path):
     usage = subprocess.run([sys.executable, "-m", "pipeline"], capture_output=True, text=True, timeout=60)
     assert (
         usage.returncode == 2
-        and "stages: all, analyze, compare, evaluate, finetune, harvest, relevance, steer, train" in usage.stderr
+        and "stages: all, analyze, compare, evaluate, explain, finetune, harvest, relevance, steer, track, train" in usage.stderr
     )
 
 

@@ -22,11 +22,11 @@ def _cfg(checkpoints, **kw) -> TrackConfig:
 
 def _unchanged_steps(model_dir, out):
     """A 'fine-tuning' whose steps 5 and 10 are θ₀ itself."""
-    for step in (5,):
-        shutil.copytree(model_dir, step_dir(out, step))
-        (step_dir(out, step) / DONE).write_text("{}")
+    settings = json.dumps({"steps": 10})
+    shutil.copytree(model_dir, step_dir(out, 5))
+    (step_dir(out, 5) / DONE).write_text(settings)
     shutil.copytree(model_dir, out, dirs_exist_ok=True)
-    (out / DONE).write_text(json.dumps({"steps": 10}))
+    (out / DONE).write_text(settings)
     return out
 
 

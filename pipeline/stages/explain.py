@@ -16,6 +16,7 @@ A re-run keeps the features already explained with the same explainer, prompt an
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -105,7 +106,8 @@ def _scoring_texts(record: dict, vocab: list[str], cfg: ExplainConfig) -> list[T
     """Activating texts across the activation range (the quantile groups', else top examples the explainer
     did not see), up to explain.score_examples, spread over the groups."""
     groups = [g["examples"] for g in record.get("quantile_groups") or [] if g["examples"]]
-    pool = [e for column in zip(*groups, strict=False) for e in column] if groups else record["top"][cfg.explain_examples :]
+    spread = [e for column in itertools.zip_longest(*groups) for e in column if e is not None]
+    pool = spread if groups else record["top"][cfg.explain_examples :]
     return record_texts(pool[: cfg.score_examples], vocab)
 
 

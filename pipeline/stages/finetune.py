@@ -14,6 +14,7 @@ import copy
 import itertools
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
 from pipeline.corpus import CorpusConfig, iter_texts, load_documents, pack_windows
 from pipeline.fileio import atomic_write
-from pipeline.finetune_checkpoints import DONE, step_dir
+from pipeline.finetune_checkpoints import CHECKPOINTS, DONE, step_dir
 from pipeline.locks import exclusive
 from pipeline.models import ModelConfig, load_model
 
@@ -100,6 +101,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         return out
     with exclusive(out, f"the fine-tuned model {out}"):
         done.unlink(missing_ok=True)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # steps of an earlier fine-tuning
         loaded = load_model(cfg.model)
 
         def save_step(step: int, model: torch.nn.Module) -> None:  # in the model's dtype, as the final one
