@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-PROMPT_VERSION = 1  # part of the explanations' identity: a change re-explains every feature
+PROMPT_VERSION = 2  # the prompts and how the scored texts are chosen: a change re-explains every feature
 MARK_SHARE = 0.4  # tokens at >= this share of a text's peak activation are the ones marked
 
 

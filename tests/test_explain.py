@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pipeline.explainers import LocalLanguageModel
 from pipeline.models import ModelConfig
@@ -81,3 +82,23 @@ def test_explain_on_the_command_line(analyzed_run, explainer, tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(json.loads((analyzed_run / "features" / HOOK / SAE / "explanations.json").read_text())["features"]) == 2
+
+
+def test_a_feature_that_fires_in_every_window_still_gets_texts_where_it_does_not(analyzed_run):
+    from pipeline.dashboard import load_features, load_vocab
+    from pipeline.dictionaries import find_dictionaries
+    from pipeline.rundir import RunDir
+    from pipeline.stages.explain import _silent_texts
+
+    run = RunDir.open(analyzed_run)
+    d = find_dictionaries(run, [SAE], None, False, "explain")[0]
+    directory = run.features(HOOK, SAE)
+    _, records = load_features(directory)
+    commonest = max(records, key=lambda r: r["frequency"])
+    shards = run.shards(HOOK)
+    with torch.no_grad():
+        windows_fired = [bool((d.sae.encode(shards.sequence(w)[1].float())[:, commonest["id"]] > 0).any())
+                         for w in range(16)]  # fmt: skip
+    assert all(windows_fired)  # no window is free of it: only quiet stretches can serve
+    texts = _silent_texts(run, d, [commonest["id"]], load_vocab(directory), _cfg(score_examples=4), length=6)
+    assert len(texts[commonest["id"]]) == 4 and all(len(t.tokens) == 6 for t in texts[commonest["id"]])

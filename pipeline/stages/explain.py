@@ -113,23 +113,28 @@ def _scoring_texts(record: dict, vocab: list[str], cfg: ExplainConfig) -> list[T
 
 def _silent_texts(run: RunDir, d: Dictionary, features: list[int], vocab: list[str], cfg: ExplainConfig,
                   length: int) -> dict[int, list[Text]]:  # fmt: skip
-    """Per feature, explain.score_examples texts of `length` tokens from stored windows where it never fires."""
+    """Per feature, explain.score_examples texts of `length` tokens in which it never fires: stretches of
+    stored windows (a frequent feature fires somewhere in every window, not in every stretch)."""
     shards = run.shards(d.hook)
     windows = min(cfg.negative_windows, shards.manifest.n_sequences)
-    fired = torch.zeros(windows, d.sae.d_sae, dtype=torch.bool)
-    tokens = []
+    columns = torch.tensor(features)
+    fired, tokens = [], []
     with torch.no_grad():
         for w in range(windows):
             ids, acts = shards.sequence(w)
-            fired[w] = (d.sae.encode(acts.float()) > 0).any(0)
+            fired.append(d.sae.encode(acts.float())[:, columns] > 0)  # [ctx, features]
             tokens.append(ids)
+    counts = torch.nn.functional.pad(torch.stack(fired).cumsum(1), (0, 0, 1, 0))  # [windows, ctx + 1, features]
+    quiet = counts[:, length:] == counts[:, :-length]  # [windows, starts, features]: no firing in [s, s + length)
+    quiet[:, 0] = False  # a text starts after BOS
     rng = random.Random(cfg.seed)
     out = {}
-    for f in features:
-        quiet = [w for w in range(windows) if not fired[w, f]]
-        picked = rng.sample(quiet, min(cfg.score_examples, len(quiet)))
-        starts = [rng.randrange(1, max(2, len(tokens[w]) - length)) for w in picked]  # after BOS
-        out[f] = [Text([vocab[i] for i in tokens[w][s : s + length].tolist()], [0.0] * length) for w, s in zip(picked, starts, strict=True)]
+    for j, f in enumerate(features):
+        candidates = torch.nonzero(quiet[:, :, j].any(1)).flatten().tolist()
+        picked = rng.sample(candidates, min(cfg.score_examples, len(candidates)))
+        starts = [rng.choice(torch.nonzero(quiet[w, :, j]).flatten().tolist()) for w in picked]
+        out[f] = [Text([vocab[i] for i in tokens[w][s : s + length].tolist()], [0.0] * length)
+                  for w, s in zip(picked, starts, strict=True)]  # fmt: skip
     return out
 
 
