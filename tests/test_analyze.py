@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.attribution import encoder_terms, input_attribution, loss_contribution
-from pipeline.dashboard import link_report, load_features, write_dashboard
+from pipeline.dashboard import link_report, load_features, write_dashboard, write_explanations
 from pipeline.dashboard.pages import highlighted_examples
 from pipeline.dictionaries import DictionaryError
 from pipeline.hooks import validate_hooks
@@ -411,3 +411,14 @@ def test_later_stages_pages_are_listed_on_the_dashboard_index(analyzed, tmp_path
     assert dom.count("what task relies on") == 1 and "(again)" in dom
     assert 'href="../relevance/task/relevance.html"' in dom
     assert link_report(tmp_path / "not-analyzed", "k", "t", report) is None
+
+
+@pytest.mark.browser
+def test_explanations_show_on_the_index_and_the_feature_page_as_text(analyzed, tmp_path):
+    out = tmp_path / "dashboard"
+    shutil.copytree(analyzed[0]["topk-k8-x4"], out)
+    write_explanations(out, {3: {"explanation": f"closing brackets {MARKUP}", "detection": 0.75, "fuzzing": 0.5}})
+    index_dom = _browse(f"file://{out / 'index.html'}", tmp_path)
+    assert "closing brackets" in index_dom and "(0.75)" in index_dom and "<img" not in index_dom
+    dom = _browse(f"file://{out / 'feature.html'}#3", tmp_path)
+    assert "Explanation: " in dom and "closing brackets" in dom and "fuzzing 0.50" in dom and "<img" not in dom

@@ -41,4 +41,3 @@ def test_closing_the_consumer_stops_the_reading_thread():
     items.close()
     assert finished.wait(timeout=10)  # the thread left the iterator instead of blocking forever
     assert len(produced) <= 5 + 2 + 2  # it read at most a queue's worth beyond what was taken
-
