@@ -98,9 +98,10 @@ def auroc(scores: list[float], labels: list[int]) -> float:
 
 def judged(scores: list[float], labels: list[int]) -> dict:
     """Balanced accuracy at P(Yes) > 0.5 and AUROC of a judge's P(Yes) over labelled items."""
-    said = [s > 0.5 for s in scores]
-    recall = [sum(a for a, y in zip(said, labels, strict=True) if y == c) if c else
-              sum(not a for a, y in zip(said, labels, strict=True) if y == c) for c in (1, 0)]  # fmt: skip
-    counts = [labels.count(1), labels.count(0)]
-    balanced = sum(r / n for r, n in zip(recall, counts, strict=True) if n) / max(1, sum(1 for n in counts if n))
+    recalls = []
+    for label in (1, 0):
+        said = [score > 0.5 for score, y in zip(scores, labels, strict=True) if y == label]
+        if said:
+            recalls.append(sum(s == bool(label) for s in said) / len(said))
+    balanced = sum(recalls) / len(recalls) if recalls else 0.0
     return {"accuracy": balanced, "auroc": auroc(scores, labels), "items": len(labels)}

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.corpus import CorpusConfig
+from pipeline.harvesting import HarvestConfig, corpus_windows
 from pipeline.hooks import HookPoint, splice_activations
+from pipeline.models import LoadedModel
 from pipeline.steering import feature_edit
 
 
@@ -43,6 +46,13 @@ class TaskAttribution:
         loss = (self.loss * self.predictions + other.loss * other.predictions) / max(1, predictions)
         return TaskAttribution(self.effect + other.effect, self.count + other.count, self.tokens + other.tokens,
                                loss, predictions)  # fmt: skip
+
+
+def task_windows(loaded: LoadedModel, corpus: CorpusConfig, context_length: int, tokens: int) -> torch.Tensor:
+    """The task corpus as windows [n, context_length], as harvest would cut them (the relevance and
+    track stages' task)."""
+    cut = HarvestConfig(context_length=context_length, tokens=tokens)
+    return torch.stack(list(corpus_windows(loaded, corpus, cut)))  # (a corpus shorter than a window says so)
 
 
 def _task_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

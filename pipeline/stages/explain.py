@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
-from pipeline.dashboard import INDEX_FILE, index_rows, load_features, load_vocab, write_explanations
+from pipeline.dashboard import INDEX_FILE, fires_on, load_features, load_vocab, write_explanations
 from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries, one_dictionary
 from pipeline.explainers import EndpointLanguageModel, LanguageModel, LocalLanguageModel
 from pipeline.explanations import (
@@ -162,14 +162,14 @@ def _earlier(path: Path, identity: dict, force: bool) -> dict[int, dict]:
     return {int(k): v for k, v in report["features"].items()} if report.get("identity") == identity else {}
 
 
-def _explain(lm: LanguageModel, records: dict[int, dict], features: list[int], vocab: list[str], rows: dict,
+def _explain(lm: LanguageModel, records: dict[int, dict], features: list[int], vocab: list[str],
              cfg: ExplainConfig) -> dict[int, dict]:  # fmt: skip
     """The explainer's sentence and the token list of each feature."""
     out = {}
     for f in tqdm(features, desc="explain", unit="feature", disable=not cfg.progress):
         shown = record_texts(records[f]["top"][: cfg.explain_examples], vocab)
         out[f] = {"explainer": lm.write(explanation_messages(shown), cfg.max_tokens) or "(nothing)",
-                  "tokens": token_list(rows.get(f, {}).get("fires_on", []))}  # fmt: skip
+                  "tokens": token_list(fires_on(records[f], vocab))}  # fmt: skip
     return out
 
 
@@ -208,7 +208,7 @@ def explain_features(explainer: ModelConfig, cfg: ExplainConfig, run_dir: str | 
     if not (directory / INDEX_FILE).exists():
         raise ExplainError(f"{d.hook}/{d.name} is not analyzed: run `python -m pipeline analyze run_dir={run.location}` first")
     _, records = load_features(directory)
-    vocab, rows, by_id = load_vocab(directory), index_rows(directory), {r["id"]: r for r in records}
+    vocab, by_id = load_vocab(directory), {r["id"]: r for r in records}
     features = _chosen(records, cfg)
     lm = _language_model(explainer, cfg)
     identity, path = _identity(lm, cfg), directory / REPORT
@@ -217,7 +217,7 @@ def explain_features(explainer: ModelConfig, cfg: ExplainConfig, run_dir: str | 
     log.info("explaining %d features of %s/%s with %s (%d kept from an earlier run)", len(todo), d.hook, d.name,
              lm.identity, len(features) - len(todo))  # fmt: skip
     if todo:
-        fresh = _explain(lm, by_id, todo, vocab, rows, cfg)
+        fresh = _explain(lm, by_id, todo, vocab, cfg)
         length = len(by_id[todo[0]]["top"][0]["ids"])
         negatives = _silent_texts(run, d, todo, vocab, cfg, length)
         _score_all(lm, fresh, by_id, negatives, vocab, cfg)

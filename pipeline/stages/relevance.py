@@ -30,10 +30,9 @@ from pipeline.dashboard import index_rows, link_report
 from pipeline.dashboard.pages import relevance_page
 from pipeline.dictionaries import DictionaryError, check_model, find_dictionaries, one_dictionary
 from pipeline.fileio import atomic_write
-from pipeline.harvesting import HarvestConfig, corpus_windows
 from pipeline.hooks import validate_hooks
 from pipeline.models import LoadedModel, ModelConfig, load_model
-from pipeline.relevance import TaskAttribution, ablation_effects, attribution_patching
+from pipeline.relevance import TaskAttribution, ablation_effects, attribution_patching, task_windows
 from pipeline.rundir import RunDir
 from pipeline.tracking import Tracker, WandbConfig
 
@@ -66,12 +65,6 @@ class RelevanceConfig:
     def __post_init__(self) -> None:
         check_settings(self, "relevance", RelevanceError, positive=("tokens", "context_length", "batch_size", "top",
                        "check_tokens"), non_negative=("check_features",))  # fmt: skip
-
-
-def task_windows(loaded: LoadedModel, corpus: CorpusConfig, cfg: RelevanceConfig) -> torch.Tensor:
-    """The task corpus as windows [n, context_length], as harvest would cut them."""
-    cut = HarvestConfig(context_length=cfg.context_length, tokens=cfg.tokens)
-    return torch.stack(list(corpus_windows(loaded, corpus, cut)))  # (a corpus shorter than a window says so)
 
 
 def _checked(sample: list[int], estimate: TaskAttribution, true: torch.Tensor, tokens: int) -> dict:
@@ -117,7 +110,7 @@ def rank_features(model_cfg: ModelConfig, corpus: CorpusConfig, cfg: RelevanceCo
     loaded = loaded or load_model(model_cfg)
     check_model([d], loaded, cfg.force, "relevance")
     hook, sae = validate_hooks(loaded.model, [d.hook])[0], d.sae.to(loaded.device).eval()
-    windows, bos = task_windows(loaded, corpus, cfg), loaded.tokenizer.bos_token_id
+    windows, bos = task_windows(loaded, corpus, cfg.context_length, cfg.tokens), loaded.tokenizer.bos_token_id
     log.info("relevance of %s/%s for %s: %d windows of %d tokens", d.hook, d.name, corpus.name, *windows.shape)
     checked = max(1, cfg.check_tokens // cfg.context_length)  # the first windows: the check runs on them
     on_check = attribution_patching(loaded.model, hook, sae, windows[:checked], bos, cfg.batch_size)

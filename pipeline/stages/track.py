@@ -38,10 +38,8 @@ from pipeline.dictionaries import Dictionary, DictionaryError, check_model, find
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
 from pipeline.fileio import atomic_write
 from pipeline.finetune_checkpoints import finished_steps
-from pipeline.harvesting import HarvestConfig, corpus_windows
-from pipeline.hooks import validate_hooks
 from pipeline.models import LoadedModel, ModelConfig, load_model
-from pipeline.relevance import TaskAttribution, attribution_patching
+from pipeline.relevance import TaskAttribution, attribution_patching, task_windows
 from pipeline.rundir import RunDir
 from pipeline.tracking import Tracker, WandbConfig
 from pipeline.trajectories import (
@@ -115,9 +113,8 @@ def model_steps(model_cfg: ModelConfig, checkpoints: Path) -> list[tuple[int, Mo
         )
     if len(steps) == 1:
         log.warning("%s holds the final model only: set finetune.save_every for the steps between", checkpoints)
-    step_model = lambda step, path: replace(model_cfg, name=f"{model_cfg.name}-step-{step}", path=str(path),  # noqa: E731
-                                            package=None, gguf_file=None, revision=None)  # fmt: skip
-    return [(0, model_cfg), *[(step, step_model(step, path)) for step, path in steps]]
+    return [(0, model_cfg), *[(step, replace(model_cfg, name=f"{model_cfg.name}-step-{step}", path=str(path),
+                                              package=None, gguf_file=None, revision=None)) for step, path in steps]]  # fmt: skip
 
 
 def _step_metrics(loaded: LoadedModel, run: RunDir, d: Dictionary, cfg: TrackConfig) -> dict:
@@ -125,12 +122,6 @@ def _step_metrics(loaded: LoadedModel, run: RunDir, d: Dictionary, cfg: TrackCon
     evaluated = evaluate_dictionaries(loaded, held_out(loaded, run, d.hook, [d], settings), [d], settings)
     row = summary_row(next(iter(evaluated.values()))[0])
     return {k: row[k] for k in _METRICS}
-
-
-def _task_attribution(loaded: LoadedModel, corpus: CorpusConfig, d: Dictionary, cfg: TrackConfig, ctx: int) -> TaskAttribution:
-    windows = torch.stack(list(corpus_windows(loaded, corpus, HarvestConfig(context_length=ctx, tokens=cfg.task_tokens))))
-    hook = validate_hooks(loaded.model, [d.hook])[0]
-    return attribution_patching(loaded.model, hook, d.sae, windows, loaded.tokenizer.bos_token_id, cfg.batch_size)
 
 
 def _follow(run: RunDir, d: Dictionary, steps: list[tuple[int, ModelConfig]], corpus: CorpusConfig,
@@ -147,7 +138,8 @@ def _follow(run: RunDir, d: Dictionary, steps: list[tuple[int, ModelConfig]], co
         if reference is None:
             reference = reference_codes(codes)
             codes = (z.to_dense() for z in reference)
-            task = _task_attribution(loaded, corpus, d, cfg, held.windows.shape[1])
+            windows = task_windows(loaded, corpus, held.windows.shape[1], cfg.task_tokens)
+            task = attribution_patching(loaded.model, held.hook, sae, windows, loaded.tokenizer.bos_token_id, cfg.batch_size)
         stats.append(step_stats(codes, reference))
         records.append({"step": step, "model": model_cfg.path or model_cfg.name, **_step_metrics(loaded, run, d, cfg)})
         log.info("step %d: FVU %.4f, CE recovered %.4f", step, records[-1]["fvu"], records[-1]["ce_loss_score"])
