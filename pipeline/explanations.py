@@ -97,11 +97,12 @@ def auroc(scores: list[float], labels: list[int]) -> float:
 
 
 def judged(scores: list[float], labels: list[int]) -> dict:
-    """Balanced accuracy at P(Yes) > 0.5 and AUROC of a judge's P(Yes) over labelled items."""
+    """Balanced accuracy at P(Yes) > 0.5 and AUROC of a judge's P(Yes) over labelled items (both NaN
+    where there are none: a feature with nothing to judge is left out of the means, not counted as 0)."""
     recalls = []
     for label in (1, 0):
         said = [score > 0.5 for score, y in zip(scores, labels, strict=True) if y == label]
         if said:
             recalls.append(sum(s == bool(label) for s in said) / len(said))
-    balanced = sum(recalls) / len(recalls) if recalls else 0.0
+    balanced = sum(recalls) / len(recalls) if recalls else float("nan")
     return {"accuracy": balanced, "auroc": auroc(scores, labels), "items": len(labels)}

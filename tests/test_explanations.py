@@ -27,6 +27,8 @@ def test_scores_of_a_judge():
     assert always_yes["accuracy"] == 0.5 and always_yes["auroc"] == 0.5 and always_yes["items"] == 4
     assert judged([0.9, 0.1, 0.2], [1, 0, 0])["accuracy"] == 1.0
     assert auroc([0.3], [1]) != auroc([0.3], [1])  # NaN: nothing to rank against
+    nothing = judged([], [])
+    assert nothing["accuracy"] != nothing["accuracy"] and nothing["items"] == 0  # NaN, not a score of 0
 
 
 def test_texts_from_dashboard_examples_and_the_token_list_baseline():
