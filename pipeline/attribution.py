@@ -9,8 +9,8 @@
                            heads, into pattern[dst, src] x (OV message from src . encoder direction)
   loss_contribution        the change in next-token loss at every position when the feature is removed
                            from the residual stream of the example (a real forward pass)
-All take the encoder direction w = W_enc[:, f] and its constant b = b_enc[f] - b_dec . w, so that
-pre-activation = x . w + b.
+All take the encoder direction w = W_enc[:, f] and its constant b (b_enc[f] - b_dec . w for an SAE,
+b_enc[f] for a transcoder), so that pre-activation = x . w + b.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pipeline.hooks import (
     prefix_layers,
     replay_prefix,
     splice_activations,
+    watch_activation,
 )
 
 _FINAL_NORMS = (
@@ -80,7 +81,8 @@ def logit_effects(model: nn.Module, directions: torch.Tensor) -> torch.Tensor:
 def encoder_terms(sae, latent: int) -> tuple[torch.Tensor, float]:
     """(w [d_in], b) with pre-activation = x . w + b for `latent`."""
     w = sae.W_enc[:, latent].detach().float()
-    return w, float(sae.b_enc[latent].detach() - sae.b_dec.detach().float() @ w)
+    with torch.no_grad():  # the pre-activation of a zero input is the constant
+        return w, float(sae.pre_acts(sae.b_dec.new_zeros(sae.d_in))[latent])
 
 
 # ---------------------------------------------------------------- input tokens
@@ -280,21 +282,24 @@ def loss_contribution(
     tokens: torch.Tensor,
     stored: torch.Tensor | None = None,
     last: int | None = None,
+    writes: HookPoint | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove `latent`'s contribution (activation x decoder row) from the stream at `hook` on every
     position of windows tokens [batch, seq] and run on: ([batch, seq] the latent's activation,
     [batch, n] change in the loss of predicting token t+1 at t; > 0: the feature helped), for the
     predictions at the `last` positions but one (all when None; n = last - 1 or seq - 1).
     `stored` [batch, seq, d_model]: the activations at a resid_pre / resid_post hook as this model
-    computes them; then no pass computes the layers before the hook."""
-    n_prefix = prefix_layers(hook)
+    computes them; then no pass computes the layers before the hook. A transcoder's latent is read at
+    `hook` and removed from the activations it predicts, at `writes`."""
+    at = writes or hook
     device = next(model.parameters()).device
     ids = tokens.to(device, torch.long)
     keep = {} if last is None else {"logits_to_keep": last}
-    clean_logits, x, kept = clean_pass(model, hook, ids, stored, **keep)
-    acts = sae.encode(x.float())[..., latent]  # [batch, seq]
+    with watch_activation(model, hook) if writes else contextlib.nullcontext([]) as read:
+        clean_logits, x, kept = clean_pass(model, at, ids, stored, **keep)
+    acts = sae.encode((read[0] if writes else x).float())[..., latent]  # [batch, seq]
     removed = (x.float() - acts[..., None] * sae.W_dec[latent].float()).to(x.dtype)
-    with splice_activations(model, hook, lambda _a: removed), replay_prefix(model, n_prefix, kept):
+    with splice_activations(model, at, lambda _a: removed), replay_prefix(model, prefix_layers(at), kept):
         ablated_logits = model(input_ids=ids, use_cache=False, **keep).logits
     targets = ids[:, -clean_logits.shape[1] :]
     nll_clean, others = M.next_token_losses(clean_logits, {"ablated": ablated_logits}, targets)

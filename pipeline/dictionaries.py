@@ -85,6 +85,11 @@ def find_dictionaries(
         used_at = hook or own_hook
         if used_at is None:
             raise DictionaryError(f"{directory}: cfg.json names no hook; set {stage}.hook=blocks.<L>.<point>")
+        if sae.transcodes and not sae.meta.get("hook_out"):
+            raise DictionaryError(
+                f"{directory}: a transcoder whose cfg.json names no hook_out (the activations it predicts); "
+                'add e.g. "hook_out": "blocks.3.mlp_out" to it'
+            )
         if own_hook is not None and own_hook != used_at and not force:
             raise DictionaryError(
                 f"{directory} was trained at {own_hook}, not at {stage}.hook={used_at}; using it elsewhere "

@@ -2,6 +2,7 @@
 (used by the evaluate stage, and by compare for its transfer table).
 
 For a group of dictionaries at one hook, on windows that training never saw (splits.py):
+(a group of transcoders reads one hook and is spliced in, measured and ablated at the one it predicts)
   - reconstruction and sparsity metrics (metrics.py) on the activations at the hook;
   - next-token CE of the clean model, of the model with x_hat spliced in at the hook, and with the
     activation zero- and mean-ablated; CE loss recovered and KL(clean || spliced), per token too.
@@ -16,6 +17,7 @@ computed once; attn_out/mlp_out ablations need their own forwards, shared by all
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -41,6 +43,7 @@ from pipeline.hooks import (
     replay_prefix,
     splice_activations,
     validate_hooks,
+    watch_activation,
 )
 from pipeline.models import LoadedModel
 from pipeline.rundir import RunDir
@@ -175,15 +178,14 @@ class _PerToken:
         return {k: float(v[self.counted].double().mean()) for k, v in self.of(name).items() if k != "counted"}
 
 
-def _spliced_logits(loaded, hook, saes, stats, x, replaced, kept, ids) -> dict[str, torch.Tensor]:
-    """Each dictionary's x_hat spliced in at the replaced positions: {name: logits [b, seq, vocab]};
-    the reconstruction statistics are updated on the way."""
+def _spliced_logits(loaded, hook, saes, stats, x, read, replaced, kept, ids) -> dict[str, torch.Tensor]:
+    """Each dictionary's x_hat of the activations `read` (transcoders; else x) spliced in for x at the
+    replaced positions: {name: logits [b, seq, vocab]}; the reconstruction statistics are updated on the way."""
     out = {}
     for name, sae in saes.items():
-        x_in = x[replaced].float()  # [tokens, d_model]
-        codes = sae.encode(x_in)
-        x_hat = sae.decode(codes)
-        stats[name].update(x_in, x_hat, codes)
+        x_in = read[replaced].float()  # [tokens, d_model]
+        x_hat, codes = sae(x_in)
+        stats[name].update(x[replaced].float(), x_hat, codes)
         spliced = x.clone()
         spliced[replaced] = x_hat.to(x.dtype)
         out[name] = _forward_with(loaded.model, hook, lambda _a, s=spliced: s, kept, ids)
@@ -206,8 +208,10 @@ def evaluate_hook(
     bos: int | None,
     cfg: EvaluationSettings,
     stored: Callable[[slice], torch.Tensor] | None = None,
+    reads: HookPoint | None = None,
 ) -> dict[str, dict]:
-    """Evaluate dictionaries at one hook on token windows [n_windows, ctx].
+    """Evaluate dictionaries at one hook on token windows [n_windows, ctx]; transcoders read the
+    activations at `reads` and are spliced in (and ablations done) at `hook`.
 
     `mean` is the mean-ablation value [d_model]; positions holding `bos` keep their clean activation
     and no prediction of `bos` is counted. `stored(rows)`, when given, returns the activations at a
@@ -238,14 +242,16 @@ def evaluate_hook(
         rows = slice(lo, lo + len(ids))
         replaced = replaced_all[rows].to(device)  # positions the dictionary (or an ablation) replaces
         x_stored = None if stored is None else stored(rows).to(loaded.dtype)
-        clean_logits, x, kept = clean_pass(loaded.model, hook, ids, x_stored, template)
+        with watch_activation(loaded.model, reads) if reads else contextlib.nullcontext([]) as read:
+            clean_logits, x, kept = clean_pass(loaded.model, hook, ids, x_stored, template)
+        read = read[0] if reads else x
         template = kept if stored is not None else None
         _check_finite(x, replaced, lo, hook)
         others = dict(constant) if constant is not None else {
             kind: _forward_with(loaded.model, hook, _ablation(value, replaced), kept, ids)
             for kind, value in (("zero", torch.zeros_like(mean)), ("mean", mean))
         }  # fmt: skip
-        others.update(_spliced_logits(loaded, hook, saes, stats, x, replaced, kept, ids))
+        others.update(_spliced_logits(loaded, hook, saes, stats, x, read, replaced, kept, ids))
         nll_clean, compared = M.next_token_losses(clean_logits, others, ids)
         per_token.store(rows, replaced[:, 1:], nll_clean, compared)
         bar.update(ids.numel())
@@ -308,12 +314,18 @@ def _metrics(st: M.StreamingReconstructionStats, loss: dict[str, float], n_predi
 class HeldOut:
     """The held-out windows a group of dictionaries at one hook is evaluated on."""
 
-    hook: HookPoint
+    hook: HookPoint  # where they are spliced in (a transcoder's output hook)
     shards: ShardSet
     first: int  # first window
     windows: torch.Tensor  # tokens [count, ctx]
     bos: int | None  # the token kept clean and not counted (None: every position counts)
     settings: dict  # what the output depends on besides weights, model and shards
+    reads: HookPoint | None = None  # transcoders: the hook they read (None: `hook`)
+
+    @property
+    def read_hook(self) -> HookPoint:
+        """Where the dictionaries read their input (their codes come from the activations there)."""
+        return self.reads or self.hook
 
     def output_hash(self, d: Dictionary, loaded: LoadedModel) -> str:
         return output_config_hash(d.sae, loaded, self.shards, self.settings)
@@ -322,12 +334,17 @@ class HeldOut:
 def held_out(
     loaded: LoadedModel, run: RunDir, hook_name: str, group: list[Dictionary], cfg: EvaluationSettings
 ) -> HeldOut:
-    """The run's held-out windows after every dictionary's training split, at `hook_name`."""
+    """The run's held-out windows after every dictionary's training split, at `hook_name` (where the
+    group reads; transcoders, all predicting one hook_out, are spliced in there)."""
+    outputs = {d.sae.meta.get("hook_out") for d in group}
+    if len(outputs) > 1:
+        raise EvaluationError(f"evaluate dictionaries that predict different hooks ({sorted(map(str, outputs))}) apart")
+    hook_out = outputs.pop()
     try:
-        hook = validate_hooks(loaded.model, [hook_name])[0]
+        reads, *writes = validate_hooks(loaded.model, [hook_name] + ([hook_out] if hook_out else []))
     except HookError as err:
         raise EvaluationError(f"cannot evaluate {[str(d.directory) for d in group]}: {err}") from err
-    shards = shards_for(run, hook_name, loaded)
+    shards = shards_for(run, writes[0].name if writes else hook_name, loaded)
     ctx = shards.manifest.context_length
     splits = [d.sae.meta.get("training_split_tokens") for d in group]
     start = evaluation_start(shards.n_tokens, ctx, splits, cfg.holdout_tokens)
@@ -337,7 +354,9 @@ def held_out(
     windows = shards.tokens_at(torch.arange(first * ctx, (first + count) * ctx)).view(count, ctx)
     bos = shards.manifest.bos_token_id if cfg.exclude_bos else None
     settings = {"windows": [first, count], "exclude_bos": cfg.exclude_bos, "format_version": FORMAT_VERSION}
-    return HeldOut(hook, shards, first, windows, bos, settings)
+    if writes:
+        return HeldOut(writes[0], shards, first, windows, bos, settings, reads=reads)
+    return HeldOut(reads, shards, first, windows, bos, settings)
 
 
 def _stored_activations(held: HeldOut, loaded: LoadedModel) -> Callable[[slice], torch.Tensor] | None:
@@ -395,7 +414,7 @@ def evaluate_dictionaries(
     saes = {d.name: d.sae for d in group}
     stored = _stored_activations(held, loaded)
     try:
-        results = evaluate_hook(loaded, held.hook, saes, held.windows, mean, held.bos, cfg, stored)
+        results = evaluate_hook(loaded, held.hook, saes, held.windows, mean, held.bos, cfg, stored, held.reads)
     except NonFiniteActivations as err:
         raise _located(err, held, stored is not None) from None
     tokens_per_s = held.windows.numel() / (time.perf_counter() - started)
@@ -408,7 +427,8 @@ def evaluate_dictionaries(
             "sae_dir": str(d.directory),
             "architecture": d.sae.cfg.architecture,
             "d_sae": d.sae.d_sae,
-            "hook": held.hook.name,
+            "hook": held.read_hook.name,
+            **({"hook_out": held.hook.name} if held.reads else {}),
             "model_id": loaded.model_id,
             "weights_hash": loaded.weights_hash,
             "corpus_id": held.shards.manifest.corpus_id,
@@ -439,7 +459,7 @@ def summary_row(report: dict) -> dict:
     perf = m["model_performance_preservation"]
     return {
         "label": report["sae"],
-        "hook": report["hook"],
+        "hook": report["hook"] + (f" -> {report['hook_out']}" if report.get("hook_out") else ""),
         "l0": m["sparsity"]["l0"],
         "fvu": m["reconstruction_quality"]["fvu"],
         "cossim": m["reconstruction_quality"]["cossim"],

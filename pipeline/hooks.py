@@ -5,11 +5,13 @@ architecture (Llama/Mistral/Qwen/Gemma, GPT-2, GPT-NeoX):
     resid_pre  = input of decoder layer L           (= hidden_states[L] of HF)
     attn_out   = what attention adds to the stream   (after Gemma-2's post-attention norm)
     resid_mid  = resid_pre + attn_out                 (input of the pre-MLP norm)
+    mlp_in     = the MLP's input: resid_mid after the pre-MLP norm, as the MLP sees it (transcoders read it)
     mlp_out    = what the MLP adds to the stream
     resid_post = output of decoder layer L           (= hidden_states[L+1], except the last layer,
                                                       where HF applies the final norm)
 `capture_activations` runs a truncated forward: it stops as soon as the deepest requested hook fired.
-`splice_activations` replaces an activation and lets the model compute on; `record_prefix` /
+`splice_activations` replaces an activation and lets the model compute on (`splice_transcoder`: the
+one at one hook by a function of the one at an earlier hook); `record_prefix` /
 `replay_prefix` / `clean_pass` let spliced passes skip the layers a splice cannot change.
 """
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 
-HOOK_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+HOOK_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out")
 RESIDUAL_POINTS = ("resid_pre", "resid_mid", "resid_post")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.([a-z_]+)$")
 
@@ -105,6 +107,8 @@ def resolve_hook(model: nn.Module, hook: HookPoint) -> tuple[nn.Module, str]:
         if sandwich:
             return layer.post_attention_layernorm, "output"
         return _child(layer, ("self_attn", "attn", "attention"), "attention"), "output"
+    if hook.point == "mlp_in":
+        return _child(layer, ("mlp",), "MLP"), "input"
     if hook.point == "mlp_out":
         if sandwich:
             return layer.post_feedforward_layernorm, "output"
@@ -260,6 +264,24 @@ def _splice_resid_mid(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def splice_transcoder(
+    model: nn.Module, reads: HookPoint, writes: HookPoint, predict: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, the activation at `writes` is replaced by `predict(activation at reads)` of
+    the same forward pass (e.g. a transcoder standing in for the MLP: reads mlp_in, writes mlp_out).
+    `reads` must fire before `writes`."""
+    with watch_activation(model, reads) as seen:
+
+        def replace(_activation: torch.Tensor) -> torch.Tensor:
+            if not seen:
+                raise HookError(f"{writes.name} fired before {reads.name}: a transcoder reads an earlier hook than it writes")
+            return predict(seen.pop())
+
+        with splice_activations(model, writes, replace):
+            yield
 
 
 def prefix_layers(hook: HookPoint) -> int:

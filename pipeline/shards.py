@@ -319,6 +319,25 @@ def read_shard_tokens(path: Path, header: dict[str, _TensorInfo] | None = None) 
     return torch.from_numpy(np.array(_memmap(path, info)))
 
 
+_WINDOW_FIELDS = ("model_id", "weights_hash", "context_length", "tokenizer_id", "bos_policy", "bos_token_id",
+                  "corpus_id", "sequences_per_shard")  # fmt: skip
+
+
+def check_same_windows(a: ShardSet, b: ShardSet) -> None:
+    """Raise ShardError unless `a` and `b` hold the activations of the same token windows, shard by shard
+    (two hooks of one harvest), so that one token index means the same token in both."""
+    ident_a, ident_b = a.manifest.identity(), b.manifest.identity()
+    differ = [f"{k}: {ident_a[k]!r} vs {ident_b[k]!r}" for k in _WINDOW_FIELDS if ident_a[k] != ident_b[k]]
+    counts = ([r.n_sequences for r in a.manifest.shards], [r.n_sequences for r in b.manifest.shards])
+    if counts[0] != counts[1]:
+        differ.append("their shards hold different numbers of windows")
+    if differ:
+        raise ShardError(
+            f"{a.directory} and {b.directory} do not hold the same token windows ({'; '.join(differ)}); "
+            f"harvest both hooks in one run: harvest.hooks=[{a.manifest.hook},{b.manifest.hook}]"
+        )
+
+
 class ShardSet:
     """Memory-mapped view of a shard directory: random access and shuffled training batches.
 
@@ -549,27 +568,36 @@ class ShardSet:
         mix_blocks: int = 256,
         start: int = 0,
         stop: int | None = None,
+        companions: tuple[ShardSet, ...] = (),
     ) -> Iterator[torch.Tensor]:
         """Chunks of a pseudo-random permutation of the token indices in [start, stop), bounded memory.
 
         The index range is cut into blocks of `block_tokens`; block order is permuted, then
         `mix_blocks` blocks at a time are merged and permuted token by token. Each chunk is a random
         sample spread over the whole range, and reads stay local enough for the page cache.
+        `companions`: shard sets of the same windows (other hooks) read at the same indices; on
+        object storage, their shards are downloaded along.
         """
         gen = torch.Generator().manual_seed(seed)
         stop = self.n_tokens if stop is None else stop
         blocks = torch.randperm((stop - start + block_tokens - 1) // block_tokens, generator=gen)
         for i in range(0, len(blocks), mix_blocks):
-            if self._cache is not None:  # remote: download this group's and the next one's shards
-                for block in blocks[i : i + 2 * mix_blocks].tolist():
-                    self.prefetch_range(start + block * block_tokens, min(stop, start + (block + 1) * block_tokens))
+            for shards in (self, *companions):
+                if shards._cache is not None:  # remote: download this group's and the next one's shards
+                    for block in blocks[i : i + 2 * mix_blocks].tolist():
+                        shards.prefetch_range(start + block * block_tokens, min(stop, start + (block + 1) * block_tokens))
             idx = (
                 start + blocks[i : i + mix_blocks, None] * block_tokens + torch.arange(block_tokens)
             ).flatten()
             idx = idx[idx < stop]
             yield idx[torch.randperm(len(idx), generator=gen)]
 
-    def iter_batches(
+    def iter_batches(self, batch_size: int, **order) -> Iterator[torch.Tensor]:
+        """One shuffled epoch of activation batches [batch_size, d_model] in the stored dtype, at the
+        token indices `batch_positions(batch_size, **order)` gives."""
+        return map(self.gather, self.batch_positions(batch_size, **order))
+
+    def batch_positions(
         self,
         batch_size: int,
         seed: int = 0,
@@ -580,8 +608,9 @@ class ShardSet:
         start: int = 0,
         stop: int | None = None,
         keep: torch.Tensor | None = None,
+        companions: tuple[ShardSet, ...] = (),
     ) -> Iterator[torch.Tensor]:
-        """One shuffled epoch of activation batches [batch_size, d_model] in the stored dtype.
+        """The token indices [batch_size] of one shuffled epoch of batches (see token_order).
 
         Deterministic for `seed`; `start_batch` skips ahead (for resuming). The last incomplete batch
         is dropped. With `exclude_bos`, positions holding the BOS token are left out, and with `keep`
@@ -591,7 +620,7 @@ class ShardSet:
         bos = self.manifest.bos_token_id
         carry = torch.empty(0, dtype=torch.long)
         produced = 0
-        for chunk in self.token_order(seed, block_tokens, mix_blocks, start, stop):
+        for chunk in self.token_order(seed, block_tokens, mix_blocks, start, stop, companions):
             if exclude_bos and bos is not None:
                 chunk = chunk[self.tokens_at(chunk) != bos]
             if keep is not None:
@@ -600,6 +629,6 @@ class ShardSet:
             n_full = len(chunk) // batch_size
             for b in range(n_full):
                 if produced >= start_batch:
-                    yield self.gather(chunk[b * batch_size : (b + 1) * batch_size])
+                    yield chunk[b * batch_size : (b + 1) * batch_size]
                 produced += 1
             carry = chunk[n_full * batch_size :]

@@ -43,6 +43,10 @@ class TrainConfig:
 
     hook: str = "blocks.9.resid_post"
     """Activations to train on: <run_dir>/activations/<hook>/, or the model's at that hook."""
+    hook_out: str | None = None
+    """Transcoders (sae=transcoder): the activations they predict from train.hook's, e.g.
+    blocks.L.mlp_out with train.hook=blocks.L.mlp_in (harvested in the same run). Other dictionaries
+    ignore it."""
     source: str = "shards"
     """shards (the harvested activations) | model (computed while training, none stored; streaming.py)."""
     buffer_tokens: int = 262_144
@@ -206,15 +210,17 @@ def _fired_anywhere(fired: torch.Tensor, dist: Dist) -> torch.Tensor:
 # ---------------------------------------------------------------- data
 
 
-def training_batches(
-    shards: ShardSet, cfg: TrainConfig, n_train: int, per_epoch: int, start_step: int, keep: torch.Tensor | None = None
-) -> Iterator[torch.Tensor]:
-    """Global batches [batch_size, d_in] of the first n_train tokens (where `keep`, when given) from
-    `start_step` on, epoch after epoch (each epoch reshuffled by its seed)."""
+def training_positions(
+    shards: ShardSet, cfg: TrainConfig, n_train: int, per_epoch: int, start_step: int,
+    keep: torch.Tensor | None = None, companions: tuple[ShardSet, ...] = (),
+) -> Iterator[torch.Tensor]:  # fmt: skip
+    """The token indices [batch_size] of the global batches of the first n_train tokens (where `keep`,
+    when given) from `start_step` on, epoch after epoch (each epoch reshuffled by its seed).
+    `companions`: other hooks' shard sets of the same windows, read at the same indices."""
     epoch, offset = divmod(start_step, per_epoch)
     block_tokens, mix_blocks = shards.shuffle_blocks(cfg.shuffle_shards)
     while True:
-        yield from shards.iter_batches(
+        yield from shards.batch_positions(
             cfg.batch_size,
             seed=cfg.seed + epoch,
             exclude_bos=cfg.exclude_bos,
@@ -223,20 +229,27 @@ def training_batches(
             mix_blocks=mix_blocks,
             stop=n_train,
             keep=keep,
+            companions=companions,
         )
         epoch, offset = epoch + 1, 0
 
 
-def input_sample(shards: ShardSet, n_train: int, n: int, cfg: TrainConfig, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """A random fp32 sample [n, d_in] of training tokens (for input scaling and b_dec init)."""
+def training_batches(
+    shards: ShardSet, cfg: TrainConfig, n_train: int, per_epoch: int, start_step: int, keep: torch.Tensor | None = None
+) -> Iterator[torch.Tensor]:
+    """Global batches [batch_size, d_in] at training_positions."""
+    return map(shards.gather, training_positions(shards, cfg, n_train, per_epoch, start_step, keep))
+
+
+def input_positions(shards: ShardSet, n_train: int, n: int, cfg: TrainConfig, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The token indices of a random sample of up to n training tokens (for input scaling and b_dec init)."""
     block_tokens, mix_blocks = shards.shuffle_blocks(cfg.shuffle_shards)
-    batch = next(
-        shards.iter_batches(
+    return next(
+        shards.batch_positions(
             min(n, n_train // 2), seed=cfg.seed + 10_000, exclude_bos=cfg.exclude_bos,
             block_tokens=block_tokens, mix_blocks=mix_blocks, stop=n_train, keep=keep,
         )  # fmt: skip
     )
-    return batch.float()
 
 
 # ---------------------------------------------------------------- one dictionary's training state
@@ -294,19 +307,20 @@ class TrainingMember:
 
 
 def make_step(m: TrainingMember, cfg: TrainConfig, dist: Dist, device: torch.device):
-    """The optimization step of one member: step(x [local batch, d_in], variance, sparsity warm-up)."""
+    """The optimization step of one member: step(x [local batch, d_in], variance, sparsity warm-up,
+    target): `target` [local batch, d_in] is what a transcoder predicts (`variance` is then its own)."""
     sae = m.sae
 
-    def forward(x, dead, variance, warm):
+    def forward(x, dead, variance, warm, *target):
         with cfg.autocast_context(device):
-            return sae.training_forward(x, dead, variance, warm)
+            return sae.training_forward(x, dead, variance, warm, *target)
 
     if cfg.compile:
         forward = torch.compile(forward)
 
-    def step(x: torch.Tensor, variance: torch.Tensor, warm: float) -> None:
+    def step(x: torch.Tensor, variance: torch.Tensor, warm: float, target: torch.Tensor | None = None) -> None:
         dead = m.since_fired >= cfg.dead_tokens
-        out = forward(x, dead, variance, warm)
+        out = forward(x, dead, variance, warm, *(() if target is None else (target,)))
         out.loss.backward()
         _average_gradients(sae, dist)
         if cfg.grad_clip:
@@ -328,24 +342,28 @@ def make_step(m: TrainingMember, cfg: TrainConfig, dist: Dist, device: torch.dev
 
 @torch.no_grad()
 def heldout_metrics(
-    sae: Sae, shards: ShardSet, start: int, exclude_bos: bool, batch_size: int = 4096, norm_limit: float | None = None
-) -> dict:
+    sae: Sae, shards: ShardSet, start: int, exclude_bos: bool, batch_size: int = 4096, norm_limit: float | None = None,
+    target: ShardSet | None = None,
+) -> dict:  # fmt: skip
     """FVU, L0 and the fraction of latents never active (`silent_fraction`) on the held-out tokens
     [start, end) (those with an activation norm up to `norm_limit`, when given); silent is stricter
     than dead (idle over the training window) for rare latents. A nested (matryoshka) dictionary adds
-    `prefix_fvu`: {prefix size: the FVU of its first latents alone}."""
+    `prefix_fvu`: {prefix size: the FVU of its first latents alone}. `target`: what a transcoder
+    predicts (the output hook's shards of the same windows); the FVU is of its prediction."""
     stats = StreamingReconstructionStats(sae.d_in, sae.d_sae, sae.W_enc.device)
     # matryoshka: the squared error of each prefix of the dictionary on its own (the last is `fvu`)
     prefix_errors = {w: torch.zeros((), dtype=torch.float64, device=sae.W_enc.device) for w in sae.nested_widths()[:-1]}
     for idx in shards.position_chunks(start, shards.n_tokens, batch_size, exclude_bos):
         x = shards.gather(idx).to(sae.W_enc.device, torch.float32)
+        y = x if target is None else target.gather(idx).to(sae.W_enc.device, torch.float32)
         if norm_limit is not None:
-            x = x[x.norm(dim=-1) <= norm_limit]
+            ordinary = x.norm(dim=-1) <= norm_limit
+            x, y = x[ordinary], y[ordinary]
         if len(x):
-            x_hat, codes = sae(x)
-            stats.update(x, x_hat, codes)
+            y_hat, codes = sae(x)
+            stats.update(y, y_hat, codes)
             for w in prefix_errors:
-                prefix_errors[w] += (x - sae.decode(codes[:, :w], stop=w)).pow(2).sum().double()
+                prefix_errors[w] += (y - sae.decode(codes[:, :w], stop=w)).pow(2).sum().double()
     if stats.n == 0:
         return {}
     return {

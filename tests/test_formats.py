@@ -13,16 +13,20 @@ from pipeline.sae.formats import FormatError, detect_format, write_saelens, writ
 
 D_IN = 12
 ARCHS = sorted(architectures())
+SAE_ARCHS = [a for a in ARCHS if not architectures()[a].transcodes]  # what SAELens' SAE formats hold
 
 
-def _sae(arch):
+def _sae(arch, skip=False):
     torch.manual_seed(0)
-    sae = build_sae(
-        SaeConfig(architecture=arch, expansion=4, k=5), D_IN, {"model_id": "m", "hook": "blocks.3.resid_post"}
-    )
+    meta = {"model_id": "m", "hook": "blocks.3.resid_post"}
+    if arch == "transcoder":
+        meta = {"model_id": "m", "hook": "blocks.3.mlp_in", "hook_out": "blocks.3.mlp_out"}
+    sae = build_sae(SaeConfig(architecture=arch, expansion=4, k=5, skip=skip), D_IN, meta)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.2)
         sae.b_dec.normal_(0, 0.2)
+        if skip:
+            sae.W_skip.normal_(0, 0.2)
         if sae.has_threshold:
             sae.threshold.uniform_(0.05, 0.3)
             if arch == "jumprelu":
@@ -51,16 +55,18 @@ def saelens_reference(directory, x):
 
 
 def sparsify_reference(directory, x):
-    """sparsify SparseCoder: ReLU(encoder(x - b_dec)), top-k, dense decode."""
+    """sparsify SparseCoder: ReLU(encoder(x - b_dec)) (a transcoder: of x), top-k, dense decode, + x W_skip^T."""
     cfg = json.loads((directory / "cfg.json").read_text())
     t = load_file(directory / "sae.safetensors")
-    pre = torch.nn.functional.linear(x - t["b_dec"], t["encoder.weight"], t["encoder.bias"]).relu()
+    x_in = x if cfg["transcode"] else x - t["b_dec"]
+    pre = torch.nn.functional.linear(x_in, t["encoder.weight"], t["encoder.bias"]).relu()
     values, idx = pre.topk(cfg["k"], dim=-1)
     z = torch.zeros_like(pre).scatter(-1, idx, values)
-    return z, z @ t["W_dec"] + t["b_dec"]
+    out = z @ t["W_dec"] + t["b_dec"]
+    return z, out + x @ t["W_skip"].T if cfg["skip_connection"] else out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 def test_saelens_both_ways(arch, tmp_path):
     sae, x = _sae(arch), torch.randn(32, D_IN)
     write_saelens(sae, tmp_path / "lens")
@@ -130,8 +136,40 @@ def test_sparsify_both_ways(tmp_path):
     torch.testing.assert_close(sae(x).x_hat, x_ref)
     back = Sae.load(tmp_path / "sp")
     torch.testing.assert_close(back(x).x_hat, sae(x).x_hat)
-    with pytest.raises(FormatError, match="TopK SAEs only"):
+    with pytest.raises(FormatError, match="TopK SAEs and transcoders only"):
         write_sparsify(_sae("relu"), tmp_path / "no")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoders_go_to_sparsify_and_back(skip, tmp_path):
+    """A transcoder (with its skip term) computes what sparsify's does from the written files; saved
+    under sparsify's hookpoint name `layers.<L>.mlp`, it reads back with its hooks."""
+    sae, x = _sae("transcoder", skip), torch.randn(32, D_IN)
+    directory = write_sparsify(sae, tmp_path / "layers.3.mlp")
+    z_ref, y_ref = sparsify_reference(directory, x)
+    torch.testing.assert_close(sae.encode(x), z_ref)
+    torch.testing.assert_close(sae(x).x_hat, y_ref)
+    back = Sae.load(directory)
+    assert back.transcodes and back.cfg.skip == skip
+    assert (back.meta["hook"], back.meta["hook_out"]) == ("blocks.3.mlp_in", "blocks.3.mlp_out")
+    torch.testing.assert_close(back(x).x_hat, y_ref)
+
+
+def test_transcoders_do_not_go_to_saelens(tmp_path):
+    with pytest.raises(FormatError, match="export it to sparsify instead"):
+        write_saelens(_sae("transcoder"), tmp_path / "lens")
+
+
+def test_hook_names_in_transformerlens_spelling(tmp_path):
+    """What the MLP reads is TransformerLens' ln2.hook_normalized; its hook_mlp_in is before the norm."""
+    sae = build_sae(SaeConfig(expansion=2, k=2), D_IN, {"hook": "blocks.1.mlp_in"})
+    write_saelens(sae, tmp_path / "lens")
+    assert json.loads((tmp_path / "lens" / "cfg.json").read_text())["metadata"]["hook_name"] == "blocks.1.ln2.hook_normalized"
+    assert Sae.load(tmp_path / "lens").meta["hook"] == "blocks.1.mlp_in"
+    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = "blocks.1.hook_mlp_in"
+    (tmp_path / "lens" / "cfg.json").write_text(json.dumps(cfg))
+    assert Sae.load(tmp_path / "lens").meta["hook"] == "blocks.1.resid_mid"
 
 
 def test_convert_command_line(tmp_path, capsys):

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from pipeline.hooks import (
     record_prefix,
     replay_prefix,
     splice_activations,
+    splice_transcoder,
     validate_hooks,
 )
 from tests.conftest import make_model
@@ -99,13 +102,50 @@ def test_invalid_hooks_list_the_valid_ones():
     model = make_model("gpt2", 100)
     with pytest.raises(HookError, match=r"layers 0\.\.2.*resid_pre\|resid_mid"):
         validate_hooks(model, ["blocks.3.resid_post"])
-    with pytest.raises(HookError, match="resid_pre, resid_mid, resid_post, attn_out, mlp_out"):
+    with pytest.raises(HookError, match="resid_pre, resid_mid, resid_post, attn_out, mlp_in, mlp_out"):
         validate_hooks(model, ["blocks.0.residual"])
     with pytest.raises(HookError, match="no hook points"):
         validate_hooks(model, [])
 
 
-@pytest.mark.parametrize("point", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlp_in_is_what_the_mlp_reads(arch):
+    """The normalized stream the MLP computes on: the MLP of mlp_in gives mlp_out."""
+    model = make_model(arch, 100)
+    ids = _ids()
+    acts = capture_activations(model, ids, validate_hooks(model, ["blocks.1.mlp_in", "blocks.1.mlp_out", "blocks.1.resid_mid"] if arch != "neox" else ["blocks.1.mlp_in", "blocks.1.mlp_out"]))
+    mlp_out = decoder_layers(model)[1].mlp(acts["blocks.1.mlp_in"])
+    if arch == "gemma2":  # the sandwich norm after the MLP is part of what it adds to the stream
+        mlp_out = decoder_layers(model)[1].post_feedforward_layernorm(mlp_out)
+    torch.testing.assert_close(mlp_out, acts["blocks.1.mlp_out"])
+    if arch != "neox":
+        assert not torch.allclose(acts["blocks.1.mlp_in"], acts["blocks.1.resid_mid"])  # after the norm
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_transcoder_splice_replaces_the_mlp(arch):
+    """Predicting mlp_out by the MLP itself changes nothing; by zero, it equals zero-ablating mlp_out."""
+    model = make_model(arch, 100)
+    ids = _ids()
+    reads, writes = validate_hooks(model, ["blocks.1.mlp_in", "blocks.1.mlp_out"])
+    layer = decoder_layers(model)[1]
+    mlp = copy.deepcopy(layer.mlp)  # without the hooks the splice puts on the model's own
+    if arch == "gemma2":
+        norm = copy.deepcopy(layer.post_feedforward_layernorm)
+    real = mlp if arch != "gemma2" else lambda x: norm(mlp(x))
+    clean = model(ids).logits
+    with splice_transcoder(model, reads, writes, real):
+        torch.testing.assert_close(model(ids).logits, clean)
+    with splice_activations(model, writes, torch.zeros_like):
+        ablated = model(ids).logits
+    with splice_transcoder(model, reads, writes, torch.zeros_like):
+        torch.testing.assert_close(model(ids).logits, ablated)
+    with pytest.raises(HookError, match="fired before"):
+        with splice_transcoder(model, writes, reads, torch.zeros_like):
+            model(ids)
+
+
+@pytest.mark.parametrize("point", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out"])
 def test_splicing_replaces_the_activation_downstream(point):
 
     model = make_model("llama", 100)

@@ -9,7 +9,7 @@ from pipeline.sae import Sae, SaeConfig, architectures, build_sae
 from pipeline.sae.sparse import sparse_decode, topk_encode
 
 D_IN = 24
-ARCHS = sorted(architectures())
+ARCHS = sorted(a for a, cls in architectures().items() if not cls.transcodes)  # the SAEs (transcoders below)
 BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")
 
 
@@ -221,6 +221,92 @@ def test_jumprelu_threshold_gets_gradient_from_the_l0_penalty():
     out = sae.training_forward(x, torch.zeros(sae.d_sae, dtype=torch.bool), token_variance(x))
     out.loss.backward()
     assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- transcoders
+
+
+def _transcoder(skip: bool):
+    sae = _sae("transcoder", skip=skip)
+    if skip:
+        with torch.no_grad():
+            sae.W_skip.normal_(0, 0.1)
+    return sae
+
+
+def _mlp_like(n=2048, seed=1):
+    """x and y = sparse features of x read out in another basis + a linear map of x (an MLP's two parts)."""
+    gen = torch.Generator().manual_seed(seed)
+    basis_in, basis_out = torch.randn(40, D_IN, generator=gen), torch.randn(40, D_IN, generator=gen)
+    codes = (torch.rand(n, 40, generator=gen) < 0.08) * torch.rand(n, 40, generator=gen) * 3
+    x = codes @ basis_in + 0.1 * torch.randn(n, D_IN, generator=gen)
+    return x, codes @ basis_out + x @ torch.randn(D_IN, D_IN, generator=gen) * 0.3
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_transcoder_predicts_its_target_as_written(skip, tmp_path):
+    """pre = x W_enc + b_enc (no b_dec), TopK codes, y_hat = z W_dec + b_dec (+ x W_skip); the training
+    loss is the FVU of the target (checked against dense autograd) plus AuxK; saved and loaded whole."""
+    sae = _transcoder(skip)
+    x, y = torch.randn(64, D_IN), torch.randn(64, D_IN)
+    pre = x @ sae.W_enc + sae.b_enc
+    values, idx = pre.topk(6, dim=1)
+    z = torch.zeros_like(pre).scatter(1, idx, values.clamp_min(0))
+    y_ref = z @ sae.W_dec + sae.b_dec + (x @ sae.W_skip if skip else 0)
+    torch.testing.assert_close(sae.encode(x), z)
+    torch.testing.assert_close(sae(x).x_hat, y_ref)
+    no_dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    out = sae.training_forward(x, no_dead, token_variance(y), 1.0, y)
+    reference = (y_ref - y).pow(2).sum(1).mean() / token_variance(y)
+    torch.testing.assert_close(out.loss, reference)
+    out.loss.backward()
+    fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    reference.backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="pass the output hook's activations"):
+        sae.training_forward(x, no_dead, token_variance(y))
+    loaded = Sae.load(sae.save(tmp_path))
+    assert loaded.transcodes and loaded.cfg.skip == skip
+    torch.testing.assert_close(loaded(x).x_hat, y_ref)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_folding_a_transcoders_two_scales(skip):
+    """Trained to map s_in x to s_out y, folded: raw x to raw y (the decoder rows stay unit norm)."""
+    sae, s_in, s_out = _transcoder(skip), 3.7, 0.4
+    x = torch.randn(16, D_IN)
+    scaled_hat = sae(x * s_in).x_hat
+    sae.fold_input_scale(s_in, s_out)
+    torch.testing.assert_close(sae(x).x_hat, scaled_hat / s_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae))
+
+
+def test_transcoders_learn_and_the_skip_term_takes_the_linear_part():
+    x, y = _mlp_like()
+    fvus = {}
+    for skip in (False, True):
+        sae = _sae("transcoder", skip=skip)
+        sae.init_from_data(y[:512])
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+        dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+        for step in range(200):
+            batch = slice((step * 256) % 2048, (step * 256) % 2048 + 256)
+            out = sae.training_forward(x[batch], dead, token_variance(y[batch]), 1.0, y[batch])
+            out.loss.backward()
+            sae.remove_parallel_decoder_grad()
+            opt.step()
+            opt.zero_grad()
+            sae.normalize_decoder()
+        fvus[skip] = float(out.terms["fvu"])
+    assert fvus[False] < 0.4 and fvus[True] < 0.8 * fvus[False]
+
+
+def test_skip_is_for_transcoders_only():
+    with pytest.raises(ValueError, match="sae.skip=true adds a skip term to a transcoder, but this is 'topk'"):
+        SaeConfig(architecture="topk", skip=True)
+    assert SaeConfig(architecture="transcoder", skip=True).default_name() == "transcoder-skip-k32-x16"
 
 
 def test_signum_and_schedule():

@@ -1,10 +1,11 @@
 """Sparse autoencoders: `from pipeline.sae import Sae; sae = Sae.load(directory)`.
 
 Architectures register themselves by name (`architecture` in cfg.json; `architectures()` lists
-them): relu, topk, batchtopk, jumprelu, matryoshka_batchtopk, one module each. `build_sae(cfg, d_in)` makes a fresh one.
+them): relu, topk, batchtopk, jumprelu, matryoshka_batchtopk and transcoder (which
+predicts another hook's activations), one module each. `build_sae(cfg, d_in)` makes a fresh one.
 """
 
-from pipeline.sae import batchtopk, jumprelu, matryoshka, relu, topk  # noqa: F401  (registers the architectures)
+from pipeline.sae import batchtopk, jumprelu, matryoshka, relu, topk, transcoder  # noqa: F401  (registers the architectures)
 from pipeline.sae.base import ForwardOutput, Sae, SaeConfig, TrainOutput, architectures
 
 

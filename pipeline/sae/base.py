@@ -40,7 +40,7 @@ class SaeConfig:
 
     architecture: str = "topk"
     """A registered architecture (`architectures()`): relu | topk | batchtopk | jumprelu |
-    matryoshka_batchtopk."""
+    matryoshka_batchtopk | transcoder."""
     d_in: int | None = None
     """Expected input width, checked against the activations; null takes it from them."""
     expansion: int = 16
@@ -63,6 +63,8 @@ class SaeConfig:
     matryoshka_widths: list[int] | None = None
     """matryoshka_batchtopk: the nested prefix sizes, increasing, the last d_sae; null: d_sae / 16,
     / 8, / 4, / 2 and d_sae."""
+    skip: bool = False
+    """transcoder: add a learned linear map of the input to the prediction (a skip transcoder)."""
     name: str | None = None
     """Directory name under sae/<hook>/; default like `topk-k32-x16`."""
 
@@ -76,6 +78,11 @@ class SaeConfig:
             positive=("expansion", "d_in", "d_sae", "k", "k_aux", "jumprelu_bandwidth", "jumprelu_init_threshold"),
             non_negative=("aux_coefficient", "l1_coefficient", "l0_coefficient"),
         )  # fmt: skip
+        if self.skip and not _REGISTRY[self.architecture].transcodes:
+            raise SaeConfigError(
+                f"sae.skip=true adds a skip term to a transcoder, but this is {self.architecture!r}; "
+                "drop it or choose sae=transcoder"
+            )
 
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
@@ -115,7 +122,7 @@ class SaeConfig:
             return self.name
         size = f"x{self.expansion}" if self.d_sae is None else f"d{self.d_sae}"
         sparsity = f"-k{self.k}" if _REGISTRY[self.architecture].uses_k else ""
-        return f"{self.architecture}{sparsity}-{size}"
+        return f"{self.architecture}{'-skip' if self.skip else ''}{sparsity}-{size}"
 
 
 class ForwardOutput(NamedTuple):
@@ -156,6 +163,9 @@ class Sae(nn.Module):
     """A `threshold` buffer [d_sae] is part of the weights (inference-time activation threshold)."""
     unit_norm_decoder: ClassVar[bool] = True
     """Decoder rows are kept at unit norm during training (normalize_decoder, parallel-grad removal)."""
+    transcodes: ClassVar[bool] = False
+    """Reads the activations at one hook and predicts those at another (`hook_out` in its metadata)
+    instead of reconstructing its input."""
 
     def __init_subclass__(cls, architecture: str, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -240,12 +250,15 @@ class Sae(nn.Module):
             self.W_dec.grad.sub_(parallel * self.W_dec)
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
-        """Make an SAE trained on `scale * x` act on raw x (codes shrink by `scale`, W_dec unchanged)."""
-        self.b_enc.div_(scale)
-        self.b_dec.div_(scale)
+    def fold_input_scale(self, scale: float, out_scale: float | None = None) -> None:
+        """Make a dictionary trained to map `scale * x` to `out_scale * y` (an SAE: y = x, one scale)
+        map raw x to raw y: codes shrink by out_scale, W_dec is unchanged."""
+        out_scale = scale if out_scale is None else out_scale
+        self.W_enc.mul_(scale / out_scale)
+        self.b_enc.div_(out_scale)
+        self.b_dec.div_(out_scale)
         if self.has_threshold:
-            self.threshold.div_(scale)
+            self.threshold.div_(out_scale)
 
     # ------------------------------------------------------------ files
 

@@ -10,7 +10,9 @@ standard | topk | jumprelu (a BatchTopK or Matryoshka BatchTopK SAE is saved for
     jumprelu: ReLU(pre) * (pre > threshold)
 sparsify: cfg.json (activation, expansion_factor, num_latents, k, ...) + sae.safetensors with
 encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec; encoding
-pre = (x - b_dec) @ encoder.weight^T + encoder.bias, then the k largest of ReLU(pre).
+pre = (x - b_dec) @ encoder.weight^T + encoder.bias, then the k largest of ReLU(pre). A transcoder
+(transcode: true) subtracts no b_dec, and with skip_connection adds x @ W_skip^T (W_skip [d_out, d_in]).
+SAELens' transcoders have ReLU or JumpReLU codes, never TopK ones, so ours export to sparsify only.
 
 Every difference is folded into the weights on import, so codes and reconstructions are unchanged.
 """
@@ -18,6 +20,7 @@ Every difference is folded into the weights on import, so codes and reconstructi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -104,7 +107,7 @@ def load_any(directory: Path, device: str | torch.device = "cpu") -> Sae:
 def _build(architecture: str, tensors: dict[str, torch.Tensor], k: int, meta: dict) -> Sae:
     d_sae, d_in = tensors["W_dec"].shape
     cls = architectures()[architecture]
-    cfg = SaeConfig(architecture=architecture, d_sae=d_sae, **({"k": k} if cls.uses_k else {}))
+    cfg = SaeConfig(architecture=architecture, d_sae=d_sae, skip="W_skip" in tensors, **({"k": k} if cls.uses_k else {}))
     with torch.device("meta"):  # no random initialisation for the file's tensors to overwrite
         sae = cls(cfg, d_in, meta)
     sae.to_empty(device="cpu")
@@ -115,21 +118,26 @@ def _build(architecture: str, tensors: dict[str, torch.Tensor], k: int, meta: di
 # ---------------------------------------------------------------- SAELens
 
 
+_TL_MLP_IN = "ln2.hook_normalized"  # TransformerLens' name of what the MLP reads (its hook_mlp_in is before the norm)
+
+
 def _tl_hook(hook: str | None) -> str | None:
     """Our hook name in TransformerLens' spelling (names of another grammar pass unchanged)."""
     try:
         point = parse_hook_name(hook or "")
     except HookError:
         return hook
-    return f"blocks.{point.layer}.{_TL_PREFIX}{point.point}"
+    return f"blocks.{point.layer}.{_TL_MLP_IN if point.point == 'mlp_in' else _TL_PREFIX + point.point}"
 
 
 def _our_hook(tl_hook: str | None) -> str | None:
     """A TransformerLens hook name in our spelling (names of another grammar pass unchanged)."""
+    # TransformerLens' hook_mlp_in is the stream before the pre-MLP norm: our resid_mid
+    tl_hook = (tl_hook or "").replace(f".{_TL_MLP_IN}", ".mlp_in", 1).replace(".hook_mlp_in", ".resid_mid", 1)
     try:
-        point = parse_hook_name((tl_hook or "").replace(f".{_TL_PREFIX}", ".", 1))
+        point = parse_hook_name(tl_hook.replace(f".{_TL_PREFIX}", ".", 1))
     except HookError:
-        return tl_hook
+        return tl_hook or None
     return point.name
 
 
@@ -179,6 +187,11 @@ def read_saelens(directory: Path) -> Sae:
 def write_saelens(sae: Sae, directory: Path) -> Path:
     """Write `sae` as an SAELens v6 inference SAE (BatchTopK and Matryoshka BatchTopK become jumprelu,
     as SAELens saves them)."""
+    if sae.transcodes:
+        raise FormatError(
+            "SAELens' transcoders compute ReLU or JumpReLU codes, and this transcoder's are TopK: no SAELens "
+            "format computes them; export it to sparsify instead (--to sparsify)"
+        )
     arch = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
             "matryoshka_batchtopk": "jumprelu"}[sae.architecture]  # fmt: skip
     config = {
@@ -208,17 +221,23 @@ def write_saelens(sae: Sae, directory: Path) -> Path:
 # ---------------------------------------------------------------- sparsify
 
 
+_SPARSIFY_MLP = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp$")  # a transcoder's hookpoint: the MLP module of layer L
+
+
 def read_sparsify(directory: Path) -> Sae:
-    """A sparsify SparseCoder directory (TopK, no skip connection) as a Sae."""
+    """A sparsify SparseCoder directory (TopK SAE, or transcoder with or without its skip term) as a Sae.
+    A transcoder saved under its hookpoint `layers.<L>.mlp` (as sparsify does) reads blocks.L.mlp_in
+    and predicts blocks.L.mlp_out."""
     config = _json(directory / CONFIG_FILE)
     if config.get("activation", "topk") != "topk":
         raise FormatError(
             f"{directory}: sparsify activation {config.get('activation')!r} is not supported (topk is)"
         )
-    for flag in ("skip_connection", "transcode", "multi_topk"):
+    transcode = bool(config.get("transcode"))
+    for flag in ("multi_topk", *(() if transcode else ("skip_connection",))):
         if config.get(flag):
             raise FormatError(
-                f"{directory}: sparsify {flag}=true has no equivalent here; only plain TopK SAEs convert"
+                f"{directory}: sparsify {flag}=true has no equivalent here; TopK SAEs and transcoders convert"
             )
     tensors = _tensors(directory / WEIGHTS_FILE)
     weights = {
@@ -227,13 +246,19 @@ def read_sparsify(directory: Path) -> Sae:
         "W_dec": tensors["W_dec"].float(),
         "b_dec": tensors["b_dec"].float(),
     }
-    return _build("topk", weights, int(config.get("k", 32)), {"converted_from": "sparsify"})
+    meta = {"converted_from": "sparsify"}
+    if transcode and config.get("skip_connection"):
+        weights["W_skip"] = tensors["W_skip"].float().t().contiguous()
+    if transcode and (layer := _SPARSIFY_MLP.search(directory.name)):
+        meta.update(hook=f"blocks.{layer.group(1)}.mlp_in", hook_out=f"blocks.{layer.group(1)}.mlp_out")
+    return _build("transcoder" if transcode else "topk", weights, int(config.get("k", 32)), meta)
 
 
 def write_sparsify(sae: Sae, directory: Path) -> Path:
-    """Write a TopK `sae` as a sparsify SparseCoder directory."""
-    if sae.architecture != "topk":
-        raise FormatError(f"sparsify stores TopK SAEs only; this one is {sae.architecture!r}")
+    """Write a TopK `sae` or a transcoder as a sparsify SparseCoder directory."""
+    if sae.architecture not in ("topk", "transcoder"):
+        raise FormatError(f"sparsify stores TopK SAEs and transcoders only; this one is {sae.architecture!r}")
+    skip = sae.transcodes and sae.cfg.skip
     config = {
         "activation": "topk",
         "expansion_factor": max(1, sae.d_sae // sae.d_in),
@@ -241,8 +266,8 @@ def write_sparsify(sae: Sae, directory: Path) -> Path:
         "num_latents": sae.d_sae,
         "k": sae.cfg.k,
         "multi_topk": False,
-        "skip_connection": False,
-        "transcode": False,
+        "skip_connection": skip,
+        "transcode": sae.transcodes,
         "d_in": sae.d_in,
     }
     tensors = {
@@ -250,6 +275,7 @@ def write_sparsify(sae: Sae, directory: Path) -> Path:
         "encoder.bias": sae.b_enc.detach().float().cpu(),
         "W_dec": sae.W_dec.detach().float().contiguous().cpu(),
         "b_dec": sae.b_dec.detach().float().cpu(),
+        **({"W_skip": sae.W_skip.detach().float().t().contiguous().cpu()} if skip else {}),
     }
     atomic_write(directory / WEIGHTS_FILE, safetensors_bytes(tensors))
     atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())

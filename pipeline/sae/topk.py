@@ -45,18 +45,33 @@ class TopKSae(Sae, architecture="topk"):
     def training_forward(
         self, x: torch.Tensor, dead_mask: torch.Tensor, variance: torch.Tensor, sparsity_scale: float = 1.0
     ) -> TrainOutput:
+        return self.topk_training(x, x, dead_mask, variance, self.b_dec)
+
+    def topk_training(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        dead_mask: torch.Tensor,
+        variance: torch.Tensor,
+        offset: torch.Tensor,
+        direct: torch.Tensor | None = None,
+    ) -> TrainOutput:
+        """TopK codes of x - offset, the loss of their reconstruction (+ `direct`) of target [batch, d_in]
+        (an SAE: x itself; a transcoder: another hook's activations) and AuxK."""
         k_aux = self.cfg.k_aux or self.d_in // 2
         n_dead = dead_mask.sum()
         use_aux = bool(n_dead > 0) and self.cfg.aux_coefficient > 0  # one host sync, only to skip work
         values, indices, aux_values, aux_indices = topk_encode(
-            x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, dead_mask if use_aux else None, k_aux
+            x, offset, self.W_enc, self.b_enc, self.cfg.k, dead_mask if use_aux else None, k_aux
         )
         x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
-        fvu = M.fvu(x, x_hat, variance)
+        if direct is not None:
+            x_hat = x_hat + direct
+        fvu = M.fvu(target, x_hat, variance)
         loss, terms = fvu, {"fvu": fvu.detach()}
         if use_aux:
             e_hat = sparse_decode(aux_values, aux_indices, self.W_dec)
-            aux = auxk_loss(x, x_hat, e_hat, n_dead, k_aux, variance)
+            aux = auxk_loss(target, x_hat, e_hat, n_dead, k_aux, variance)
             loss = loss + self.cfg.aux_coefficient * aux
             terms["auxk"] = aux.detach()
         active = values > 0

@@ -55,7 +55,7 @@ from pipeline.feature_stats import (
     decoder_neighbours,
     feature_pass,
 )
-from pipeline.hooks import HookPoint, validate_hooks
+from pipeline.hooks import HookPoint, parse_hook_name, validate_hooks
 from pipeline.locks import exclusive
 from pipeline.models import LoadedModel, ModelConfig, load_model
 from pipeline.rundir import RunDir
@@ -225,7 +225,7 @@ def _shown_examples(record: dict, limit: int | None) -> list[dict]:
 
 
 def _example_details(examples: list[dict], loaded: LoadedModel, hook, sae, latent: int, shards: ShardSet,
-                     tokens: torch.Tensor, stored: bool) -> None:  # fmt: skip
+                     tokens: torch.Tensor, stored: bool, writes: HookPoint) -> None:  # fmt: skip
     """Loss contributions and input attributions of `examples`, computed together on their windows cut
     after the furthest context: the model is causal, so the tokens after an example's own context
     change nothing in it."""
@@ -236,7 +236,8 @@ def _example_details(examples: list[dict], loaded: LoadedModel, hook, sae, laten
     end, first = int(ends.max()), max(1, min(e["start"] for e in examples))  # first: first token predicted
     ids = tokens[windows, :end]  # [n, end]
     acts = shards.gather((windows[:, None] * ctx + torch.arange(end)).flatten()).view(len(examples), end, -1) if stored else None
-    _, delta = loss_contribution(loaded.model, hook, sae, latent, ids, acts, last=end - first + 1)
+    _, delta = loss_contribution(loaded.model, hook, sae, latent, ids, acts, last=end - first + 1,
+                                 writes=writes if writes != hook else None)  # fmt: skip
     # by token index: the change in the loss of predicting that token (at the token before it); none for token 0
     loss = torch.cat([delta.new_zeros(len(examples), first), delta], dim=1).cpu()  # [n, end]
     w, b = encoder_terms(sae, latent)
@@ -249,17 +250,17 @@ def _example_details(examples: list[dict], loaded: LoadedModel, hook, sae, laten
         e["attribution"] = _round(attribution[i, e["start"] : ends[i]], 4)
 
 
-def _attach_details(
-    record: dict, loaded: LoadedModel, hook, sae, shards: ShardSet, tokens: torch.Tensor, cfg: AnalyzeConfig
-) -> None:
+def _attach_details(record: dict, loaded: LoadedModel, hook, sae, shards: ShardSet, tokens: torch.Tensor,
+                    cfg: AnalyzeConfig, writes: HookPoint) -> None:  # fmt: skip
     """Loss contributions and input attributions on the shown examples (DETAIL_BATCH at a time, those
-    of similar length together); components of the first top example."""
+    of similar length together); components of the first top example. `writes`: where the decoder
+    writes (a transcoder's output hook; else `hook`)."""
     latent = record["id"]
     w, b = encoder_terms(sae, latent)
     stored = stored_activations_match(shards, loaded, hook)
     examples = sorted(_shown_examples(record, cfg.detail_examples), key=lambda e: e["start"] + len(e["ids"]))
     for lo in range(0, len(examples), DETAIL_BATCH):
-        _example_details(examples[lo : lo + DETAIL_BATCH], loaded, hook, sae, latent, shards, tokens, stored)
+        _example_details(examples[lo : lo + DETAIL_BATCH], loaded, hook, sae, latent, shards, tokens, stored, writes)
     first = record["top"][0]
     if hook.on_residual_stream:
         parts = component_attribution(loaded.model, hook, tokens[first["window"], : first["position"] + 1],
@@ -433,11 +434,12 @@ def feature_records(
     plain = plain_outputs(loaded, hook, cfg.steer_prompts, cfg.steer_tokens) if detail and cfg.steer_scales else None
     bar = tqdm(total=len(detail), desc="detailed features", unit="feature", disable=not cfg.progress)
     records = []
+    writes = parse_hook_name(d.sae.meta["hook_out"]) if d.sae.transcodes else hook  # where the decoder writes
     for f in range(d.sae.d_sae):
         record = _record(f, tables, cfg)
         if f in detail and record["top"]:
-            _attach_details(record, loaded, hook, d.sae, shards, tables.tokens, cfg)
-            record["steering"] = _steering(record, loaded, hook, d.sae, plain, cfg)
+            _attach_details(record, loaded, hook, d.sae, shards, tables.tokens, cfg, writes)
+            record["steering"] = _steering(record, loaded, writes, d.sae, plain, cfg)
             record["synthesized"] = _synthesized(record, loaded, hook, d.sae, cfg)
             bar.update(1)
         records.append(record)
@@ -488,6 +490,7 @@ def _meta(
         "sae": d.name,
         "sae_dir": str(d.directory),
         "hook": d.hook,
+        **({"hook_out": d.sae.meta["hook_out"]} if d.sae.transcodes else {}),
         "model_id": loaded.model_id,
         "corpus_id": shards.manifest.corpus_id,
         "architecture": d.sae.cfg.architecture,

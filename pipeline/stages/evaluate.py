@@ -134,8 +134,9 @@ def evaluate_saes(
     check_model(dictionaries, loaded, cfg.force, "evaluate")
     tracker = Tracker(wandb_cfg or WandbConfig(), run.root, "evaluate", {"evaluate": asdict(cfg)}, group=run.location)
     reports: dict[str, dict] = {}
-    for hook_name in sorted({d.hook for d in dictionaries}):
-        group = [d for d in dictionaries if d.hook == hook_name]
+    # a group: the dictionaries at one hook that predict the same activations (transcoders: hook_out)
+    for hook_name, hook_out in sorted({(d.hook, d.sae.meta.get("hook_out") or "") for d in dictionaries}):
+        group = [d for d in dictionaries if (d.hook, d.sae.meta.get("hook_out") or "") == (hook_name, hook_out)]
         for name, report in _evaluate_hook_group(loaded, run, hook_name, group, cfg, tracker).items():
             reports[f"{hook_name}/{name}"] = report
     all_reports = collect_reports([run, *map(RunDir.open, cfg.compare_with)])

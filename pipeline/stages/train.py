@@ -44,9 +44,9 @@ from pipeline.models import ModelConfig, resolve_device
 from pipeline.optim import lr_multiplier
 from pipeline.prefetch import prefetch
 from pipeline.rundir import RunDir, config_hash
-from pipeline.sae import SaeConfig, build_sae
+from pipeline.sae import SaeConfig, architectures, build_sae
 from pipeline.sae.base import CONFIG_FILE, FORMAT_VERSION
-from pipeline.shards import ShardSet
+from pipeline.shards import ShardSet, check_same_windows
 from pipeline.splits import heldout_start
 from pipeline.streaming import ModelSource, ModelStream, model_stream, stored_for
 from pipeline.tracking import Tracker, WandbConfig
@@ -58,15 +58,15 @@ from pipeline.training import (
     global_variance,
     heldout_metrics,
     init_distributed,
-    input_sample,
+    input_positions,
     make_step,
-    training_batches,
+    training_positions,
 )
 
 log = logging.getLogger(__name__)
 
 _NOT_HASHED = {"log_every", "checkpoint_every", "checkpoint_minutes", "progress", "device", "compile"}  # change no result
-_HASHED_WHEN_SET = {"shuffle_shards", "exclude_outliers"}  # settings added later: left at null, earlier dictionaries stay current
+_HASHED_WHEN_SET = {"shuffle_shards", "exclude_outliers", "hook_out"}  # settings added later: left at null, earlier dictionaries stay current
 _SAE_HASHED_WHEN_SET = {"matryoshka_widths"}  # the same for the dictionaries' settings
 
 
@@ -78,6 +78,7 @@ class _Plan:
     cfg: TrainConfig  # with dead_tokens resolved
     sae_cfgs: list[SaeConfig]
     hooks: list[str]  # each dictionary's hook (train.hook unless its variant names another)
+    targets: list[str | None]  # what each dictionary predicts: train.hook_out for a transcoder, else None (its input)
     stored: dict[str, ShardSet]  # each hook's stored activations: the training split (source=shards), the held-out one
     stream: ModelStream | None  # source=model: where the training tokens come from
     n_train: int  # the first held-out token of the shards; source=shards trains on the tokens before it
@@ -116,9 +117,9 @@ class _Plan:
         return self.run.checkpoint(self.cfg.hook, self.config_hash)
 
 
-def _variant_configs(base: SaeConfig, cfg: TrainConfig) -> tuple[list[SaeConfig], list[str]]:
-    """The dictionaries to train and their hooks: `base` at train.hook, or each variant's overrides of
-    it (a variant's `hook` key puts it at another hook)."""
+def _variant_configs(base: SaeConfig, cfg: TrainConfig) -> tuple[list[SaeConfig], list[str], list[str | None]]:
+    """The dictionaries to train, their hooks and their targets: `base` at train.hook, or each
+    variant's overrides of it (a variant's `hook` key puts it at another hook)."""
     specs = [dict(v) for v in cfg.variants]
     hooks = [spec.pop("hook", cfg.hook) for spec in specs] or [cfg.hook]
     configs = [to_dataclass(SaeConfig, {**asdict(base), "name": None, **spec}) for spec in specs] or [base]
@@ -131,7 +132,22 @@ def _variant_configs(base: SaeConfig, cfg: TrainConfig) -> tuple[list[SaeConfig]
             "where one forward feeds them all; harvested activations are read one hook at a time, so run "
             "the train stage once per hook"
         )
-    return configs, hooks
+    return configs, hooks, _targets(configs, cfg)
+
+
+def _targets(configs: list[SaeConfig], cfg: TrainConfig) -> list[str | None]:
+    """train.hook_out for each transcoder, None for the others; checked to be set exactly when used."""
+    transcodes = [architectures()[c.architecture].transcodes for c in configs]
+    if any(transcodes) and cfg.hook_out is None:
+        raise TrainError(
+            "a transcoder predicts another hook's activations from train.hook's: set train.hook_out, e.g. "
+            "train.hook=blocks.3.mlp_in train.hook_out=blocks.3.mlp_out (harvest both in one run)"
+        )
+    if cfg.hook_out is not None and not any(transcodes):
+        raise TrainError(
+            f"train.hook_out={cfg.hook_out} is set, but no dictionary is a transcoder (sae=transcoder); drop it"
+        )
+    return [cfg.hook_out if t else None for t in transcodes]
 
 
 def _check_widths(configs: list[SaeConfig], d_in: int) -> None:
@@ -203,14 +219,17 @@ def _data_identity(stored: dict[str, ShardSet], stream: ModelStream | None) -> l
 
 def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: ModelSource | None = None) -> _Plan:
     """Check the settings against the activations and fix the split, the steps and the config hash."""
-    sae_cfgs, hooks = _variant_configs(sae_cfg, cfg)
+    sae_cfgs, hooks, targets = _variant_configs(sae_cfg, cfg)
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
+    read = hooks + [t for t in targets if t is not None]
     if cfg.source == "model":
-        stream, stored = model_stream(cfg, source, run, hooks, dist)
+        stream, stored = model_stream(cfg, source, run, read, dist)
     else:
-        stream, stored = None, {cfg.hook: run.shards(cfg.hook)}
+        stream, stored = None, {hook: run.shards(hook) for hook in dict.fromkeys(read)}
     shards = stored_for(stored, cfg.hook)
+    for other in stored.values():
+        check_same_windows(shards, other)
     _check_widths(sae_cfgs, shards.d_model)
     if cfg.batch_size % dist.world:
         raise TrainError(f"train.batch_size={cfg.batch_size} must be divisible by the {dist.world} processes")
@@ -232,15 +251,16 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
             "data": _data_identity(stored, stream),
         }
     )
-    return _Plan(run, cfg, sae_cfgs, hooks, stored, stream, n_train, per_epoch, total_steps, hash_, dist, device,
-                 outliers)  # fmt: skip
+    return _Plan(run, cfg, sae_cfgs, hooks, targets, stored, stream, n_train, per_epoch, total_steps, hash_, dist,
+                 device, outliers)  # fmt: skip
 
 
 def _input_samples(plan: _Plan, n: int = 16_384) -> dict[str, torch.Tensor]:
-    """fp32 training tokens {hook: [n, d_in]} for the input scales and the b_dec inits."""
-    cfg = plan.cfg
+    """fp32 training tokens {hook: [n, d_in]} (the same tokens at every hook) for the input scales and
+    the b_dec inits."""
     if plan.stream is None:
-        return {cfg.hook: input_sample(plan.shards, plan.n_train, n, cfg, plan.keep)}
+        idx = input_positions(plan.shards, plan.n_train, n, plan.cfg, plan.keep)
+        return {hook: shards.gather(idx).float() for hook, shards in plan.stored.items()}
     return {hook: x.float().cpu() for hook, x in plan.stream.sample(n).items()}
 
 
@@ -250,8 +270,9 @@ def _batches(plan: _Plan, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
     cfg, dist = plan.cfg, plan.dist
     local = dist.local_slice(cfg.batch_size)
     if plan.stream is None:
-        batches = training_batches(plan.shards, cfg, plan.n_train, plan.per_epoch, start_step, plan.keep)
-        return prefetch({cfg.hook: batch[local]} for batch in batches)
+        others = tuple(s for s in plan.stored.values() if s is not plan.shards)
+        positions = training_positions(plan.shards, cfg, plan.n_train, plan.per_epoch, start_step, plan.keep, others)
+        return prefetch({hook: s.gather(idx[local]) for hook, s in plan.stored.items()} for idx in positions)
     size = local.stop - local.start
     block = min(max(1, cfg.buffer_tokens // size), plan.total_steps) * size  # never more than training needs
     # on this thread: the forward competes with the SAE step for the same cores (CPU) or queues its
@@ -270,11 +291,12 @@ def _members(plan: _Plan) -> tuple[list[TrainingMember], dict[str, float]]:
         for hook, x in samples.items()
     }
     members = []
-    for c, hook in zip(plan.sae_cfgs, plan.hooks, strict=True):
-        meta = {"model_id": plan.shards.manifest.model_id, "hook": hook, "config_hash": plan.config_hash}
+    for c, hook, target in zip(plan.sae_cfgs, plan.hooks, plan.targets, strict=True):
+        meta = {"model_id": plan.shards.manifest.model_id, "hook": hook, "config_hash": plan.config_hash,
+                **({"hook_out": target} if target else {})}  # fmt: skip
         sae = build_sae(c, d_in, meta)
         sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
-        sae.init_from_data(samples[hook] * scales[hook])
+        sae.init_from_data(samples[target or hook] * scales[target or hook])  # b_dec: in the output's space
         members.append(TrainingMember(sae.to(plan.device), cfg))
     return members, scales
 
@@ -341,9 +363,9 @@ def _train_loop(
             first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
             warm = min(1.0, (step + 1) / max(1, cfg.sparsity_warmup * total))
             lr_mult = lr_multiplier(step, total, cfg.lr_warmup_steps, cfg.schedule(), cfg.lr_decay_start)
-            for m, hook, train_step in zip(members, plan.hooks, steps, strict=True):
+            for m, hook, target, train_step in zip(members, plan.hooks, plan.targets, steps, strict=True):
                 m.set_lr_multiplier(lr_mult)
-                train_step(xs[hook], variances[hook], warm)
+                train_step(xs[hook], variances[target or hook], warm, xs[target] if target else None)
             window_tokens += cfg.batch_size
             bar.update(1)
             done = step + 1
@@ -368,13 +390,14 @@ def _checkpoint_due(cfg: TrainConfig, done: int, last_checkpoint: float) -> bool
     return bool(by_steps or by_time)
 
 
-def _save(plan: _Plan, i: int, m: TrainingMember, scale: float) -> tuple[Path, dict]:
+def _save(plan: _Plan, i: int, m: TrainingMember, scales: dict[str, float]) -> tuple[Path, dict]:
     """Save dictionary i, acting on raw activations, with its held-out metrics."""
-    cfg = plan.cfg
+    cfg, hook, target = plan.cfg, plan.hooks[i], plan.targets[i]
     sae = copy.deepcopy(m.final_weights())
-    sae.fold_input_scale(scale)
-    limit = plan.norm_limit(plan.hooks[i])
-    metrics = heldout_metrics(sae, plan.stored[plan.hooks[i]], plan.n_train, cfg.exclude_bos, norm_limit=limit)
+    sae.fold_input_scale(scales[hook], scales[target or hook])
+    limit = plan.norm_limit(hook)
+    metrics = heldout_metrics(sae, plan.stored[hook], plan.n_train, cfg.exclude_bos, norm_limit=limit,
+                              target=plan.stored[target] if target else None)  # fmt: skip
     # dead (DESIGN.md): never active over the last `dead_tokens` training tokens
     metrics["dead_fraction"] = float((m.since_fired >= cfg.dead_tokens).float().mean())
     sae.meta.update(
@@ -382,7 +405,8 @@ def _save(plan: _Plan, i: int, m: TrainingMember, scale: float) -> tuple[Path, d
             "training_tokens": plan.total_steps * cfg.batch_size,
             "training_split_tokens": plan.n_train,
             "training_source": cfg.source,
-            "input_scale": scale,
+            "input_scale": scales[hook],
+            **({"output_scale": scales[target]} if target else {}),
             "metrics": metrics,
             **({"outlier_norm_limit": limit} if limit is not None else {}),
         }
@@ -431,7 +455,7 @@ def _train(plan: _Plan, wandb_cfg: WandbConfig | None) -> dict[str, Path]:
     saved = {}
     if plan.dist.rank == 0:
         for i, m in enumerate(members):
-            saved[plan.label(i)], metrics = _save(plan, i, m, scales[plan.hooks[i]])
+            saved[plan.label(i)], metrics = _save(plan, i, m, scales)
             tracker.summary({f"{plan.label(i)}/heldout_{k}": v for k, v in metrics.items()})
         _remove_checkpoint(plan)
     tracker.finish()

@@ -38,7 +38,7 @@ window.SAE_DASHBOARD = (function () {
 
   function setMeta(meta) {
     document.getElementById("meta").textContent =
-      `${meta.sae} at ${meta.hook} of ${meta.model_id} — ${meta.d_sae} features (${meta.silent_features} silent), ` +
+      `${meta.sae} at ${meta.hook}${meta.hook_out ? " → " + meta.hook_out : ""} of ${meta.model_id} — ${meta.d_sae} features (${meta.silent_features} silent), ` +
       `${meta.tokens.toLocaleString()} tokens of ${meta.corpus_id}`;
   }
 
