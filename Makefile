@@ -1,7 +1,7 @@
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-slow run run-full compare-demo track-demo bench bench-quality bench-matryoshka gpu-wheels lint format
+.PHONY: install test test-slow run run-full compare-demo track-demo transcoders bench bench-quality bench-matryoshka gpu-wheels lint format
 
 # torch first: `torch==2.13.0` resolves to the local CPU wheel on the dev machines (a normal build elsewhere);
 # installing anything that depends on torch before it would pull a multi-GB CUDA build.
@@ -41,6 +41,15 @@ track-demo:
 	$(PYTHON) -m pipeline all experiment=demo
 	$(PYTHON) -m pipeline finetune experiment=track_demo
 	$(PYTHON) -m pipeline track experiment=track_demo
+
+# Transcoders of SmolLM2's layer-9 MLP beside an SAE of its output, evaluated spliced in (~25 min on 2 CPU cores).
+transcoders:
+	$(PYTHON) -m pipeline harvest experiment=transcoders
+	$(PYTHON) -m pipeline train experiment=transcoders
+	$(PYTHON) -m pipeline train experiment=transcoders sae.architecture=topk train.hook=blocks.9.mlp_out \
+		train.hook_out=null 'train.variants=[]'
+	$(PYTHON) -m pipeline evaluate experiment=transcoders
+	$(PYTHON) -m pipeline analyze experiment=transcoders
 
 bench: .bench-venv/bin/python
 	$(PYTHON) bench/bench_harvest.py

@@ -216,7 +216,7 @@ def loaded(model_cfg):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, model_cfg, loaded):
-    """A run directory with 40 harvested windows at two hooks and a TopK dictionary (topk-k8-x4) at
+    """A run directory with 40 harvested windows at three hooks and a TopK dictionary (topk-k8-x4) at
     blocks.1.resid_post, from the trained tiny Llama (fp32). Stages add their outputs to it."""
     from pipeline.corpus import CorpusConfig
     from pipeline.harvesting import HarvestConfig, harvest_activations
@@ -230,13 +230,30 @@ def trained_run(tmp_path_factory, model_cfg, loaded):
     harvest_activations(
         model_cfg,
         corpus,
-        HarvestConfig(hooks=[HOOK, "blocks.1.mlp_out"], tokens=CTX * 40, context_length=CTX, progress=False),
+        HarvestConfig(hooks=[HOOK, "blocks.1.mlp_in", "blocks.1.mlp_out"], tokens=CTX * 40, context_length=CTX,
+                      progress=False),  # fmt: skip
         run_dir,
         loaded=loaded,
     )
     train = TrainConfig(hook=HOOK, batch_size=128, holdout_tokens=CTX * 8, epochs=3, progress=False,
                         checkpoint_every=0, lr=3e-3)  # fmt: skip
     train_saes(train, SaeConfig(architecture="topk", expansion=4, k=8), run_dir, WandbConfig(mode="disabled"))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def transcoder_run(tmp_path_factory, trained_run):
+    """A copy of trained_run's activations with a transcoder and a skip transcoder (k 8, x4) reading
+    blocks.1.mlp_in and predicting blocks.1.mlp_out."""
+    from pipeline.sae import SaeConfig
+    from pipeline.stages.train import TrainConfig, train_saes
+    from pipeline.tracking import WandbConfig
+
+    run_dir = copy_run(trained_run, tmp_path_factory.mktemp("transcoders") / "run")
+    shutil.rmtree(run_dir / "sae")
+    train = TrainConfig(hook="blocks.1.mlp_in", hook_out="blocks.1.mlp_out", batch_size=128, holdout_tokens=32 * 8,
+                        epochs=20, progress=False, checkpoint_every=0, lr=3e-3, variants=[{}, {"skip": True}])  # fmt: skip
+    train_saes(train, SaeConfig(architecture="transcoder", expansion=4, k=8), run_dir, WandbConfig(mode="disabled"))
     return run_dir
 
 

@@ -422,3 +422,22 @@ def test_explanations_show_on_the_index_and_the_feature_page_as_text(analyzed, t
     assert "closing brackets" in index_dom and "(0.75)" in index_dom and "<img" not in index_dom
     dom = _browse(f"file://{out / 'feature.html'}#3", tmp_path)
     assert "Explanation: " in dom and "closing brackets" in dom and "fuzzing 0.50" in dom and "<img" not in dom
+
+
+def test_a_transcoders_latents_are_analyzed_and_act_at_its_output(transcoder_run, model_cfg, loaded):
+    """Examples come from its input (mlp_in); a feature's loss contribution is its removal from mlp_out
+    (attribution.py checks that against a plain forward) and steering adds it there."""
+    out = analyze_saes(model_cfg, _cfg(saes=["transcoder-skip-k8-x4"], detail_features=2), transcoder_run, OFF,
+                       loaded=loaded)["blocks.1.mlp_in/transcoder-skip-k8-x4"]  # fmt: skip
+    meta, records = load_features(out)
+    assert (meta["hook"], meta["hook_out"]) == ("blocks.1.mlp_in", "blocks.1.mlp_out")
+    sae = Sae.load(transcoder_run / "sae" / "blocks.1.mlp_in" / "transcoder-skip-k8-x4")
+    shards = ShardSet(transcoder_run / "activations" / "blocks.1.mlp_in")
+    ctx = shards.manifest.context_length
+    detailed = [r for r in records if r["steering"] is not None]
+    assert len(detailed) == 2
+    for record in detailed:
+        top = record["top"][0]
+        x = shards.gather(torch.tensor([top["window"] * ctx + top["position"]])).float()
+        assert top["activation"] == pytest.approx(float(sae.encode(x)[0, record["id"]]), abs=1e-3)
+        assert all(len(e["loss"]) == len(e["ids"]) for e in _shown(record))

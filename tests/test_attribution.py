@@ -111,3 +111,22 @@ def test_loss_contribution_is_a_real_ablation():
 
     expected = next_token_ce(ablated, tokens) - next_token_ce(model(tokens).logits, tokens)
     torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_transcoder_latent_is_read_at_its_input_and_removed_from_its_output():
+    model = make_model("llama", 100)
+    reads, writes = validate_hooks(model, ["blocks.1.mlp_in", "blocks.1.mlp_out"])
+    transcoder = build_sae(SaeConfig(architecture="transcoder", expansion=4, k=8), 32)
+    transcoder.reset_parameters(torch.Generator().manual_seed(0))
+    tokens = _tokens()
+    acts, delta = loss_contribution(model, reads, transcoder, 3, tokens, writes=writes)
+    x = capture_activations(model, tokens, [reads])[reads.name]
+    torch.testing.assert_close(acts, transcoder.encode(x)[..., 3])
+    with torch.inference_mode(), splice_activations(model, writes, lambda y: y - acts[..., None] * transcoder.W_dec[3]):
+        ablated = model(tokens).logits
+    from pipeline.metrics import next_token_ce
+
+    expected = next_token_ce(ablated, tokens) - next_token_ce(model(tokens).logits, tokens)
+    torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-4)
+    w, b = encoder_terms(transcoder, 3)  # no b_dec in a transcoder's pre-activation
+    torch.testing.assert_close(x @ w + b, transcoder.pre_acts(x)[..., 3], atol=1e-5, rtol=1e-4)

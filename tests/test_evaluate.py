@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from pipeline import metrics as M
 from pipeline.dictionaries import DictionaryError
 from pipeline.evaluation import NonFiniteActivations, evaluate_hook
-from pipeline.hooks import splice_activations, validate_hooks
+from pipeline.hooks import capture_activations, splice_activations, validate_hooks
 from pipeline.rundir import RunDir
 from pipeline.sae import Sae
 from pipeline.sae.formats import write_saelens
@@ -324,3 +324,37 @@ def test_evaluate_on_cuda_gives_the_cpu_metrics(trained_run, model_cfg, loaded, 
         expected, got = summary_row(report), summary_row(cuda[key])
         for metric in ("fvu", "l0", "ce_loss_with_sae", "ce_loss_score", "kl_div_with_sae"):
             assert got[metric] == pytest.approx(expected[metric], rel=1e-3, abs=1e-4), metric
+
+
+def test_a_transcoder_is_spliced_in_for_the_mlp_output(transcoder_run, loaded):
+    """Its prediction from mlp_in replaces mlp_out (BOS kept clean), ablations zero / mean mlp_out:
+    the per-token losses are those of plain forward passes doing that."""
+    reads, writes = validate_hooks(loaded.model, ["blocks.1.mlp_in", "blocks.1.mlp_out"])
+    model, windows = loaded.model, _windows(transcoder_run).long()
+    sae = Sae.load(transcoder_run / "sae" / "blocks.1.mlp_in" / "transcoder-skip-k8-x4")
+    mean = torch.randn(loaded.d_model)
+    result = evaluate_hook(loaded, writes, {"tc": sae}, windows, mean, bos=0, cfg=_cfg(), reads=reads)
+    keep = (windows != 0)[..., None]
+    x = capture_activations(model, windows, [reads])[reads.name]
+    clean_lp = M.log_probs(model(windows).logits)
+    expected = {}
+    for kind, value in (("zero", torch.zeros_like(mean)), ("mean", mean), ("with_sae", sae(x).x_hat)):
+        with splice_activations(model, writes, lambda y, v=value: torch.where(keep, v, y)):
+            lp = M.log_probs(model(windows).logits)
+        expected[f"ce_{kind}"] = M.next_token_nll(lp, windows)
+        expected["kl" if kind == "with_sae" else f"kl_{kind}"] = M.kl_divergence(clean_lp[:, :-1], lp[:, :-1])
+    for key, value in expected.items():
+        torch.testing.assert_close(result["tc"]["per_token"][key], value, atol=2e-5, rtol=1e-4, msg=key)
+
+
+def test_the_stage_evaluates_transcoders_on_their_output(transcoder_run, model_cfg, loaded, capsys):
+    """metrics.json names both hooks; the FVU is of mlp_out on the held-out windows, as training measured."""
+    reports = evaluate_saes(model_cfg, _cfg(), transcoder_run, OFF, loaded=loaded)
+    assert set(reports) == {"blocks.1.mlp_in/transcoder-k8-x4", "blocks.1.mlp_in/transcoder-skip-k8-x4"}
+    for key, report in reports.items():
+        assert (report["hook"], report["hook_out"]) == ("blocks.1.mlp_in", "blocks.1.mlp_out")
+        trained = Sae.load(transcoder_run / "sae" / key).meta["metrics"]
+        fvu = report["metrics"]["reconstruction_quality"]["fvu"]
+        assert fvu == pytest.approx(trained["fvu"], rel=1e-4)
+        assert report["metrics"]["model_performance_preservation"]["ce_loss_score"] > 0.5
+    assert "blocks.1.mlp_in -> blocks.1.mlp_out" in capsys.readouterr().out

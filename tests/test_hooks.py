@@ -140,9 +140,8 @@ def test_a_transcoder_splice_replaces_the_mlp(arch):
         ablated = model(ids).logits
     with splice_transcoder(model, reads, writes, torch.zeros_like):
         torch.testing.assert_close(model(ids).logits, ablated)
-    with pytest.raises(HookError, match="fired before"):
-        with splice_transcoder(model, writes, reads, torch.zeros_like):
-            model(ids)
+    with pytest.raises(HookError, match="fired before"), splice_transcoder(model, writes, reads, torch.zeros_like):
+        model(ids)
 
 
 @pytest.mark.parametrize("point", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out"])

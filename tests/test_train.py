@@ -1,9 +1,11 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from pipeline.stages.train import plan_training, train_saes
 from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
 from pipeline.training import TrainConfig, TrainError, training_batches
-from tests.conftest import make_shard_set
+from tests.conftest import copy_run, make_shard_set
 
 HOOK = "blocks.1.resid_post"
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +47,7 @@ def _cfg(**kw):
 
 
 SAE = SaeConfig(architecture="topk", expansion=4, k=4)
+TRANSCODER = SaeConfig(architecture="transcoder", expansion=4, k=4)
 
 
 @pytest.fixture
@@ -515,3 +518,68 @@ def test_a_matryoshka_dictionary_reports_the_fvu_of_each_prefix(run_dir):
         codes = sae.encode(x)
         alone = (x - codes[:, :8] @ sae.W_dec[:8] - sae.b_dec).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert metrics["prefix_fvu"]["8"] == pytest.approx(float(alone), rel=1e-4)
+
+
+# ---------------------------------------------------------------- transcoders
+
+TC_IN, TC_OUT = "blocks.1.mlp_in", "blocks.1.mlp_out"
+
+
+def _heldout_fvu(sae: Sae, x_dir: Path, y_dir: Path, start: int) -> float:
+    """The FVU of sae's prediction of y from x over the non-BOS tokens from `start` (computed directly)."""
+    xs, ys = ShardSet(x_dir), ShardSet(y_dir)
+    idx = torch.arange(start, xs.n_tokens)
+    idx = idx[xs.tokens_at(idx) != xs.manifest.bos_token_id]
+    x, y = xs.gather(idx).float(), ys.gather(idx).float()
+    with torch.no_grad():
+        err = (sae(x).x_hat - y).pow(2).sum()
+    return float(err / (y - y.mean(0)).pow(2).sum())
+
+
+def test_a_transcoder_predicts_the_output_hook_from_the_input_hook(transcoder_run):
+    """Trained on (mlp_in, mlp_out) pairs of the same tokens, saved acting on raw activations: its
+    held-out FVU is that of mlp_out, and an SAE variant at mlp_in beside it reconstructs mlp_in."""
+    for name, skip in (("transcoder-k8-x4", False), ("transcoder-skip-k8-x4", True)):
+        sae = Sae.load(transcoder_run / "sae" / TC_IN / name)
+        meta = sae.config_dict()
+        assert sae.transcodes and sae.cfg.skip == skip
+        assert (meta["hook"], meta["hook_out"]) == (TC_IN, TC_OUT) and meta["output_scale"] != meta["input_scale"]
+        acts = transcoder_run / "activations"
+        fvu = _heldout_fvu(sae, acts / TC_IN, acts / TC_OUT, meta["training_split_tokens"])
+        assert meta["metrics"]["fvu"] == pytest.approx(fvu, rel=1e-4)
+        assert fvu < 0.7  # it learned to predict the MLP (the mean predicts FVU 1)
+
+
+def test_transcoders_train_beside_saes_as_alone(transcoder_run, tmp_path):
+    """A transcoder in a sweep with an SAE at its input hook gets the weights it gets alone."""
+    run = copy_run(transcoder_run, tmp_path / "run")
+    for directory in (run / "sae").iterdir():
+        shutil.rmtree(directory)
+    cfg = _cfg(hook=TC_IN, hook_out=TC_OUT, epochs=2)
+    together = train_saes(replace(cfg, variants=[{}, {"architecture": "topk"}]), TRANSCODER, run, OFF)
+    assert set(together) == {"transcoder-k4-x4", "topk-k4-x4"}
+    assert "hook_out" not in Sae.load(together["topk-k4-x4"]).meta
+    alone = train_saes(cfg, TRANSCODER, copy_run(transcoder_run, tmp_path / "alone"), OFF)
+    for name, tensor in _weights(together["transcoder-k4-x4"]).items():
+        torch.testing.assert_close(_weights(alone["transcoder-k4-x4"])[name], tensor, msg=name, rtol=0, atol=0)
+
+
+def test_transcoder_settings_are_checked(transcoder_run, tmp_path):
+    with pytest.raises(TrainError, match="set train.hook_out, e.g. train.hook=blocks.3.mlp_in"):
+        plan_training(_cfg(hook=TC_IN), TRANSCODER, RunDir.open(transcoder_run))
+    with pytest.raises(TrainError, match="train.hook_out=blocks.1.mlp_out is set, but no dictionary is a transcoder"):
+        plan_training(_cfg(hook=TC_IN, hook_out=TC_OUT), SAE, RunDir.open(transcoder_run))
+    make_shard_set(tmp_path / "activations" / "blocks.1.mlp_in", n_seq=48)
+    make_shard_set(tmp_path / "activations" / "blocks.1.mlp_out", n_seq=32)
+    with pytest.raises(ShardError, match=r"do not hold the same token windows.*harvest.hooks=\[blocks.1.mlp_in,blocks.1.mlp_out\]"):
+        plan_training(_cfg(hook=TC_IN, hook_out=TC_OUT), TRANSCODER, RunDir.open(tmp_path))
+
+
+def test_a_transcoder_trains_from_the_model(llama_cfg, text_corpus, tmp_path):
+    """train.source=model computes both hooks in one forward and stores both held-out splits."""
+    cfg = _model_cfg(hook=TC_IN, hook_out=TC_OUT)
+    out = train_saes(cfg, TRANSCODER, tmp_path, OFF, _source(llama_cfg, text_corpus))["transcoder-k4-x4"]
+    meta = Sae.load(out).config_dict()
+    assert meta["hook_out"] == TC_OUT  # (20 steps on a random model: the FVU is no measure of quality here)
+    acts = tmp_path / "activations"
+    assert meta["metrics"]["fvu"] == pytest.approx(_heldout_fvu(Sae.load(out), acts / TC_IN, acts / TC_OUT, 0), rel=1e-4)

@@ -74,9 +74,9 @@ class JumpReluSae(Sae, architecture="jumprelu"):
         self.log_threshold.copy_(self.threshold.clamp_min(1e-12).log())
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
-        super().fold_input_scale(scale)
-        self.log_threshold.sub_(math.log(scale))
+    def fold_input_scale(self, scale: float, out_scale: float | None = None) -> None:
+        super().fold_input_scale(scale, out_scale)
+        self.log_threshold.sub_(math.log(scale if out_scale is None else out_scale))
 
     def training_forward(
         self, x: torch.Tensor, dead_mask: torch.Tensor, variance: torch.Tensor, sparsity_scale: float = 1.0
