@@ -192,6 +192,14 @@ def _spliced_logits(loaded, hook, saes, stats, x, read, replaced, kept, ids) -> 
     return out
 
 
+def _clean_pass(model, hook: HookPoint, reads: HookPoint | None, ids, stored, template) -> tuple:
+    """hooks.clean_pass, also keeping what transcoders read at `reads`: (logits, the activation at
+    `hook`, the one the dictionaries read, the prefix record)."""
+    with watch_activation(model, reads) if reads else contextlib.nullcontext([]) as read:
+        logits, x, kept = clean_pass(model, hook, ids, stored, template)
+    return logits, x, read[0] if reads else x, kept
+
+
 def _forward_with(model, hook: HookPoint, activation_fn, kept: list, ids: torch.Tensor) -> torch.Tensor:
     """Logits with the activation at `hook` replaced, the layers before it replayed from `kept`."""
     with splice_activations(model, hook, activation_fn), replay_prefix(model, prefix_layers(hook), kept):
@@ -242,9 +250,7 @@ def evaluate_hook(
         rows = slice(lo, lo + len(ids))
         replaced = replaced_all[rows].to(device)  # positions the dictionary (or an ablation) replaces
         x_stored = None if stored is None else stored(rows).to(loaded.dtype)
-        with watch_activation(loaded.model, reads) if reads else contextlib.nullcontext([]) as read:
-            clean_logits, x, kept = clean_pass(loaded.model, hook, ids, x_stored, template)
-        read = read[0] if reads else x
+        clean_logits, x, read, kept = _clean_pass(loaded.model, hook, reads, ids, x_stored, template)
         template = kept if stored is not None else None
         _check_finite(x, replaced, lo, hook)
         others = dict(constant) if constant is not None else {

@@ -62,6 +62,8 @@ def test_all_stages_on_a_dictionary_trained_from_the_model(tmp_path, trained_lla
 def test_the_trained_hook_must_be_harvested(tmp_path, trained_llama_dir):
     with pytest.raises(ValueError, match="not among harvest.hooks"):
         run_all(_config(tmp_path, trained_llama_dir, "train.hook=blocks.0.resid_post"))
+    with pytest.raises(ValueError, match=r"\['blocks.1.resid_post', 'blocks.1.mlp_out'\] are not all among harvest.hooks"):
+        run_all(_config(tmp_path, trained_llama_dir, "sae=transcoder", "train.hook_out=blocks.1.mlp_out"))
     # ... unless training computes its activations: it stores the held-out split of its own hook
     run_all(_config(tmp_path, trained_llama_dir, "train.hook=blocks.0.resid_post", "train.source=model",
                     "train.tokens=1280", "train.buffer_tokens=1280", "analyze.detail_features=0"))  # fmt: skip

@@ -66,3 +66,22 @@ def test_steer_on_the_command_line(trained_run, model_cfg, tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'the cat'" in result.stdout and (run / "steer" / HOOK / "topk-k8-x4" / "feature-3.json").exists()
+
+
+def test_a_transcoder_feature_is_added_where_it_writes(transcoder_run, model_cfg, loaded):
+    """Its decoder row goes into the MLP's output (it is what the transcoder writes there); setting its
+    activation (clamp / remove) is refused."""
+    from pipeline.hooks import splice_activations, validate_hooks
+
+    cfg = _cfg(sae="transcoder-k8-x4", relative=False, scales=[8.0], prompts=["the cat"])
+    report = json.loads(steer(model_cfg, cfg, transcoder_run, loaded=loaded).read_text())
+    assert (report["hook"], report["edited_at"]) == ("blocks.1.mlp_in", "blocks.1.mlp_out")
+    direction = Sae.load(transcoder_run / "sae" / "blocks.1.mlp_in" / "transcoder-k8-x4").W_dec[3].detach()
+    ids = loaded.tokenizer("the cat", return_tensors="pt").input_ids
+    writes = validate_hooks(loaded.model, ["blocks.1.mlp_out"])[0]
+    with torch.no_grad(), splice_activations(loaded.model, writes, lambda y: y + 8.0 * direction):
+        out = loaded.model.generate(ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids),
+                                    pad_token_id=loaded.tokenizer.eos_token_id)  # fmt: skip
+    assert report["scales"][0]["texts"][0] == loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    with pytest.raises(SteeringError, match="use steer.mode=add"):
+        steer(model_cfg, _cfg(sae="transcoder-k8-x4", mode="clamp"), transcoder_run, loaded=loaded)

@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 
 def run_all(cfg: DictConfig) -> dict:
     """Run the four stages on `cfg` (a composed `pipeline` config); return each stage's result."""
-    if cfg.train.source == "shards" and cfg.train.hook not in cfg.harvest.hooks:
+    trained_on = [cfg.train.hook] + ([cfg.train.hook_out] if cfg.train.get("hook_out") else [])
+    if cfg.train.source == "shards" and not set(trained_on) <= set(cfg.harvest.hooks):
         raise ValueError(
-            f"train.hook={cfg.train.hook} is not among harvest.hooks={list(cfg.harvest.hooks)}; "
-            "harvest the hook you train on"
+            f"train.hook / hook_out {trained_on} are not all among harvest.hooks={list(cfg.harvest.hooks)}; "
+            "harvest the hooks you train on"
         )
     results = {}
     for name, stage in (("harvest", harvest), ("train", train), ("evaluate", evaluate), ("analyze", analyze)):

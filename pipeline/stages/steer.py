@@ -107,12 +107,18 @@ def steer(model_cfg: ModelConfig, cfg: SteerConfig, run_dir: str | Path, loaded:
     loaded = loaded or load_model(model_cfg)
     check_model([d], loaded, cfg.force, "steer")
     unit = largest_activation(d, run, loaded, cfg.feature, cfg.tokens) if cfg.relative else 1.0
-    hook = validate_hooks(loaded.model, [d.hook])[0]
+    if d.sae.transcodes and cfg.mode != "add":
+        raise SteeringError(
+            f"steer.mode={cfg.mode} sets a transcoder latent from the activations it reads at {d.hook}, which "
+            f"this stage does not splice at its output {d.sae.meta['hook_out']}; use steer.mode=add"
+        )
+    hook = validate_hooks(loaded.model, [d.sae.meta["hook_out"] if d.sae.transcodes else d.hook])[0]  # where it writes
     sae = d.sae.to(loaded.device).eval()
     plain = plain_outputs(loaded, hook, cfg.prompts, cfg.max_new_tokens)
     report = steering_report(loaded, hook, sae, cfg.feature, cfg.mode, unit, cfg.scales, plain, cfg.prompts,
                              cfg.max_new_tokens)  # fmt: skip
-    report = {**report, "dictionary": str(d.directory), "hook": d.hook, "settings": asdict(cfg)}
+    report = {**report, "dictionary": str(d.directory), "hook": d.hook, **({"edited_at": hook.name} if d.sae.transcodes else {}),
+              "settings": asdict(cfg)}  # fmt: skip
     sys.stdout.write(format_report(report, loaded.tokenizer))
     out = run.steering(d.hook, d.name, cfg.feature)
     atomic_write(out, json.dumps(report, indent=1).encode())
