@@ -288,7 +288,7 @@ def test_transcoders_learn_and_the_skip_term_takes_the_linear_part():
     fvus = {}
     for skip in (False, True):
         sae = _sae("transcoder", skip=skip)
-        sae.init_from_data(y[:512])
+        sae.init_from_data(y[:512], x[:512])
         opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
         dead = torch.zeros(sae.d_sae, dtype=torch.bool)
         for step in range(200):
@@ -301,6 +301,19 @@ def test_transcoders_learn_and_the_skip_term_takes_the_linear_part():
             sae.normalize_decoder()
         fvus[skip] = float(out.terms["fvu"])
     assert fvus[False] < 0.4 and fvus[True] < 0.8 * fvus[False]
+
+
+def test_a_transcoders_encoder_starts_as_its_decoder_pulled_back_through_the_linear_map():
+    """With y = x A + c, latent i's encoder column starts along A d_i (unit norm), its pre-activation
+    centred on the mean input; for y = x it is an SAE's init, W_enc = W_dec^T."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, D_IN, generator=gen) + 3.0
+    for a in (torch.eye(D_IN), torch.randn(D_IN, D_IN, generator=gen)):
+        sae = _sae("transcoder")
+        sae.init_from_data(x @ a + 1.0, x)
+        pulled = a @ sae.W_dec.detach().t()
+        torch.testing.assert_close(sae.W_enc.detach(), pulled / pulled.norm(dim=0, keepdim=True), atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(sae.pre_acts(x).mean(0), torch.zeros(sae.d_sae), atol=1e-4, rtol=0)
 
 
 def test_skip_is_for_transcoders_only():

@@ -233,8 +233,9 @@ class Sae(nn.Module):
         self.b_dec.zero_()
 
     @torch.no_grad()
-    def init_from_data(self, sample: torch.Tensor) -> None:
-        """b_dec at the geometric median of a sample [n, d_in] (Weiszfeld iterations from the mean)."""
+    def init_from_data(self, sample: torch.Tensor, inputs: torch.Tensor | None = None) -> None:
+        """b_dec at the geometric median of a sample [n, d_in] of what it reconstructs (Weiszfeld
+        iterations from the mean); `inputs`: the inputs of the same tokens, where they differ (transcoders)."""
         self.b_dec.copy_(geometric_median(sample.float()))
 
     @torch.no_grad()

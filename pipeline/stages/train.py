@@ -296,7 +296,8 @@ def _members(plan: _Plan) -> tuple[list[TrainingMember], dict[str, float]]:
                 **({"hook_out": target} if target else {})}  # fmt: skip
         sae = build_sae(c, d_in, meta)
         sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
-        sae.init_from_data(samples[target or hook] * scales[target or hook])  # b_dec: in the output's space
+        # b_dec in the space of what it reconstructs (a transcoder's target), the inputs for what else needs them
+        sae.init_from_data(samples[target or hook] * scales[target or hook], samples[hook] * scales[hook])
         members.append(TrainingMember(sae.to(plan.device), cfg))
     return members, scales
 
