@@ -60,7 +60,7 @@ def test_all_stages_on_a_dictionary_trained_from_the_model(tmp_path, trained_lla
 
 
 def test_the_trained_hook_must_be_harvested(tmp_path, trained_llama_dir):
-    with pytest.raises(ValueError, match="not among harvest.hooks"):
+    with pytest.raises(ValueError, match=r"\['blocks.0.resid_post'\] are not all among harvest.hooks"):
         run_all(_config(tmp_path, trained_llama_dir, "train.hook=blocks.0.resid_post"))
     with pytest.raises(ValueError, match=r"\['blocks.1.resid_post', 'blocks.1.mlp_out'\] are not all among harvest.hooks"):
         run_all(_config(tmp_path, trained_llama_dir, "sae=transcoder", "train.hook_out=blocks.1.mlp_out"))
