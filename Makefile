@@ -1,7 +1,7 @@
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test test-slow run run-full compare-demo track-demo transcoders bench bench-quality bench-matryoshka gpu-wheels lint format
+.PHONY: install test test-slow run run-full compare-demo track-demo transcoders bench bench-quality bench-matryoshka bench-transcoders gpu-wheels lint format
 
 # torch first: `torch==2.13.0` resolves to the local CPU wheel on the dev machines (a normal build elsewhere);
 # installing anything that depends on torch before it would pull a multi-GB CUDA build.
@@ -42,7 +42,7 @@ track-demo:
 	$(PYTHON) -m pipeline finetune experiment=track_demo
 	$(PYTHON) -m pipeline track experiment=track_demo
 
-# Transcoders of SmolLM2's layer-9 MLP beside an SAE of its output, evaluated spliced in (~25 min on 2 CPU cores).
+# Transcoders of SmolLM2's layer-9 MLP beside an SAE of its output, evaluated spliced in (~30 min on 2 CPU cores).
 transcoders:
 	$(PYTHON) -m pipeline harvest experiment=transcoders
 	$(PYTHON) -m pipeline train experiment=transcoders
@@ -83,6 +83,10 @@ bench-quality: .bench-venv/bin/python
 bench-matryoshka:
 	$(PYTHON) -m pipeline harvest
 	$(PYTHON) bench/bench_matryoshka.py
+
+# The transcoders of `make transcoders` against sparsify's transcoder recipe on the same batches (~8 min more).
+bench-transcoders: .bench-venv/bin/python
+	.bench-venv/bin/python bench/bench_transcoders.py
 
 # The packages a bare GPU machine without network lacks (its Python is 3.12; torch, transformers,
 # tokenizers, pyarrow and pandas are there), as wheels in .whl/ for bench/gpu.sh to install:
