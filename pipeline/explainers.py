@@ -8,6 +8,7 @@ returns none, from its answer's text: 1 for Yes, 0 otherwise)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Protocol
@@ -84,6 +85,8 @@ class EndpointLanguageModel:
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0):
         from openai import OpenAI
 
+        for name in ("httpx", "httpx2"):  # the HTTP client logs every request at INFO: thousands of lines per run
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=1)
         self.model, self.identity = model, f"{base_url}#{model}"
         self.base_url = base_url
