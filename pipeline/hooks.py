@@ -268,19 +268,22 @@ def _splice_resid_mid(
 
 @contextlib.contextmanager
 def splice_transcoder(
-    model: nn.Module, reads: HookPoint, writes: HookPoint, predict: Callable[[torch.Tensor], torch.Tensor]
+    model: nn.Module,
+    reads: HookPoint,
+    writes: HookPoint,
+    replace: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> Iterator[None]:
-    """Within the block, the activation at `writes` is replaced by `predict(activation at reads)` of
-    the same forward pass (e.g. a transcoder standing in for the MLP: reads mlp_in, writes mlp_out).
-    `reads` must fire before `writes`."""
+    """Within the block, the activation y at `writes` is replaced by `replace(x, y)`, x the activation
+    at `reads` of the same forward pass (a transcoder standing in for the MLP reads mlp_in and writes
+    mlp_out: replace = lambda x, _y: its prediction from x). `reads` must fire before `writes`."""
     with watch_activation(model, reads) as seen:
 
-        def replace(_activation: torch.Tensor) -> torch.Tensor:
+        def replace_seen(activation: torch.Tensor) -> torch.Tensor:
             if not seen:
                 raise HookError(f"{writes.name} fired before {reads.name}: a transcoder reads an earlier hook than it writes")
-            return predict(seen.pop())
+            return replace(seen.pop(), activation)
 
-        with splice_activations(model, writes, replace):
+        with splice_activations(model, writes, replace_seen):
             yield
 
 

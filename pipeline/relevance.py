@@ -8,11 +8,14 @@ every position (x -> x - z_i d_i, BOS left alone) changes L by about
 
 (attribution patching: Nanda 2023, Syed et al. 2023; Marks et al. 2024 for SAE features): one forward
 and one backward from the hook give it for every feature at once. `ablation_effects` measures the
-same change exactly, one forward per feature, to check the estimate on a sample.
+same change exactly, one forward per feature, to check the estimate on a sample. A transcoder's
+feature is coded from the activation it reads and removed from the one it writes (y -> y - z_i d_i at
+mlp_out), where the gradient is taken.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 
 from pipeline.corpus import CorpusConfig
 from pipeline.harvesting import HarvestConfig, corpus_windows
-from pipeline.hooks import HookPoint, splice_activations
+from pipeline.hooks import HookPoint, splice_activations, splice_transcoder, watch_activation
 from pipeline.models import LoadedModel
 from pipeline.steering import feature_edit
 
@@ -60,8 +63,10 @@ def _task_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
 
 
-def attribution_patching(model, hook: HookPoint, sae, windows: torch.Tensor, bos: int | None, batch: int = 4) -> TaskAttribution:
-    """The estimate for every feature over windows [n, ctx] of the task."""
+def attribution_patching(model, hook: HookPoint, sae, windows: torch.Tensor, bos: int | None, batch: int = 4,
+                         writes: HookPoint | None = None) -> TaskAttribution:  # fmt: skip
+    """The estimate for every feature over windows [n, ctx] of the task. A transcoder's codes come from
+    `hook` and its decoder writes at `writes`, where the gradient is taken."""
     device = next(model.parameters()).device
     effect = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
     count = torch.zeros_like(effect)
@@ -74,12 +79,13 @@ def attribution_patching(model, hook: HookPoint, sae, windows: torch.Tensor, bos
             leaf.append(a.detach().requires_grad_(True))
             return leaf[0]
 
-        with torch.enable_grad(), splice_activations(model, hook, as_leaf):
+        with torch.enable_grad(), _reading(model, hook, writes) as read, splice_activations(model, writes or hook, as_leaf):
             task_loss = _task_loss(model(input_ids=ids, use_cache=False).logits, ids)
             (grad,) = torch.autograd.grad(task_loss, leaf[0])
         counted = (ids != bos).flatten() if bos is not None else torch.ones(ids.numel(), dtype=torch.bool, device=device)
         with torch.no_grad():
-            z = sae.encode(leaf[0].detach().float().flatten(0, 1))[counted]  # [positions, d_sae]
+            x = read[0] if writes else leaf[0]  # what the dictionary reads
+            z = sae.encode(x.detach().float().flatten(0, 1))[counted]  # [positions, d_sae]
             pushed = grad.float().flatten(0, 1)[counted] @ sae.W_dec.float().T  # [positions, d_sae]: d_i . dL/dx
             effect -= (z * pushed).sum(0).double()
             count += (z > 0).sum(0).double()
@@ -89,11 +95,31 @@ def attribution_patching(model, hook: HookPoint, sae, windows: torch.Tensor, bos
     return TaskAttribution(effect.cpu(), count.cpu(), tokens, loss / max(1, predictions), predictions)
 
 
+def _reading(model, hook: HookPoint, writes: HookPoint | None):
+    """A transcoder's input at `hook`, kept from each forward pass (nothing for an SAE: writes is None)."""
+    return watch_activation(model, hook) if writes else contextlib.nullcontext([])
+
+
+def _removal(model, sae, f: int, keep: torch.Tensor, hook: HookPoint, writes: HookPoint | None):
+    """The splice removing feature f where `keep` [b, ctx, 1]: x - z(x) d at the hook for an SAE; for a
+    transcoder y - z(x) d at `writes`, z coded from the activation x at `hook` of the same pass."""
+    if writes is None:
+        return splice_activations(model, hook, feature_edit(sae, f, "remove", 0.0, where=keep))
+    direction = sae.W_dec[f].detach().float()
+
+    def remove(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = sae.encode(x.float())[..., f : f + 1]  # [b, ctx, 1]
+        return (y.float() - z * direction * keep).to(y.dtype)
+
+    return splice_transcoder(model, hook, writes, remove)
+
+
 @torch.no_grad()
 def ablation_effects(model, hook: HookPoint, sae, windows: torch.Tensor, bos: int | None, features: list[int],
-                     batch: int = 4) -> torch.Tensor:  # fmt: skip
+                     batch: int = 4, writes: HookPoint | None = None) -> torch.Tensor:  # fmt: skip
     """The true change of the task loss (summed over windows [n, ctx]) when each of `features` is
-    removed at every position but BOS: float64 [len(features)]."""
+    removed at every position but BOS: float64 [len(features)]. A transcoder's feature (coded from
+    `hook`) is removed from the activations it writes, at `writes`."""
     device = next(model.parameters()).device
     changes = torch.zeros(len(features), dtype=torch.float64)
     for lo in range(0, len(windows), batch):
@@ -101,6 +127,6 @@ def ablation_effects(model, hook: HookPoint, sae, windows: torch.Tensor, bos: in
         keep = (ids != bos)[..., None] if bos is not None else torch.ones_like(ids, dtype=torch.bool)[..., None]
         clean = float(_task_loss(model(input_ids=ids, use_cache=False).logits, ids))
         for j, f in enumerate(features):
-            with splice_activations(model, hook, feature_edit(sae, f, "remove", 0.0, where=keep)):
+            with _removal(model, sae, f, keep, hook, writes):
                 changes[j] += float(_task_loss(model(input_ids=ids, use_cache=False).logits, ids)) - clean
     return changes

@@ -134,13 +134,15 @@ def test_a_transcoder_splice_replaces_the_mlp(arch):
         norm = copy.deepcopy(layer.post_feedforward_layernorm)
     real = mlp if arch != "gemma2" else lambda x: norm(mlp(x))
     clean = model(ids).logits
-    with splice_transcoder(model, reads, writes, real):
+    with splice_transcoder(model, reads, writes, lambda x, _y: real(x)):
         torch.testing.assert_close(model(ids).logits, clean)
     with splice_activations(model, writes, torch.zeros_like):
         ablated = model(ids).logits
-    with splice_transcoder(model, reads, writes, torch.zeros_like):
+    with splice_transcoder(model, reads, writes, lambda x, _y: torch.zeros_like(x)):
         torch.testing.assert_close(model(ids).logits, ablated)
-    with pytest.raises(HookError, match="fired before"), splice_transcoder(model, writes, reads, torch.zeros_like):
+    with splice_transcoder(model, reads, writes, lambda x, y: y - real(x)):  # what it is given: x, and y as computed
+        torch.testing.assert_close(model(ids).logits, ablated, atol=1e-5, rtol=1e-4)
+    with pytest.raises(HookError, match="fired before"), splice_transcoder(model, writes, reads, lambda x, y: x):
         model(ids)
 
 

@@ -97,3 +97,29 @@ def test_relevance_on_the_command_line(trained_run, model_cfg, text_corpus, tmp_
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "relevance" / HOOK / "topk-k8-x4" / "files" / "relevance.html").exists()
+
+
+def test_a_transcoders_estimate_is_the_first_order_change_of_removing_it_from_its_output(transcoder_run, loaded):
+    """Coded from mlp_in, removed from mlp_out (where the gradient is taken): the same linearity check."""
+    shards = ShardSet(transcoder_run / "activations" / "blocks.1.mlp_in")
+    windows, bos = shards.tokens_at(torch.arange(8 * 32)).view(8, 32), shards.manifest.bos_token_id
+    sae = Sae.load(transcoder_run / "sae" / "blocks.1.mlp_in" / "transcoder-skip-k8-x4")
+    reads, writes = validate_hooks(loaded.model, ["blocks.1.mlp_in", "blocks.1.mlp_out"])
+    estimate = attribution_patching(loaded.model, reads, sae, windows, bos, writes=writes)
+    features = torch.argsort(estimate.count, descending=True)[:4].tolist()
+    with torch.no_grad():
+        sae.W_dec.mul_(0.01)
+    true = ablation_effects(loaded.model, reads, sae, windows, bos, features, writes=writes)
+    torch.testing.assert_close(true, 0.01 * estimate.effect[features], rtol=0.15, atol=2e-4)
+    assert true.abs().max() > 1e-3  # the removals change the loss: the check is not of zeros
+
+
+def test_the_stage_ranks_a_transcoders_features(transcoder_run, model_cfg, loaded, text_corpus, tmp_path):
+    from pipeline.stages.relevance import rank_features
+
+    run = copy_run(transcoder_run, tmp_path / "run")
+    out = rank_features(model_cfg, text_corpus, _cfg(sae="transcoder-k8-x4"), run, WandbConfig(mode="disabled"),
+                        loaded=loaded)  # fmt: skip
+    report = json.loads((out / "relevance.json").read_text())
+    assert out == run / "relevance" / "blocks.1.mlp_in" / "transcoder-k8-x4" / text_corpus.name
+    assert report["needed"] and len(report["check"]["ablation"]) == 4

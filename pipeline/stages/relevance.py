@@ -110,13 +110,14 @@ def rank_features(model_cfg: ModelConfig, corpus: CorpusConfig, cfg: RelevanceCo
     loaded = loaded or load_model(model_cfg)
     check_model([d], loaded, cfg.force, "relevance")
     hook, sae = validate_hooks(loaded.model, [d.hook])[0], d.sae.to(loaded.device).eval()
+    writes = validate_hooks(loaded.model, [d.sae.meta["hook_out"]])[0] if d.sae.transcodes else None
     windows, bos = task_windows(loaded, corpus, cfg.context_length, cfg.tokens), loaded.tokenizer.bos_token_id
     log.info("relevance of %s/%s for %s: %d windows of %d tokens", d.hook, d.name, corpus.name, *windows.shape)
     checked = max(1, cfg.check_tokens // cfg.context_length)  # the first windows: the check runs on them
-    on_check = attribution_patching(loaded.model, hook, sae, windows[:checked], bos, cfg.batch_size)
-    estimate = on_check.plus(attribution_patching(loaded.model, hook, sae, windows[checked:], bos, cfg.batch_size))
+    on_check = attribution_patching(loaded.model, hook, sae, windows[:checked], bos, cfg.batch_size, writes)
+    estimate = on_check.plus(attribution_patching(loaded.model, hook, sae, windows[checked:], bos, cfg.batch_size, writes))
     sample = check_sample(on_check, cfg.check_features, cfg.seed)
-    true = ablation_effects(loaded.model, hook, sae, windows[:checked], bos, sample, cfg.batch_size)
+    true = ablation_effects(loaded.model, hook, sae, windows[:checked], bos, sample, cfg.batch_size, writes)
     needed, in_the_way = _ranked(estimate, cfg.top)
     report = {"task": corpus.name, "sae": d.name, "hook": d.hook, "tokens": estimate.tokens, "loss": estimate.loss,
               "needed": needed, "in_the_way": in_the_way, "check": _checked(sample, on_check, true, on_check.tokens),
