@@ -96,7 +96,7 @@ def find_dictionaries(
     return found
 
 
-TRANSCODER_STAGES = ("evaluate", "analyze", "explain", "steer", "relevance")
+TRANSCODER_STAGES = ("evaluate", "analyze", "explain", "steer", "relevance", "track")
 """The stages that take transcoders (the others edit or compare features at the hook they read)."""
 
 

@@ -18,7 +18,7 @@ def test_stored_windows_are_read_by_any_model_of_the_same_vocabulary(trained_run
 
 
 def test_transcoders_go_to_the_stages_that_take_them(transcoder_run, tmp_path):
-    """evaluate / analyze / explain / steer / relevance take transcoders; the other stages skip them among a run's
+    """evaluate / analyze / explain / steer / relevance / track take transcoders; the other stages skip them among a run's
     dictionaries and refuse one named; one without hook_out says what to add."""
     import json
     import shutil
@@ -27,9 +27,9 @@ def test_transcoders_go_to_the_stages_that_take_them(transcoder_run, tmp_path):
 
     run = RunDir.open(transcoder_run)
     assert len(find_dictionaries(run, [], None, False, "evaluate")) == 2
-    assert find_dictionaries(run, [], None, False, "track") == []
-    with pytest.raises(DictionaryError, match=r"track works on SAEs, and .* is a transcoder \(reads blocks.1.mlp_in, predicts blocks.1.mlp_out\)"):
-        find_dictionaries(run, ["transcoder-k8-x4"], None, False, "track")
+    assert find_dictionaries(run, [], None, False, "compare") == []
+    with pytest.raises(DictionaryError, match=r"compare works on SAEs, and .* is a transcoder \(reads blocks.1.mlp_in, predicts blocks.1.mlp_out\)"):
+        find_dictionaries(run, ["transcoder-k8-x4"], None, False, "compare")
     bare = shutil.copytree(transcoder_run / "sae" / "blocks.1.mlp_in" / "transcoder-k8-x4", tmp_path / "bare")
     cfg = json.loads((bare / "cfg.json").read_text())
     del cfg["hook_out"]

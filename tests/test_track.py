@@ -30,10 +30,13 @@ def _unchanged_steps(model_dir, out):
     return out
 
 
-def test_steps_equal_to_theta_zero_keep_every_feature_and_every_metric(trained_run, model_cfg, text_corpus, tmp_path):
-    run = copy_run(trained_run, tmp_path / "run")
+@pytest.mark.parametrize("sae", [SAE, "transcoder-k8-x4"])
+def test_steps_equal_to_theta_zero_keep_every_feature_and_every_metric(sae, trained_run, transcoder_run, model_cfg,
+                                                                       text_corpus, tmp_path):  # fmt: skip
+    """(A transcoder is coded from the MLP's input, evaluated and attributed at its output.)"""
+    run = copy_run(trained_run if sae == SAE else transcoder_run, tmp_path / "run")
     checkpoints = _unchanged_steps(model_cfg.path, tmp_path / "same")
-    page = track_features(model_cfg, text_corpus, _cfg(checkpoints), run, WandbConfig(mode="disabled"))
+    page = track_features(model_cfg, text_corpus, _cfg(checkpoints, sae=sae), run, WandbConfig(mode="disabled"))
     report = json.loads((page.parent / "track.json").read_text())
     steps = report["steps"]
     assert [s["step"] for s in steps] == [0, 5, 10] and page.parent == run / "track" / "same"

@@ -134,12 +134,13 @@ def _follow(run: RunDir, d: Dictionary, steps: list[tuple[int, ModelConfig]], co
             check_model([d], loaded, cfg.force, "track")
         sae = d.sae.to(loaded.device).eval()
         held = held_out(loaded, run, d.hook, [d], EvaluationSettings(tokens=cfg.tokens, progress=False))
-        codes = batch_codes(loaded.model, held.hook, sae, held.windows, held.bos, cfg.batch_size)
+        codes = batch_codes(loaded.model, held.read_hook, sae, held.windows, held.bos, cfg.batch_size)
         if reference is None:
             reference = reference_codes(codes)
             codes = (z.to_dense() for z in reference)
             windows = task_windows(loaded, corpus, held.windows.shape[1], cfg.task_tokens)
-            task = attribution_patching(loaded.model, held.hook, sae, windows, loaded.tokenizer.bos_token_id, cfg.batch_size)
+            task = attribution_patching(loaded.model, held.read_hook, sae, windows, loaded.tokenizer.bos_token_id,
+                                        cfg.batch_size, held.hook if held.reads else None)  # fmt: skip
         stats.append(step_stats(codes, reference))
         records.append({"step": step, "model": model_cfg.path or model_cfg.name, **_step_metrics(loaded, run, d, cfg)})
         log.info("step %d: FVU %.4f, CE recovered %.4f", step, records[-1]["fvu"], records[-1]["ce_loss_score"])
