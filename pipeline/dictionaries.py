@@ -85,8 +85,8 @@ def find_dictionaries(
         used_at = hook or own_hook
         if used_at is None:
             raise DictionaryError(f"{directory}: cfg.json names no hook; set {stage}.hook=blocks.<L>.<point>")
-        if sae.transcodes and not _transcoder_usable(sae, directory, stage, named=bool(saes)):
-            continue
+        if sae.transcodes:
+            _check_transcoder(sae, directory)
         if own_hook is not None and own_hook != used_at and not force:
             raise DictionaryError(
                 f"{directory} was trained at {own_hook}, not at {stage}.hook={used_at}; using it elsewhere "
@@ -96,26 +96,13 @@ def find_dictionaries(
     return found
 
 
-TRANSCODER_STAGES = ("evaluate", "analyze", "explain", "steer", "relevance", "track")
-"""The stages that take transcoders (the others edit or compare features at the hook they read)."""
-
-
-def _transcoder_usable(sae: Sae, directory: Path, stage: str, named: bool) -> bool:
-    """Whether `stage` works on this transcoder: skipped when the run's dictionaries were not named,
-    an error naming the stages that take it when they were."""
+def _check_transcoder(sae: Sae, directory: Path) -> None:
+    """A transcoder must name the activations it predicts (every stage splices or measures it there)."""
     if not sae.meta.get("hook_out"):
         raise DictionaryError(
             f"{directory}: a transcoder whose cfg.json names no hook_out (the activations it predicts); "
             'add e.g. "hook_out": "blocks.3.mlp_out" to it'
         )
-    if stage in TRANSCODER_STAGES:
-        return True
-    if named:
-        raise DictionaryError(
-            f"{stage} works on SAEs, and {directory} is a transcoder (reads {sae.meta.get('hook')}, predicts "
-            f"{sae.meta['hook_out']}); {', '.join(TRANSCODER_STAGES)} take transcoders"
-        )
-    return False
 
 
 def check_model(dictionaries: list[Dictionary], loaded: LoadedModel, force: bool, stage: str) -> None:

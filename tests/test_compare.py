@@ -44,10 +44,10 @@ def test_matching_recovers_a_permutation_and_classifies():
     assert int(classes["new"].sum()) == int((classes["status"] == 2).sum())
 
 
-def test_a_dictionary_compared_with_itself_is_all_kept(trained_run, model_cfg, tmp_path):
-    cfg = CompareConfig(
-        base=str(trained_run), other=str(trained_run), eval_tokens=64, tokens=None, progress=False
-    )
+@pytest.mark.parametrize("sae", [None, "transcoder-k8-x4"])
+def test_a_dictionary_compared_with_itself_is_all_kept(sae, trained_run, transcoder_run, model_cfg, tmp_path):
+    run = trained_run if sae is None else transcoder_run  # (a transcoder: coded from mlp_in, evaluated at mlp_out)
+    cfg = CompareConfig(base=str(run), other=str(run), sae=sae, eval_tokens=64, tokens=None, progress=False)
     report = compare_dictionaries(cfg, model_cfg, model_cfg, tmp_path, OFF)
     summary = report["summary"]
     d_sae = report["base"]["d_sae"]

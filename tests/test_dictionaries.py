@@ -17,19 +17,15 @@ def test_stored_windows_are_read_by_any_model_of_the_same_vocabulary(trained_run
         shards_for(run, HOOK, replace(loaded, tokenizer_id=f"{loaded.model_id}#vocab-000000000000"))
 
 
-def test_transcoders_go_to_the_stages_that_take_them(transcoder_run, tmp_path):
-    """evaluate / analyze / explain / steer / relevance / track take transcoders; the other stages skip them among a run's
-    dictionaries and refuse one named; one without hook_out says what to add."""
+def test_a_transcoder_must_name_what_it_predicts(transcoder_run, tmp_path):
+    """Every stage finds a run's transcoders; one whose cfg.json lacks hook_out says what to add."""
     import json
     import shutil
 
     from pipeline.dictionaries import find_dictionaries
 
-    run = RunDir.open(transcoder_run)
-    assert len(find_dictionaries(run, [], None, False, "evaluate")) == 2
-    assert find_dictionaries(run, [], None, False, "compare") == []
-    with pytest.raises(DictionaryError, match=r"compare works on SAEs, and .* is a transcoder \(reads blocks.1.mlp_in, predicts blocks.1.mlp_out\)"):
-        find_dictionaries(run, ["transcoder-k8-x4"], None, False, "compare")
+    found = find_dictionaries(RunDir.open(transcoder_run), [], None, False, "compare")
+    assert sorted(d.name for d in found) == ["transcoder-k8-x4", "transcoder-skip-k8-x4"]
     bare = shutil.copytree(transcoder_run / "sae" / "blocks.1.mlp_in" / "transcoder-k8-x4", tmp_path / "bare")
     cfg = json.loads((bare / "cfg.json").read_text())
     del cfg["hook_out"]

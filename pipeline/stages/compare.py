@@ -365,6 +365,11 @@ def compare_dictionaries(
         raise CompareError(
             f"the dictionaries sit at different hooks ({base.hook} and {other.hook}); compare one hook"
         )
+    if base.sae.meta.get("hook_out") != other.sae.meta.get("hook_out"):
+        raise CompareError(
+            f"the dictionaries predict different activations ({base.sae.meta.get('hook_out') or base.hook} and "
+            f"{other.sae.meta.get('hook_out') or other.hook}); compare two SAEs or two transcoders of one MLP"
+        )
     if base.sae.d_in != other.sae.d_in:
         raise CompareError(
             f"the dictionaries read different widths (d_in {base.sae.d_in} and {other.sae.d_in})"
