@@ -295,7 +295,7 @@ def loss_contribution(
     device = next(model.parameters()).device
     ids = tokens.to(device, torch.long)
     keep = {} if last is None else {"logits_to_keep": last}
-    with watch_activation(model, hook) if writes else contextlib.nullcontext([]) as read:
+    with watch_activation(model, hook if writes else None) as read:
         clean_logits, x, kept = clean_pass(model, at, ids, stored, **keep)
     acts = sae.encode((read[0] if writes else x).float())[..., latent]  # [batch, seq]
     removed = (x.float() - acts[..., None] * sae.W_dec[latent].float()).to(x.dtype)

@@ -17,7 +17,6 @@ computed once; attn_out/mlp_out ablations need their own forwards, shared by all
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -195,7 +194,7 @@ def _spliced_logits(loaded, hook, saes, stats, x, read, replaced, kept, ids) -> 
 def _clean_pass(model, hook: HookPoint, reads: HookPoint | None, ids, stored, template) -> tuple:
     """hooks.clean_pass, also keeping what transcoders read at `reads`: (logits, the activation at
     `hook`, the one the dictionaries read, the prefix record)."""
-    with watch_activation(model, reads) if reads else contextlib.nullcontext([]) as read:
+    with watch_activation(model, reads) as read:
         logits, x, kept = clean_pass(model, hook, ids, stored, template)
     return logits, x, read[0] if reads else x, kept
 

@@ -213,10 +213,13 @@ def capture_activations(
 
 
 @contextlib.contextmanager
-def watch_activation(model: nn.Module, hook: HookPoint) -> Iterator[list[torch.Tensor]]:
+def watch_activation(model: nn.Module, hook: HookPoint | None) -> Iterator[list[torch.Tensor]]:
     """Within the block, every forward pass appends the activation at `hook` to the yielded list
-    (without stopping the forward, unlike capture_activations)."""
+    (without stopping the forward, unlike capture_activations); it stays empty for hook None."""
     seen: list[torch.Tensor] = []
+    if hook is None:
+        yield seen
+        return
     handle = _hook_activation(*resolve_hook(model, hook), seen.append)
     try:
         yield seen

@@ -15,7 +15,6 @@ mlp_out), where the gradient is taken.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +78,8 @@ def attribution_patching(model, hook: HookPoint, sae, windows: torch.Tensor, bos
             leaf.append(a.detach().requires_grad_(True))
             return leaf[0]
 
-        with torch.enable_grad(), _reading(model, hook, writes) as read, splice_activations(model, writes or hook, as_leaf):
+        reads = hook if writes else None  # a transcoder's input, kept from the same pass
+        with torch.enable_grad(), watch_activation(model, reads) as read, splice_activations(model, writes or hook, as_leaf):
             task_loss = _task_loss(model(input_ids=ids, use_cache=False).logits, ids)
             (grad,) = torch.autograd.grad(task_loss, leaf[0])
         counted = (ids != bos).flatten() if bos is not None else torch.ones(ids.numel(), dtype=torch.bool, device=device)
@@ -93,11 +93,6 @@ def attribution_patching(model, hook: HookPoint, sae, windows: torch.Tensor, bos
         tokens += int(counted.sum())
     predictions = windows.numel() - len(windows)
     return TaskAttribution(effect.cpu(), count.cpu(), tokens, loss / max(1, predictions), predictions)
-
-
-def _reading(model, hook: HookPoint, writes: HookPoint | None):
-    """A transcoder's input at `hook`, kept from each forward pass (nothing for an SAE: writes is None)."""
-    return watch_activation(model, hook) if writes else contextlib.nullcontext([])
 
 
 def _removal(model, sae, f: int, keep: torch.Tensor, hook: HookPoint, writes: HookPoint | None):
