@@ -37,6 +37,12 @@ class Dictionary:
     directory: Path
     sae: Sae
     hook: str
+    """Where it reads (and, an SAE, writes)."""
+
+    @property
+    def writes(self) -> str:
+        """The hook its decoder writes at: a transcoder's hook_out, else the hook it reads."""
+        return self.sae.meta["hook_out"] if self.sae.transcodes else self.hook
 
 
 def _named_directories(run: RunDir | None, saes: list[str], stage: str) -> list[Path]:

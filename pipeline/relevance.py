@@ -98,15 +98,8 @@ def attribution_patching(model, hook: HookPoint, sae, windows: torch.Tensor, bos
 def _removal(model, sae, f: int, keep: torch.Tensor, hook: HookPoint, writes: HookPoint | None):
     """The splice removing feature f where `keep` [b, ctx, 1]: x - z(x) d at the hook for an SAE; for a
     transcoder y - z(x) d at `writes`, z coded from the activation x at `hook` of the same pass."""
-    if writes is None:
-        return splice_activations(model, hook, feature_edit(sae, f, "remove", 0.0, where=keep))
-    direction = sae.W_dec[f].detach().float()
-
-    def remove(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        z = sae.encode(x.float())[..., f : f + 1]  # [b, ctx, 1]
-        return (y.float() - z * direction * keep).to(y.dtype)
-
-    return splice_transcoder(model, hook, writes, remove)
+    remove = feature_edit(sae, f, "remove", 0.0, where=keep)
+    return splice_activations(model, hook, remove) if writes is None else splice_transcoder(model, hook, writes, remove)
 
 
 @torch.no_grad()

@@ -35,19 +35,22 @@ class SteeringError(PipelineError, ValueError):
 def feature_edit(sae, latent: int, mode: str, scale: float,
                  where: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
     """The edit of activations [..., d_in] at the hook for `mode` (one of MODES) at `scale`; only at
-    the positions where `where` (bool [..., 1]) is True, when given."""
+    the positions where `where` (bool [..., 1]) is True, when given. `edit(x)` edits an SAE's
+    activations x (its code z(x) from them); `edit(x, y)` a transcoder's output y, z(x) coded from its
+    input x of the same pass (hooks.splice_transcoder calls it so)."""
     if mode not in MODES:
         raise SteeringError(f"steering mode {mode!r} is not one of {', '.join(MODES)}")
     direction = sae.W_dec[latent].detach()
 
-    def edit(x: torch.Tensor) -> torch.Tensor:
-        d = direction.to(x.device, torch.float32)
+    def edit(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        y = x if y is None else y
+        d = direction.to(y.device, torch.float32)
         if mode == "add":
             change = scale * d
         else:
             z = sae.encode(x.float())[..., latent : latent + 1]  # [..., 1]
             change = ((scale if mode == "clamp" else 0.0) - z) * d
-        return (x.float() + (change if where is None else change * where)).to(x.dtype)
+        return (y.float() + (change if where is None else change * where)).to(y.dtype)
 
     return edit
 

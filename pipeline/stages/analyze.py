@@ -434,7 +434,7 @@ def feature_records(
     plain = plain_outputs(loaded, hook, cfg.steer_prompts, cfg.steer_tokens) if detail and cfg.steer_scales else None
     bar = tqdm(total=len(detail), desc="detailed features", unit="feature", disable=not cfg.progress)
     records = []
-    writes = parse_hook_name(d.sae.meta["hook_out"]) if d.sae.transcodes else hook  # where the decoder writes
+    writes = parse_hook_name(d.writes)
     for f in range(d.sae.d_sae):
         record = _record(f, tables, cfg)
         if f in detail and record["top"]:

@@ -365,10 +365,10 @@ def compare_dictionaries(
         raise CompareError(
             f"the dictionaries sit at different hooks ({base.hook} and {other.hook}); compare one hook"
         )
-    if base.sae.meta.get("hook_out") != other.sae.meta.get("hook_out"):
+    if base.writes != other.writes:
         raise CompareError(
-            f"the dictionaries predict different activations ({base.sae.meta.get('hook_out') or base.hook} and "
-            f"{other.sae.meta.get('hook_out') or other.hook}); compare two SAEs or two transcoders of one MLP"
+            f"the dictionaries predict different activations ({base.writes} and {other.writes}); "
+            "compare two SAEs or two transcoders of one MLP"
         )
     if base.sae.d_in != other.sae.d_in:
         raise CompareError(

@@ -135,8 +135,8 @@ def evaluate_saes(
     tracker = Tracker(wandb_cfg or WandbConfig(), run.root, "evaluate", {"evaluate": asdict(cfg)}, group=run.location)
     reports: dict[str, dict] = {}
     # a group: the dictionaries at one hook that predict the same activations (transcoders: hook_out)
-    for hook_name, hook_out in sorted({(d.hook, d.sae.meta.get("hook_out") or "") for d in dictionaries}):
-        group = [d for d in dictionaries if (d.hook, d.sae.meta.get("hook_out") or "") == (hook_name, hook_out)]
+    for hook_name, writes in sorted({(d.hook, d.writes) for d in dictionaries}):
+        group = [d for d in dictionaries if (d.hook, d.writes) == (hook_name, writes)]
         for name, report in _evaluate_hook_group(loaded, run, hook_name, group, cfg, tracker).items():
             reports[f"{hook_name}/{name}"] = report
     all_reports = collect_reports([run, *map(RunDir.open, cfg.compare_with)])

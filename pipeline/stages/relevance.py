@@ -110,7 +110,7 @@ def rank_features(model_cfg: ModelConfig, corpus: CorpusConfig, cfg: RelevanceCo
     loaded = loaded or load_model(model_cfg)
     check_model([d], loaded, cfg.force, "relevance")
     hook, sae = validate_hooks(loaded.model, [d.hook])[0], d.sae.to(loaded.device).eval()
-    writes = validate_hooks(loaded.model, [d.sae.meta["hook_out"]])[0] if d.sae.transcodes else None
+    writes = validate_hooks(loaded.model, [d.writes])[0] if d.sae.transcodes else None
     windows, bos = task_windows(loaded, corpus, cfg.context_length, cfg.tokens), loaded.tokenizer.bos_token_id
     log.info("relevance of %s/%s for %s: %d windows of %d tokens", d.hook, d.name, corpus.name, *windows.shape)
     checked = max(1, cfg.check_tokens // cfg.context_length)  # the first windows: the check runs on them

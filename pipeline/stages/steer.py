@@ -112,7 +112,7 @@ def steer(model_cfg: ModelConfig, cfg: SteerConfig, run_dir: str | Path, loaded:
             f"steer.mode={cfg.mode} sets a transcoder latent from the activations it reads at {d.hook}, which "
             f"this stage does not splice at its output {d.sae.meta['hook_out']}; use steer.mode=add"
         )
-    hook = validate_hooks(loaded.model, [d.sae.meta["hook_out"] if d.sae.transcodes else d.hook])[0]  # where it writes
+    hook = validate_hooks(loaded.model, [d.writes])[0]
     sae = d.sae.to(loaded.device).eval()
     plain = plain_outputs(loaded, hook, cfg.prompts, cfg.max_new_tokens)
     report = steering_report(loaded, hook, sae, cfg.feature, cfg.mode, unit, cfg.scales, plain, cfg.prompts,
