@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from quality_sweep import dead_fraction, sparsify_optimizer  # noqa: E402  (bench/: the peer recipe, one definition)
+
 from pipeline.models import ModelConfig  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.sae import Sae, SaeConfig  # noqa: E402
@@ -48,16 +50,12 @@ def _pairs(plan):
 
 def train_sparsify(plan, k: int, expansion: int, skip: bool, out: Path) -> float:
     """sparsify's transcoder recipe on the plan's batches; saves `out`; returns the dead fraction."""
-    from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
-    from sparsify.sign_sgd import SignSGD
 
     torch.manual_seed(0)
     config = SparseCoderConfig(expansion_factor=expansion, k=k, transcode=True, skip_connection=skip)
     sp = SparseCoder(plan.shards.d_model, config, device="cpu")
-    opt = ScheduleFreeWrapper(SignSGD([{"params": sp.parameters(), "lr": 5e-3 / (sp.num_latents / 2**14) ** 0.5}]),
-                              momentum=0.95)  # fmt: skip
-    opt.train()
+    opt = sparsify_optimizer(sp)
     since_fired = torch.zeros(sp.num_latents, dtype=torch.long)
     for step, (x, y) in enumerate(_pairs(plan)):
         if step == 0:
@@ -71,7 +69,7 @@ def train_sparsify(plan, k: int, expansion: int, skip: bool, out: Path) -> float
         since_fired[result.latent_indices.flatten()] = 0
     opt.eval()  # schedule-free: the averaged weights are the trained ones
     sp.save_to_disk(out)
-    return float((since_fired >= plan.cfg.dead_tokens).float().mean())
+    return dead_fraction(since_fired, plan)
 
 
 def _as_run_dictionary(directory: Path, run: RunDir, name: str, dead: float, plan) -> Path:

@@ -52,21 +52,30 @@ def _batches(plan):
         yield next(batches).float()
 
 
-def _dead(since_fired: torch.Tensor, plan) -> float:
+def dead_fraction(since_fired: torch.Tensor, plan) -> float:
+    """The share of latents idle over the train stage's dead window (its last `dead_tokens` tokens)."""
     return float((since_fired >= plan.cfg.dead_tokens).float().mean())
+
+
+def sparsify_optimizer(sp):
+    """sparsify 1.3's default optimizer for SparseCoder `sp`, in train mode: SignSGD under
+    ScheduleFreeWrapper (momentum 0.95) at lr 5e-3 / sqrt(d_sae / 2^14)."""
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify.sign_sgd import SignSGD
+
+    opt = ScheduleFreeWrapper(SignSGD([{"params": sp.parameters(), "lr": 5e-3 / (sp.num_latents / 2**14) ** 0.5}]),
+                              momentum=0.95)  # fmt: skip
+    opt.train()
+    return opt
 
 
 def train_sparsify(plan, k: int, expansion: int, out: Path) -> float:
     """sparsify's default recipe on the plan's batches; saves `out`; returns the dead fraction."""
-    from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
-    from sparsify.sign_sgd import SignSGD
 
     torch.manual_seed(0)
     sp = SparseCoder(plan.shards.d_model, SparseCoderConfig(expansion_factor=expansion, k=k), device="cpu")
-    opt = ScheduleFreeWrapper(SignSGD([{"params": sp.parameters(), "lr": 5e-3 / (sp.num_latents / 2**14) ** 0.5}]),
-                              momentum=0.95)  # fmt: skip
-    opt.train()
+    opt = sparsify_optimizer(sp)
     since_fired = torch.zeros(sp.num_latents, dtype=torch.long)
     for step, x in enumerate(_batches(plan)):
         if step == 0:
@@ -81,7 +90,7 @@ def train_sparsify(plan, k: int, expansion: int, out: Path) -> float:
         since_fired[result.latent_indices.flatten()] = 0
     opt.eval()  # schedule-free: the averaged weights are the trained ones
     sp.save_to_disk(out)
-    return _dead(since_fired, plan)
+    return dead_fraction(since_fired, plan)
 
 
 def train_saelens(plan, k: int, expansion: int, out: Path) -> float:
@@ -107,7 +116,7 @@ def train_saelens(plan, k: int, expansion: int, out: Path) -> float:
         since_fired += len(x)
         since_fired[(result.feature_acts > 0).any(0)] = 0
     lens.save_inference_model(out)
-    return _dead(since_fired, plan)
+    return dead_fraction(since_fired, plan)
 
 
 def train_ours(
