@@ -173,11 +173,25 @@ def output_config_hash(sae: Sae, loaded: LoadedModel, shards: ShardSet, settings
     )
 
 
-def one_dictionary(found: list[Dictionary], named: str | None, stage: str, error: type[Exception]) -> Dictionary:
-    """The single dictionary a stage works on; `error` names the choices when there are several."""
+@dataclass
+class OneDictionary:
+    """Which single dictionary a stage works on (the shared part of the explain, relevance, steer and
+    track settings)."""
+
+    sae: str | None = None
+    """A directory, or a name under <run_dir>/sae/<hook>/; null: the run's only dictionary."""
+    hook: str | None = None
+    """Use it at this hook; null: the one its cfg.json names."""
+    force: bool = False
+    """Use a dictionary trained on another model or at another hook anyway."""
+
+
+def one_dictionary(run: RunDir, chosen: OneDictionary, stage: str, error: type[Exception]) -> Dictionary:
+    """The single dictionary `chosen` names in `run`; `error` names the choices when there are several."""
+    found = find_dictionaries(run, [chosen.sae] if chosen.sae else [], chosen.hook, chosen.force, stage)
     if len(found) != 1:
         raise error(
-            f"{stage}.sae={named} names {len(found)} dictionaries ({', '.join(d.name for d in found)}); name one, "
-            f"e.g. {stage}.sae=" + (found[0].name if found else "topk-k32-x16")
+            f"{stage}.sae={chosen.sae} names {len(found)} dictionaries ({', '.join(d.name for d in found)}); "
+            f"name one, e.g. {stage}.sae=" + (found[0].name if found else "topk-k32-x16")
         )
     return found[0]

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
 from pipeline.dashboard import INDEX_FILE, fires_on, load_features, load_vocab, write_explanations
-from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries, one_dictionary
+from pipeline.dictionaries import Dictionary, DictionaryError, OneDictionary, one_dictionary
 from pipeline.explainers import EndpointLanguageModel, LanguageModel, LocalLanguageModel
 from pipeline.explanations import (
     PROMPT_VERSION,
@@ -59,10 +59,7 @@ class ExplainError(DictionaryError):
 
 
 @dataclass
-class ExplainConfig:
-    sae: str | None = None
-    """A directory, or a name under <run_dir>/sae/<hook>/; null: the run's only dictionary."""
-    hook: str | None = None
+class ExplainConfig(OneDictionary):
     features: int | None = 100
     """Features explained: a random sample of the firing ones (null: every firing one)."""
     backend: str = "local"
@@ -80,6 +77,7 @@ class ExplainConfig:
     batch_size: int = 8
     seed: int = 0
     force: bool = False
+    """Also re-explain every feature (not only those explained with other settings)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -202,8 +200,7 @@ def explain_features(explainer: ModelConfig, cfg: ExplainConfig, run_dir: str | 
                      wandb_cfg: WandbConfig | None = None) -> Path:  # fmt: skip
     """Explain and score the configured dictionary's analyzed features; return explanations.json."""
     run = RunDir.open(run_dir)
-    d = one_dictionary(find_dictionaries(run, [cfg.sae] if cfg.sae else [], cfg.hook, cfg.force, "explain"),
-                       cfg.sae, "explain", ExplainError)  # fmt: skip
+    d = one_dictionary(run, cfg, "explain", ExplainError)
     directory = run.features(d.hook, d.name)
     if not (directory / INDEX_FILE).exists():
         raise ExplainError(f"{d.hook}/{d.name} is not analyzed: run `python -m pipeline analyze run_dir={run.location}` first")

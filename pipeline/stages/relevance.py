@@ -28,7 +28,7 @@ from pipeline.config import check_settings, to_dataclass
 from pipeline.corpus import CorpusConfig
 from pipeline.dashboard import index_rows, link_report
 from pipeline.dashboard.pages import relevance_page
-from pipeline.dictionaries import DictionaryError, check_model, find_dictionaries, one_dictionary
+from pipeline.dictionaries import DictionaryError, OneDictionary, check_model, one_dictionary
 from pipeline.fileio import atomic_write
 from pipeline.hooks import validate_hooks
 from pipeline.models import LoadedModel, ModelConfig, load_model
@@ -46,10 +46,7 @@ class RelevanceError(DictionaryError):
 
 
 @dataclass
-class RelevanceConfig:
-    sae: str | None = None
-    """A directory, or a name under <run_dir>/sae/<hook>/; null: the run's only dictionary."""
-    hook: str | None = None
+class RelevanceConfig(OneDictionary):
     tokens: int = 32_768
     """Task tokens (whole windows of context_length)."""
     context_length: int = 256
@@ -60,7 +57,6 @@ class RelevanceConfig:
     """Features whose true removal is measured: half the largest estimates, half random firing ones."""
     check_tokens: int = 4_096
     seed: int = 0
-    force: bool = False
 
     def __post_init__(self) -> None:
         check_settings(self, "relevance", RelevanceError, positive=("tokens", "context_length", "batch_size", "top",
@@ -105,8 +101,7 @@ def rank_features(model_cfg: ModelConfig, corpus: CorpusConfig, cfg: RelevanceCo
                   wandb_cfg: WandbConfig | None = None, loaded: LoadedModel | None = None) -> Path:  # fmt: skip
     """Rank the configured dictionary's features for the task corpus; return the output directory."""
     run = RunDir.open(run_dir)
-    d = one_dictionary(find_dictionaries(run, [cfg.sae] if cfg.sae else [], cfg.hook, cfg.force, "relevance"),
-                       cfg.sae, "relevance", RelevanceError)  # fmt: skip
+    d = one_dictionary(run, cfg, "relevance", RelevanceError)
     loaded = loaded or load_model(model_cfg)
     check_model([d], loaded, cfg.force, "relevance")
     hook, sae = validate_hooks(loaded.model, [d.hook])[0], d.sae.to(loaded.device).eval()

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
-from pipeline.dictionaries import Dictionary, check_model, find_dictionaries, one_dictionary, shards_for
+from pipeline.dictionaries import Dictionary, OneDictionary, check_model, one_dictionary, shards_for
 from pipeline.fileio import atomic_write
 from pipeline.hooks import validate_hooks
 from pipeline.models import LoadedModel, ModelConfig, load_model
@@ -39,13 +39,9 @@ DEFAULT_PROMPTS = ["I think that", "The function returns", "In the beginning"]
 
 
 @dataclass
-class SteerConfig:
+class SteerConfig(OneDictionary):
     feature: int | None = None
     """The feature to steer (required)."""
-    sae: str | None = None
-    """Its dictionary: a directory, or a name under <run_dir>/sae/<hook>/; null: the run's only one."""
-    hook: str | None = None
-    """Steer at this hook; null: the one the dictionary's cfg.json names."""
     mode: str = "add"
     """add (scale x the decoder direction) | clamp (the activation set to scale) | remove."""
     scales: list[float] = field(default_factory=lambda: [2.0, 8.0])
@@ -55,7 +51,6 @@ class SteerConfig:
     max_new_tokens: int = 24
     tokens: int = 65_536
     """Stored tokens the largest activation is measured on (relative scales)."""
-    force: bool = False
 
     def __post_init__(self) -> None:
         check_settings(self, "steer", SteeringError, positive=("max_new_tokens", "tokens"),
@@ -100,8 +95,7 @@ def format_report(report: dict, tokenizer) -> str:
 def steer(model_cfg: ModelConfig, cfg: SteerConfig, run_dir: str | Path, loaded: LoadedModel | None = None) -> Path:
     """Steer the configured feature; print the report and write it as JSON; return its path."""
     run = RunDir.open(run_dir)
-    found = find_dictionaries(run, [cfg.sae] if cfg.sae else [], cfg.hook, cfg.force, "steer")
-    d = one_dictionary(found, cfg.sae, "steer", SteeringError)
+    d = one_dictionary(run, cfg, "steer", SteeringError)
     if not 0 <= cfg.feature < d.sae.d_sae:
         raise SteeringError(f"steer.feature={cfg.feature} is not a feature of {d.name} (0 to {d.sae.d_sae - 1})")
     loaded = loaded or load_model(model_cfg)

@@ -34,7 +34,7 @@ from pipeline.config import check_settings, to_dataclass
 from pipeline.corpus import CorpusConfig
 from pipeline.dashboard import index_rows, link_report
 from pipeline.dashboard.pages import track_page
-from pipeline.dictionaries import Dictionary, DictionaryError, check_model, find_dictionaries, one_dictionary
+from pipeline.dictionaries import Dictionary, DictionaryError, OneDictionary, check_model, one_dictionary
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
 from pipeline.fileio import atomic_write
 from pipeline.finetune_checkpoints import finished_steps
@@ -68,12 +68,9 @@ class TrackError(DictionaryError):
 
 
 @dataclass
-class TrackConfig:
+class TrackConfig(OneDictionary):
     checkpoints: str = ""
     """finetune.out of the fine-tuning to follow (its steps kept with finetune.save_every)."""
-    sae: str | None = None
-    """A directory, or a name under <run_dir>/sae/<hook>/; null: the run's only dictionary."""
-    hook: str | None = None
     tokens: int = 32_768
     """Held-out tokens the feature trajectories are measured on."""
     eval_tokens: int = 8_192
@@ -91,7 +88,6 @@ class TrackConfig:
     """Features listed on the page."""
     top_relevant: int = 20
     """The task's most relevant features whose movement is compared with all features'."""
-    force: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -218,8 +214,7 @@ def track_features(model_cfg: ModelConfig, corpus: CorpusConfig, cfg: TrackConfi
                    wandb_cfg: WandbConfig | None = None) -> Path:  # fmt: skip
     """Follow the configured dictionary's features through the fine-tuning; return the page."""
     run = RunDir.open(run_dir)
-    d = one_dictionary(find_dictionaries(run, [cfg.sae] if cfg.sae else [], cfg.hook, cfg.force, "track"),
-                       cfg.sae, "track", TrackError)  # fmt: skip
+    d = one_dictionary(run, cfg, "track", TrackError)
     checkpoints = Path(cfg.checkpoints)
     steps = model_steps(model_cfg, checkpoints)
     log.info("track %s/%s through %d steps of %s", d.hook, d.name, len(steps) - 1, checkpoints)
