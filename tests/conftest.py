@@ -287,3 +287,16 @@ def poison_activation(hook_dir: Path, window: int, position: int) -> None:
             return
         first += record["n_sequences"]
     raise IndexError(window)
+
+
+def staged_by_wandb(run_dir: Path) -> set[Path]:
+    """The files the one offline W&B run in `run_dir` points `wandb sync` to (a table's rows, its HTML
+    cells), by the absolute paths its log holds. W&B's service writes and closes a run's log after
+    `finish()` returns, so the service is shut down (and waited for) before the log is read."""
+    import re
+
+    import wandb
+
+    wandb.teardown()
+    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return {Path(p.decode()) for p in re.findall(rb"(/[\w./-]+/artifacts/staging/tmp\w{8})", log.read_bytes())}

@@ -1,7 +1,6 @@
 import html
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +19,7 @@ from pipeline.sae import Sae
 from pipeline.shards import ShardError, ShardSet
 from pipeline.stages.analyze import AnalyzeConfig, AnalyzeError, analyze_saes
 from pipeline.tracking import WandbConfig
-from tests.conftest import copy_run, poison_activation
+from tests.conftest import copy_run, poison_activation, staged_by_wandb
 
 HOOK = "blocks.1.resid_post"
 OFF = WandbConfig(mode="disabled")
@@ -336,8 +335,7 @@ def test_wandb_gets_the_feature_table(trained_run, model_cfg, loaded, tmp_path):
         model_cfg, _cfg(detail_features=0, wandb_features=5), run, WandbConfig(mode="offline"), loaded=loaded
     )
     # the files the offline run's log points `wandb sync` to: the table's artifact, one HTML per row
-    (log,) = run.glob("wandb/offline-run-*/run-*.wandb")
-    staged = {Path(p.decode()) for p in re.findall(rb"(/[\w./-]+/artifacts/staging/tmp\w{8})", log.read_bytes())}
+    staged = staged_by_wandb(run)
     assert staged and all((run / "wandb") in p.resolve().parents and p.is_file() for p in staged)  # through the link
     html = [p for p in staged if p.read_text().lstrip().startswith("<")]
     (table_file,) = staged - set(html)

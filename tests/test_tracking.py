@@ -3,11 +3,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import wandb
 
 from pipeline.tracking import LINKS_VARIABLE, Tracker, WandbConfig
+from tests.conftest import staged_by_wandb
 
 
 def test_wandb_failures_never_stop_a_stage(tmp_path, monkeypatch, caplog):
@@ -80,7 +80,6 @@ def test_nothing_is_written_outside_the_run_directory(tmp_path):
 def test_a_moved_run_directory_syncs_its_whole_table(tmp_path, monkeypatch):
     """W&B records staged files by absolute path; they go through a link of the same name on every
     machine, which `python -m pipeline.tracking <run_dir>` points at wherever the run directory went."""
-    import re
     import shutil
 
     monkeypatch.setenv(LINKS_VARIABLE, str(tmp_path / "links"))
@@ -90,11 +89,11 @@ def test_a_moved_run_directory_syncs_its_whole_table(tmp_path, monkeypatch):
     table.add_data(0, wandb.Html("<b>token</b>"))
     tracker.log({"features": table})
     tracker.finish()
+    wandb.teardown()  # W&B's service closes the run's log after finish() returns
     moved = tmp_path / "elsewhere" / "run"
     shutil.move(first, moved)
     shutil.rmtree(tmp_path / "links")  # another machine: no link yet
-    (log,) = moved.glob("wandb/offline-run-*/run-*.wandb")
-    staged = {Path(p.decode()) for p in re.findall(rb"(/[\w./-]+/artifacts/staging/tmp\w{8})", log.read_bytes())}
+    staged = staged_by_wandb(moved)
     assert len(staged) == 2 and not any(p.exists() for p in staged)  # the table and its HTML cell
     result = subprocess.run([sys.executable, "-m", "pipeline.tracking", str(moved)], capture_output=True, text=True,
                             timeout=60)  # fmt: skip
