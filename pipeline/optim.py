@@ -2,8 +2,10 @@
 
 Signum here is sign-SGD made schedule-free (Defazio et al. 2024), as sparsify trains with it:
 gradients are taken at y = (1 - beta) z + beta x, the iterate z moves by lr * sign(grad), and x is
-the running average of z, weighted by lr^2 so warm-up steps count less. The parameters hold y
-while training; `eval_params` swaps in the average x, which is what gets saved.
+the running average of z, step t weighted by t^power * lr^2 (the paper's polynomial weighting), so
+warm-up steps count less and, with power > 0, the early iterates of a short run count less too
+(sparsify's average is uniform: power 0). The parameters hold y while training; `eval_params` swaps
+in the average x, which is what gets saved.
 """
 
 from __future__ import annotations
@@ -16,15 +18,25 @@ import torch
 class Signum(torch.optim.Optimizer):
     """Schedule-free sign-SGD; call `eval_params()` before saving (and `train_params()` to go on)."""
 
-    def __init__(self, params, lr: float = 1e-3, beta: float = 0.9):
-        super().__init__(params, {"lr": lr, "beta": beta, "lr_sq_sum": 0.0})
+    def __init__(self, params, lr: float = 1e-3, beta: float = 0.9, power: float = 0.0):
+        super().__init__(params, {"lr": lr, "beta": beta, "power": power, "steps": 0, "weight_sum": 0.0})
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a checkpoint from before `power`: the uniform average
+            if "lr_sq_sum" in group:
+                group["weight_sum"] = group.pop("lr_sq_sum")
+            group.setdefault("power", 0.0)
+            group.setdefault("steps", 0)
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             lr, beta = group["lr"], group["beta"]
-            group["lr_sq_sum"] += lr * lr
-            weight = lr * lr / group["lr_sq_sum"] if group["lr_sq_sum"] > 0 else 1.0
+            group["steps"] += 1
+            step_weight = group["steps"] ** group["power"] * lr * lr
+            group["weight_sum"] += step_weight
+            weight = step_weight / group["weight_sum"] if group["weight_sum"] > 0 else 1.0
             for p in group["params"]:
                 if p.grad is None:
                     continue

@@ -28,6 +28,7 @@ PAIR = {"base": "a", "other": "b"}
         (TrainConfig, TrainError, "lr", 0.0),
         (TrainConfig, TrainError, "epochs", 0.0),
         (TrainConfig, TrainError, "holdout_tokens", -1),
+        (TrainConfig, TrainError, "average_power", -1.0),
         (TrainConfig, TrainError, "lr_decay", "step"),
         (TrainConfig, TrainError, "lr_decay_start", 1.5),
         (TrainConfig, TrainError, "grad_clip", -1.0),

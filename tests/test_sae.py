@@ -329,6 +329,51 @@ def test_signum_and_schedule():
     opt.step()
     opt.eval_params()
     torch.testing.assert_close(p.detach(), torch.tensor([-0.1, 0.1, 0.0]))
+
+
+def test_signum_average_weights_step_t_by_t_to_the_power():
+    """The saved average of iterates z_1..z_T is sum_t w_t z_t / sum_t w_t with w_t = t^power lr_t^2:
+    uniform at power 0 (sparsify's), later steps heavier above it."""
+    lrs, grads = [0.05, 0.1, 0.1, 0.1], [1.0, -1.0, -1.0, 1.0]
+    for power in (0.0, 3.0):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = Signum([p], lr=1.0, power=power)
+        iterates, weights, z = [], [], 0.0
+        for t, (lr, g) in enumerate(zip(lrs, grads, strict=True), start=1):
+            opt.param_groups[0]["lr"] = lr
+            p.grad = torch.tensor([g])
+            opt.step()
+            z -= lr * g
+            iterates.append(z)
+            weights.append(t**power * lr * lr)
+        opt.eval_params()
+        expected = sum(w * zt for w, zt in zip(weights, iterates, strict=True)) / sum(weights)
+        assert float(p) == pytest.approx(expected, abs=1e-6)
+
+
+def test_signum_resumes_a_checkpoint_from_before_the_weighting():
+    """Optimizer state saved when the uniform average's sum was `lr_sq_sum` goes on exactly as a power-0 run."""
+
+    def run(steps, opt=None, p=None):
+        p = p if p is not None else torch.nn.Parameter(torch.zeros(2))
+        opt = opt or Signum([p], lr=0.1)
+        for g in steps:
+            p.grad = torch.tensor(g)
+            opt.step()
+        return p, opt
+
+    grads = [[1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [1.0, 1.0]]
+    straight, _ = run(grads)
+    p, opt = run(grads[:2])
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group["lr_sq_sum"] = group.pop("weight_sum")
+        del group["power"], group["steps"]
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = Signum([q], lr=0.1)
+    fresh.load_state_dict(saved)
+    resumed, _ = run(grads[2:], fresh, q)
+    torch.testing.assert_close(resumed.detach(), straight.detach())
     assert lr_multiplier(0, 100, 10, "linear", 0.5) == pytest.approx(0.1)
     assert lr_multiplier(40, 100, 10, "linear", 0.5) == 1.0
     assert lr_multiplier(75, 100, 10, "linear", 0.5) == pytest.approx(0.5)

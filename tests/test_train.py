@@ -106,6 +106,20 @@ def test_signum_optimizer(run_dir):
     assert Sae.load(out).config_dict()["metrics"]["fvu"] < 0.5
 
 
+def test_a_later_weighted_average_trains_anew_and_the_uniform_one_stays_current(run_dir, caplog):
+    uniform = _cfg(optimizer="signum", lr=2e-2)
+    out = train_saes(uniform, SAE, run_dir, OFF)["topk-k4-x4"]
+    before = _weights(out)
+    caplog.set_level("INFO")
+    train_saes(replace(uniform, average_power=0.0), SAE, run_dir, OFF)
+    assert "already trained" in caplog.text
+    caplog.clear()
+    train_saes(replace(uniform, average_power=3.0), SAE, run_dir, OFF)
+    assert "already trained" not in caplog.text
+    assert not torch.equal(_weights(out)["W_enc"], before["W_enc"])
+    assert Sae.load(out).config_dict()["metrics"]["fvu"] < 0.5
+
+
 def test_rerun_skips_finished_training(run_dir, caplog):
     train_saes(_cfg(), SAE, run_dir, OFF)
     caplog.set_level("INFO")

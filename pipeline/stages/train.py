@@ -66,7 +66,9 @@ from pipeline.training import (
 log = logging.getLogger(__name__)
 
 _NOT_HASHED = {"log_every", "checkpoint_every", "checkpoint_minutes", "progress", "device", "compile"}  # change no result
-_HASHED_WHEN_SET = {"shuffle_shards", "exclude_outliers", "hook_out"}  # settings added later: left at null, earlier dictionaries stay current
+# settings added later, hashed only away from the value that gives the earlier behaviour, so that
+# earlier dictionaries stay current
+_HASHED_WHEN_SET = {"shuffle_shards": None, "exclude_outliers": None, "hook_out": None, "average_power": 0.0}
 _SAE_HASHED_WHEN_SET = {"matryoshka_widths"}  # the same for the dictionaries' settings
 
 
@@ -245,7 +247,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
             "train": {
                 k: v
                 for k, v in asdict(cfg).items()
-                if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and v is None)
+                if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])
             },
             "saes": [{k: v for k, v in asdict(c).items() if not (k in _SAE_HASHED_WHEN_SET and v is None)} for c in sae_cfgs],
             "data": _data_identity(stored, stream),
