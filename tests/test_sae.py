@@ -34,7 +34,10 @@ def _naive_topk_loss(sae, x, dead, k_aux):
     aux_values, aux_idx = aux_pre.topk(min(k_aux, int(dead.sum())), dim=1)
     z_aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_values.clamp_min(0))
     scale = min(int(dead.sum()) / k_aux, 1.0)
-    aux = scale * (z_aux @ sae.W_dec - (x - x_hat).detach()).pow(2).sum(1).mean() / variance
+    residual = (x - x_hat).detach()
+    if sae.cfg.aux_rescale:  # to the input's variance: residual / sqrt(FVU)
+        residual = residual * (variance / residual.pow(2).sum(1).mean()).sqrt()
+    aux = scale * (z_aux @ sae.W_dec - residual).pow(2).sum(1).mean() / variance
     return loss + sae.cfg.aux_coefficient * aux, x_hat
 
 
@@ -42,9 +45,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aux_rescale", [True, False], ids=["rescaled", "gao"])
 @pytest.mark.parametrize("n_dead", [0, 5, 60])
-def test_sparse_topk_training_matches_dense_reference(n_dead, device):
-    sae = _sae().to(device)
+def test_sparse_topk_training_matches_dense_reference(n_dead, aux_rescale, device):
+    sae = _sae(aux_rescale=aux_rescale).to(device)
     x = torch.randn(64, D_IN, device=device)
     dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
     dead[torch.randperm(sae.d_sae)[:n_dead]] = True

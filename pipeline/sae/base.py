@@ -50,6 +50,9 @@ class SaeConfig:
     """Active latents per token (topk, batchtopk: mean over the batch)."""
     k_aux: int | None = None
     """AuxK: dead latents used to model the residual (default d_in // 2, Gao et al. 2024)."""
+    aux_rescale: bool = True
+    """AuxK: dead latents model the residual scaled to the input's variance, so that their codes
+    reach a live latent's size (false: the residual itself, Gao et al.'s)."""
     aux_coefficient: float = 0.25
     """Weight of the AuxK loss (Gao et al. use 1/32 for long runs; short runs need dead latents
     revived sooner: 1/4 reaches <1% dead on the default 844k-token run)."""

@@ -49,7 +49,7 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
         if bool(n_dead > 0) and self.cfg.aux_coefficient > 0:
             aux_values, aux_idx = pre.masked_fill(~dead_mask, 0).topk(min(k_aux, int(n_dead)), dim=1)
             e_hat = torch.zeros_like(pre).scatter_(1, aux_idx, aux_values) @ self.W_dec
-            aux = auxk_loss(x, x_hat, e_hat, n_dead, k_aux, variance)
+            aux = auxk_loss(x, x_hat, e_hat, n_dead, k_aux, variance, self.cfg.aux_rescale)
             loss = loss + self.cfg.aux_coefficient * aux
             terms = {**terms, "auxk": aux.detach()}
         return loss, terms

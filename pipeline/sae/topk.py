@@ -2,8 +2,13 @@
 
     z = TopK_k(ReLU(pre))            keep the k largest activations per token
     loss = FVU(x, x_hat) + aux_coefficient * AuxK
-    AuxK = min(n_dead / k_aux, 1) * ||e - e_hat||^2 / sum ||x - mean x||^2,   e = x - x_hat,
-           e_hat = decoder of the k_aux largest pre-activations among dead latents (no bias)
+    AuxK = min(n_dead / k_aux, 1) * ||r - e_hat||^2 / sum ||x - mean x||^2,
+           e_hat = decoder of the k_aux largest pre-activations among dead latents (no bias),
+           r = e / sqrt(FVU), e = x - x_hat: the residual scaled to the input's variance
+           (sae.aux_rescale; false: r = e, Gao et al.'s)
+Dead latents learn the residual's directions at the size of a live latent's code, so that they win
+places in the top k: with r = e their codes stay a residual's size, below the k-th largest live one
+(measured in the README's rule table).
 Training runs on the sparse kernels of `sparse.py`.
 """
 
@@ -29,9 +34,13 @@ def auxk_loss(
     n_dead: torch.Tensor,
     k_aux: int,
     variance: torch.Tensor,
+    rescale: bool = True,
 ) -> torch.Tensor:
-    """Gao et al.'s auxiliary loss: dead latents learn to model the main reconstruction's residual."""
+    """Gao et al.'s auxiliary loss: dead latents learn to model the main reconstruction's residual
+    (`rescale`: scaled to the input's variance, as the module docstring says)."""
     residual = (x - x_hat).detach()
+    if rescale:
+        residual = residual * (variance / residual.pow(2).sum(-1).mean().clamp_min(1e-12)).sqrt()
     scale = (n_dead.float() / k_aux).clamp(max=1.0)
     return scale * (e_hat - residual).pow(2).sum(-1).mean() / variance
 
@@ -71,7 +80,7 @@ class TopKSae(Sae, architecture="topk"):
         loss, terms = fvu, {"fvu": fvu.detach()}
         if use_aux:
             e_hat = sparse_decode(aux_values, aux_indices, self.W_dec)
-            aux = auxk_loss(target, x_hat, e_hat, n_dead, k_aux, variance)
+            aux = auxk_loss(target, x_hat, e_hat, n_dead, k_aux, variance, self.cfg.aux_rescale)
             loss = loss + self.cfg.aux_coefficient * aux
             terms["auxk"] = aux.detach()
         active = values > 0
