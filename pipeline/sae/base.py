@@ -55,7 +55,7 @@ class SaeConfig:
     reach a live latent's size (false: the residual itself, Gao et al.'s)."""
     aux_coefficient: float = 0.25
     """Weight of the AuxK loss (Gao et al. use 1/32 for long runs; short runs need dead latents
-    revived sooner: 1/4 reaches <1% dead on the default 844k-token run)."""
+    revived sooner: the README's rule table has the measurements)."""
     l1_coefficient: float = 5.0
     """relu: weight of sum_i |z_i| * ||W_dec,i|| (with inputs normalized to E||x||^2 = d_in)."""
     l0_coefficient: float = 1.0
