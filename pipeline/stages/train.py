@@ -69,7 +69,13 @@ _NOT_HASHED = {"log_every", "checkpoint_every", "checkpoint_minutes", "progress"
 # settings added later, hashed only away from the value that gives the earlier behaviour, so that
 # earlier dictionaries stay current
 _HASHED_WHEN_SET = {"shuffle_shards": None, "exclude_outliers": None, "hook_out": None, "average_power": 0.0}
-_SAE_HASHED_WHEN_SET = {"matryoshka_widths"}  # the same for the dictionaries' settings
+_SAE_HASHED_WHEN_SET = {"matryoshka_widths": None}  # the same for the dictionaries' settings
+
+
+def _hashed(settings, earlier: dict, not_hashed: set[str] = frozenset()) -> dict:
+    """The settings of a dataclass that enter the config hash: all but `not_hashed` and those at the
+    value `earlier` gives for them (settings added later)."""
+    return {k: v for k, v in asdict(settings).items() if k not in not_hashed and not (k in earlier and v == earlier[k])}
 
 
 @dataclass
@@ -244,12 +250,8 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
     hash_ = config_hash(
         {
             "format_version": FORMAT_VERSION,
-            "train": {
-                k: v
-                for k, v in asdict(cfg).items()
-                if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])
-            },
-            "saes": [{k: v for k, v in asdict(c).items() if not (k in _SAE_HASHED_WHEN_SET and v is None)} for c in sae_cfgs],
+            "train": _hashed(cfg, _HASHED_WHEN_SET, _NOT_HASHED),
+            "saes": [_hashed(c, _SAE_HASHED_WHEN_SET) for c in sae_cfgs],
             "data": _data_identity(stored, stream),
         }
     )
