@@ -105,6 +105,17 @@ def test_bad_inputs(trained_run, model_cfg, tmp_path):
         )
 
 
+def test_a_transcoder_against_an_sae_of_its_input_is_refused(trained_run, transcoder_run, model_cfg, tmp_path):
+    sae = Sae.load(trained_run / "sae" / HOOK / "topk-k8-x4")
+    sae.meta["hook"] = "blocks.1.mlp_in"  # an SAE reading what the transcoder reads, reconstructing it
+    at_mlp_in = sae.save(tmp_path / "sae-of-mlp-in")
+    transcoder = transcoder_run / "sae" / "blocks.1.mlp_in" / "transcoder-k8-x4"
+    cfg = CompareConfig(base=str(transcoder), other=str(at_mlp_in), progress=False)
+    with pytest.raises(CompareError, match=r"predict different activations \(blocks.1.mlp_out and blocks.1.mlp_in\)"):
+        compare_dictionaries(cfg, model_cfg, model_cfg, tmp_path, OFF)
+    assert not (tmp_path / "compare").exists()
+
+
 def test_compare_config_composes_with_top_level_sides():
     from hydra import compose, initialize_config_dir
 
