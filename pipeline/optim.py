@@ -5,7 +5,8 @@ gradients are taken at y = (1 - beta) z + beta x, the iterate z moves by lr * si
 the running average of z, step t weighted by t^power * lr^2 (the paper's polynomial weighting), so
 warm-up steps count less and, with power > 0, the early iterates of a short run count less too
 (sparsify's average is uniform: power 0). The parameters hold y while training; `eval_params` swaps
-in the average x, which is what gets saved.
+in the average x, which is what gets saved. `lr_scales` multiplies the step of chosen entries of a
+parameter (the training loop uses it to move idle latents farther).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class Signum(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, beta: float = 0.9, power: float = 0.0):
         super().__init__(params, {"lr": lr, "beta": beta, "power": power, "steps": 0, "weight_sum": 0.0})
+        self.lr_scales: dict[torch.Tensor, torch.Tensor] = {}
+        """{parameter: a tensor broadcasting to it}: its entries step lr * scale for the next step."""
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -45,7 +48,10 @@ class Signum(torch.optim.Optimizer):
                     state["z"] = p.detach().clone()
                     state["x"] = p.detach().clone()
                 z, x = state["z"], state["x"]
-                z.add_(p.grad.sign(), alpha=-lr)
+                if p in self.lr_scales:
+                    z.addcmul_(p.grad.sign(), self.lr_scales[p], value=-lr)
+                else:
+                    z.add_(p.grad.sign(), alpha=-lr)
                 x.lerp_(z, weight)
                 p.copy_(torch.lerp(z, x, beta))
         return None

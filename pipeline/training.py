@@ -31,10 +31,11 @@ class TrainError(PipelineError, ValueError):
 
 
 OPTIMIZER_DEFAULTS = {
-    "signum": {"lr_base": 5e-3, "lr_decay": "constant"},
-    "adam": {"lr_base": 2e-3, "lr_decay": "linear"},
+    "signum": {"lr_base": 5e-3, "lr_decay": "constant", "dead_lr_scale": 3.0},  # SAEs; transcoders: 1
+    "adam": {"lr_base": 2e-3, "lr_decay": "linear", "dead_lr_scale": 1.0},
 }
-"""What `lr_base: null` and `lr_decay: null` mean for each optimizer (measured in the README's sweep)."""
+"""What `lr_base`, `lr_decay` and `dead_lr_scale: null` mean for each optimizer (measured in the
+README's sweep)."""
 
 
 @dataclass
@@ -74,6 +75,10 @@ class TrainConfig:
     """signum: the saved weights are the average of the iterates, step t weighted by t^average_power
     (0: uniform, sparsify's). Above 0 the first, poor iterates of a short run count less: lower FVU,
     but more dead latents at k 32 (the README's rule table)."""
+    dead_lr_scale: float | None = None
+    """signum: the weights of dead latents (see dead_tokens) step this many times as far, so that AuxK
+    brings them back within a short budget; null = 3 for an SAE under signum, 1 (none) for a
+    transcoder (3 left 4x as many dead there) and with adam, which has no other value."""
     lr_warmup_steps: int = 10
     lr_decay: str | None = None
     """linear | cosine | constant, from lr_decay_start (fraction of training) to 0 at the end;
@@ -116,7 +121,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_settings(
             self, "train", TrainError,
-            positive=("tokens", "shuffle_shards", "exclude_outliers", "buffer_tokens", "epochs", "batch_size", "lr", "lr_base", "grad_clip", "dead_tokens", "log_every"),
+            positive=("tokens", "shuffle_shards", "exclude_outliers", "buffer_tokens", "epochs", "batch_size", "lr", "lr_base", "grad_clip", "dead_tokens", "dead_lr_scale", "log_every"),
             non_negative=("holdout_tokens", "average_power", "lr_warmup_steps", "checkpoint_every", "checkpoint_minutes"),
             fractions=("lr_decay_start", "sparsity_warmup"),
             choices={"source": ("shards", "model"), "optimizer": tuple(OPTIMIZER_DEFAULTS), "autocast": ("auto", "bfloat16", "float32"),
@@ -127,6 +132,11 @@ class TrainConfig:
                 "train.source=model needs train.tokens (the corpus is streamed, so passes are not counted); "
                 "set e.g. train.tokens=10000000"
             )
+        if self.optimizer == "adam" and self.dead_lr_scale not in (None, 1.0):
+            raise TrainError(
+                f"train.dead_lr_scale={self.dead_lr_scale} applies to train.optimizer=signum only; "
+                "leave it null with adam (or set train.optimizer=signum)"
+            )
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise TrainError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
 
@@ -136,6 +146,12 @@ class TrainConfig:
             return self.lr
         base = self.lr_base if self.lr_base is not None else OPTIMIZER_DEFAULTS[self.optimizer]["lr_base"]
         return base * (d_sae / 2**14) ** -0.5
+
+    def dead_step_scale(self, transcoder: bool = False) -> float:
+        """`dead_lr_scale`, or when null the optimizer's own for an SAE, 1 for a transcoder."""
+        if self.dead_lr_scale is not None:
+            return self.dead_lr_scale
+        return 1.0 if transcoder else OPTIMIZER_DEFAULTS[self.optimizer]["dead_lr_scale"]
 
     def schedule(self) -> str:
         """`lr_decay`, or the optimizer's own when null."""
@@ -271,6 +287,7 @@ class TrainingMember:
             self.opt = torch.optim.Adam(params, lr=self.lr, betas=tuple(cfg.adam_betas), fused=fused)
         else:
             self.opt = Signum(params, lr=self.lr, power=cfg.average_power)
+        self.dead_step_scale = cfg.dead_step_scale(transcoder=sae.transcodes)
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_enc.device)
         """Training tokens since each latent last fired."""
         self.sums: dict[str, torch.Tensor] = {}
@@ -283,6 +300,17 @@ class TrainingMember:
     def set_lr_multiplier(self, multiplier: float) -> None:
         for group in self.opt.param_groups:
             group["lr"] = self.lr * multiplier
+
+    def scale_dead_steps(self, dead: torch.Tensor) -> None:
+        """Make the coming Signum step move the weights of the `dead` latents [d_sae] bool
+        `dead_step_scale` times as far (a no-op at scale 1)."""
+        if self.dead_step_scale == 1.0:
+            return
+        per_latent = 1.0 + (self.dead_step_scale - 1.0) * dead.float()  # [d_sae]
+        self.opt.lr_scales = {
+            p: per_latent.view([-1 if axis == dim else 1 for axis in range(p.dim())])
+            for p, dim in self.sae.latent_parameters()
+        }
 
     def accumulate(self, terms: dict[str, torch.Tensor]) -> None:
         for key, value in terms.items():
@@ -330,6 +358,7 @@ def make_step(m: TrainingMember, cfg: TrainConfig, dist: Dist, device: torch.dev
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         sae.remove_parallel_decoder_grad()
+        m.scale_dead_steps(dead)
         m.opt.step()
         m.opt.zero_grad(set_to_none=True)
         m.constrain()

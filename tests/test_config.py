@@ -29,6 +29,7 @@ PAIR = {"base": "a", "other": "b"}
         (TrainConfig, TrainError, "epochs", 0.0),
         (TrainConfig, TrainError, "holdout_tokens", -1),
         (TrainConfig, TrainError, "average_power", -1.0),
+        (TrainConfig, TrainError, "dead_lr_scale", 0.0),
         (TrainConfig, TrainError, "lr_decay", "step"),
         (TrainConfig, TrainError, "lr_decay_start", 1.5),
         (TrainConfig, TrainError, "grad_clip", -1.0),
@@ -52,6 +53,15 @@ def test_every_numeric_and_named_setting_is_checked_naming_its_key(cls, error, k
     extra = PAIR if cls is CompareConfig else {}
     with pytest.raises(error, match=rf"\.{key}={value!r}"):
         cls(**{**extra, key: value})
+
+
+def test_dead_lr_scale_is_signums_only():
+    with pytest.raises(TrainError, match=r"train.dead_lr_scale=2.0 applies to train.optimizer=signum only"):
+        TrainConfig(optimizer="adam", dead_lr_scale=2.0)
+    assert TrainConfig(optimizer="adam").dead_step_scale() == 1.0
+    assert TrainConfig().dead_step_scale() == 3.0 and TrainConfig(dead_lr_scale=1.5).dead_step_scale() == 1.5
+    assert TrainConfig().dead_step_scale(transcoder=True) == 1.0  # transcoders: none unless set
+    assert TrainConfig(dead_lr_scale=2.0).dead_step_scale(transcoder=True) == 2.0
 
 
 def test_bad_model_device_and_adam_betas():

@@ -335,6 +335,15 @@ def test_signum_and_schedule():
     torch.testing.assert_close(p.detach(), torch.tensor([-0.1, 0.1, 0.0]))
 
 
+def test_signum_steps_scaled_entries_that_much_farther():
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    opt = Signum([p], lr=0.1)
+    opt.lr_scales = {p: torch.tensor([[1.0, 3.0, 1.0]])}  # one column moves 3x as far
+    p.grad = torch.tensor([[1.0, -1.0, 0.0], [-2.0, 2.0, 1.0]])
+    opt.step()
+    torch.testing.assert_close(opt.state[p]["z"], torch.tensor([[-0.1, 0.3, 0.0], [0.1, -0.3, -0.1]]))
+
+
 def test_signum_average_weights_step_t_by_t_to_the_power():
     """The saved average of iterates z_1..z_T is sum_t w_t z_t / sum_t w_t with w_t = t^power lr_t^2:
     uniform at power 0 (sparsify's), later steps heavier above it."""

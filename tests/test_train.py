@@ -106,15 +106,16 @@ def test_signum_optimizer(run_dir):
     assert Sae.load(out).config_dict()["metrics"]["fvu"] < 0.5
 
 
-def test_a_later_weighted_average_trains_anew_and_the_uniform_one_stays_current(run_dir, caplog):
-    uniform = _cfg(optimizer="signum", lr=2e-2)
+@pytest.mark.parametrize(("key", "earlier", "later"), [("average_power", 0.0, 3.0), ("dead_lr_scale", 1.0, 3.0)])
+def test_a_setting_added_later_trains_anew_away_from_its_earlier_value(run_dir, caplog, key, earlier, later):
+    uniform = _cfg(optimizer="signum", lr=2e-2, **{key: earlier})
     out = train_saes(uniform, SAE, run_dir, OFF)["topk-k4-x4"]
     before = _weights(out)
     caplog.set_level("INFO")
-    train_saes(replace(uniform, average_power=0.0), SAE, run_dir, OFF)
+    train_saes(replace(uniform, **{key: earlier}), SAE, run_dir, OFF)
     assert "already trained" in caplog.text
     caplog.clear()
-    train_saes(replace(uniform, average_power=3.0), SAE, run_dir, OFF)
+    train_saes(replace(uniform, **{key: later}), SAE, run_dir, OFF)
     assert "already trained" not in caplog.text
     assert not torch.equal(_weights(out)["W_enc"], before["W_enc"])
     assert Sae.load(out).config_dict()["metrics"]["fvu"] < 0.5

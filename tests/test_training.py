@@ -9,3 +9,31 @@ def test_learning_rate_and_schedule_follow_the_optimizer_unless_given():
     given = TrainConfig(lr_base=1e-3, lr_decay="cosine")
     assert given.learning_rate(2**14) == 1e-3 and given.schedule() == "cosine"
     assert TrainConfig(lr=0.1).learning_rate(2**16) == 0.1
+
+
+
+def test_dead_latents_step_three_times_as_far_under_signum():
+    """Each Signum step moves an entry by lr; a dead latent's encoder column and bias move 3 lr."""
+    import torch
+
+    from pipeline.sae import SaeConfig, build_sae
+    from pipeline.training import Dist, TrainingMember, make_step
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(lr=0.01, dead_tokens=100, batch_size=64, grad_clip=None)
+    member = TrainingMember(build_sae(SaeConfig(k=2, expansion=2), 8), cfg)
+    dead = torch.arange(16) < 4
+    member.since_fired[dead] = 100  # latents 0-3 idle for the whole window
+    sae = member.sae
+    before = {"W_enc": sae.W_enc.detach().clone(), "b_enc": sae.b_enc.detach().clone()}
+    make_step(member, cfg, Dist(), torch.device("cpu"))(torch.randn(64, 8), torch.tensor(8.0), 1.0)
+    moved = {  # the largest move of each latent's entries in Signum's iterate z, [16] each
+        "W_enc": (member.opt.state[sae.W_enc]["z"] - before["W_enc"]).abs().amax(dim=0),
+        "b_enc": (member.opt.state[sae.b_enc]["z"] - before["b_enc"]).abs(),
+    }
+    for name, per_latent in moved.items():
+        torch.testing.assert_close(per_latent[dead], torch.full((4,), 0.03), msg=name)
+        torch.testing.assert_close(per_latent[~dead], torch.full((12,), 0.01), msg=name)
+    assert TrainingMember(build_sae(SaeConfig(k=2, expansion=2), 8), TrainConfig(optimizer="adam")).dead_step_scale == 1
+    transcoder = build_sae(SaeConfig(architecture="transcoder", k=2, expansion=2), 8)
+    assert TrainingMember(transcoder, cfg).dead_step_scale == 1  # none for transcoders unless set

@@ -241,6 +241,10 @@ class Sae(nn.Module):
         iterations from the mean); `inputs`: the inputs of the same tokens, where they differ (transcoders)."""
         self.b_dec.copy_(geometric_median(sample.float()))
 
+    def latent_parameters(self) -> list[tuple[nn.Parameter, int]]:
+        """The parameters holding one slice per latent, with the axis that indexes the latents."""
+        return [(self.W_enc, 1), (self.b_enc, 0), (self.W_dec, 0)]
+
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         if self.unit_norm_decoder:

@@ -63,6 +63,9 @@ class JumpReluSae(Sae, architecture="jumprelu"):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold)
 
+    def latent_parameters(self) -> list[tuple[nn.Parameter, int]]:
+        return [*super().latent_parameters(), (self.log_threshold, 0)]
+
     def file_tensors(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             self.threshold.copy_(self.log_threshold.exp())

@@ -68,7 +68,9 @@ log = logging.getLogger(__name__)
 _NOT_HASHED = {"log_every", "checkpoint_every", "checkpoint_minutes", "progress", "device", "compile"}  # change no result
 # settings added later, hashed only away from the value that gives the earlier behaviour, so that
 # earlier dictionaries stay current
-_HASHED_WHEN_SET = {"shuffle_shards": None, "exclude_outliers": None, "hook_out": None, "average_power": 0.0}
+_HASHED_WHEN_SET = {
+    "shuffle_shards": None, "exclude_outliers": None, "hook_out": None, "average_power": 0.0, "dead_lr_scale": 1.0
+}  # fmt: skip
 _SAE_HASHED_WHEN_SET = {"matryoshka_widths": None}  # the same for the dictionaries' settings
 
 

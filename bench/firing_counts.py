@@ -1,0 +1,73 @@
+"""Rare or unused? How often each dictionary of a `make bench-quality` sweep fires over a long span.
+
+    python bench/firing_counts.py                        # every dictionary in outputs/bench-quality
+    python bench/firing_counts.py --span 300000 topk-k16-x32 sparsify-k16-x32
+
+The sweep counts a latent dead when it is idle over the last 10k training tokens and silent when it
+never fires on the 32k held-out tokens. At k 16 and 32x a latent fires once in 1,152 tokens on
+average, so a rarely firing latent falls under both windows by chance. This counts, for each
+dictionary, the firings of every latent over a longer span (the last --span training tokens and the
+held-out split) and prints the share of latents that never fire there and that fire at most 10 and
+30 times: latents that are rare against ones that are unused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.sae import Sae  # noqa: E402
+from pipeline.shards import ShardSet  # noqa: E402
+from pipeline.splits import heldout_start  # noqa: E402
+from pipeline.training import TrainConfig  # noqa: E402
+
+
+def firing_counts(sae: Sae, shards: ShardSet, start: int, batch_size: int = 4096) -> tuple[torch.Tensor, int]:
+    """Firings of every latent [d_sae] over the tokens [start, end) of `shards` (BOS left out, as in
+    training), and the number of tokens counted."""
+    counts = torch.zeros(sae.d_sae, dtype=torch.long)
+    n = 0
+    with torch.no_grad():
+        for idx in shards.position_chunks(start, shards.n_tokens, batch_size, exclude_bos=True):
+            _, codes = sae(shards.gather(idx).float())
+            counts += (codes > 0).sum(0)
+            n += len(idx)
+    return counts, n
+
+
+def _dictionaries(root: Path, hook: str, names: list[str]) -> dict[str, Path]:
+    found = {d.name: d for d in sorted((root / "sae" / hook).glob("*")) + sorted((root / "peers").glob("*"))}
+    found = {name: d for name, d in found.items() if (d / "sae.safetensors").exists()}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise SystemExit(f"no dictionary {missing} under {root}; known: {sorted(found)}")
+    return {n: found[n] for n in names} if names else found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="dictionaries (directory names); none: all")
+    parser.add_argument("--out", default="outputs/bench-quality", help="the sweep's output directory")
+    parser.add_argument("--hook", default="blocks.9.resid_post")
+    parser.add_argument("--span", type=int, default=300_000, help="training tokens counted before the held-out split")
+    args = parser.parse_args()
+    run = RunDir(args.out)
+    shards = ShardSet(run.activations(args.hook))
+    held_out = heldout_start(shards.n_tokens, shards.manifest.context_length, TrainConfig().holdout_tokens)
+    start = max(0, held_out - args.span)
+    print("| dictionary | k | d_sae | expected firings | never | ≤ 10 | ≤ 30 |\n|---|---|---|---|---|---|---|")
+    for name, directory in _dictionaries(run.root, args.hook, args.names).items():
+        sae = Sae.load(directory)
+        counts, n = firing_counts(sae, shards, start)
+        shares = [f"{float((counts <= limit).float().mean()) * 100:.2f} %" for limit in (0, 10, 30)]
+        print(f"| {name} | {sae.cfg.k} | {sae.d_sae} | {n * sae.cfg.k // sae.d_sae} | " + " | ".join(shares) + " |")
+
+
+if __name__ == "__main__":
+    main()
