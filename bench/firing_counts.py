@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.metrics import StreamingReconstructionStats  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.sae import Sae  # noqa: E402
 from pipeline.shards import ShardSet  # noqa: E402
@@ -30,15 +31,13 @@ from pipeline.training import TrainConfig  # noqa: E402
 
 def firing_counts(sae: Sae, shards: ShardSet, start: int, batch_size: int = 4096) -> tuple[torch.Tensor, int]:
     """Firings of every latent [d_sae] over the tokens [start, end) of `shards` (BOS left out, as in
-    training), and the number of tokens counted."""
-    counts = torch.zeros(sae.d_sae, dtype=torch.long)
-    n = 0
+    training), counted as the held-out metrics count them, and the number of tokens counted."""
+    stats = StreamingReconstructionStats(sae.d_in, sae.d_sae)
     with torch.no_grad():
         for idx in shards.position_chunks(start, shards.n_tokens, batch_size, exclude_bos=True):
-            _, codes = sae(shards.gather(idx).float())
-            counts += (codes > 0).sum(0)
-            n += len(idx)
-    return counts, n
+            x = shards.gather(idx).float()
+            stats.update(x, *sae(x))
+    return stats.fire_count, stats.n
 
 
 def _dictionaries(root: Path, hook: str, names: list[str]) -> dict[str, Path]:
