@@ -44,6 +44,11 @@ def _naive_topk_loss(sae, x, dead, k_aux):
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+def test_auxk_uses_twice_k_dead_latents_unless_set():
+    assert SaeConfig(k=16).aux_latents() == 32
+    assert SaeConfig(k=16, k_aux=300).aux_latents() == 300
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("aux_rescale", [True, False], ids=["rescaled", "gao"])
 @pytest.mark.parametrize("n_dead", [0, 5, 60])
@@ -56,7 +61,7 @@ def test_sparse_topk_training_matches_dense_reference(n_dead, aux_rescale, devic
     out.loss.backward()
     fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
-    k_aux = D_IN // 2
+    k_aux = sae.cfg.aux_latents()
     if n_dead:
         ref_loss, ref_hat = _naive_topk_loss(sae, x, dead, k_aux)
     else:

@@ -121,6 +121,17 @@ def test_a_setting_added_later_trains_anew_away_from_its_earlier_value(run_dir, 
     assert Sae.load(out).config_dict()["metrics"]["fvu"] < 0.5
 
 
+def test_the_auxk_default_enters_the_config_hash_as_its_value(run_dir):
+    """k_aux null is hashed as the 2 k it means, so dictionaries trained under the old default
+    (null meaning d_in / 2) train again and an explicit 2 k is the same training."""
+
+    def hash_of(sae_cfg):
+        return plan_training(_cfg(), sae_cfg, RunDir(run_dir)).config_hash
+
+    assert hash_of(SAE) == hash_of(replace(SAE, k_aux=2 * SAE.k))
+    assert hash_of(SAE) != hash_of(replace(SAE, k_aux=SAE.k))
+
+
 def test_rerun_skips_finished_training(run_dir, caplog):
     train_saes(_cfg(), SAE, run_dir, OFF)
     caplog.set_level("INFO")

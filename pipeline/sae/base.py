@@ -27,6 +27,7 @@ from pipeline.fileio import atomic_write
 FORMAT_VERSION = 2  # 2: held-out `silent_fraction` (was `dead_fraction_heldout`)
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
+AUX_LATENTS_PER_K = 2  # AuxK's default k_aux, in multiples of k
 _REGISTRY: dict[str, type[Sae]] = {}
 
 
@@ -49,7 +50,7 @@ class SaeConfig:
     k: int = 32
     """Active latents per token (topk, batchtopk: mean over the batch)."""
     k_aux: int | None = None
-    """AuxK: dead latents used to model the residual (default d_in // 2, Gao et al. 2024)."""
+    """AuxK: dead latents used to model the residual; null = `AUX_LATENTS_PER_K` x k (`aux_latents`)."""
     aux_rescale: bool = True
     """AuxK: dead latents model the residual scaled to the input's variance, so that their codes
     reach a live latent's size (false: the residual itself, Gao et al.'s)."""
@@ -86,6 +87,11 @@ class SaeConfig:
                 f"sae.skip=true adds a skip term to a transcoder, but this is {self.architecture!r}; "
                 "drop it or choose sae=transcoder"
             )
+
+    def aux_latents(self) -> int:
+        """AuxK's k_aux: as set, else twice k. Fewer dead latents share the residual than Gao et al.'s
+        d_in / 2, so each takes a larger code and reaches the top k sooner (the README's rule table)."""
+        return self.k_aux or AUX_LATENTS_PER_K * self.k
 
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in

@@ -80,6 +80,15 @@ def _hashed(settings, earlier: dict, not_hashed: set[str] = frozenset()) -> dict
     return {k: v for k, v in asdict(settings).items() if k not in not_hashed and not (k in earlier and v == earlier[k])}
 
 
+def _sae_hashed(c: SaeConfig) -> dict:
+    """A dictionary's settings in the config hash, with AuxK's k_aux resolved where it is used: its
+    default changed (d_in / 2 before 2 k), so a dictionary trained under the old one trains again."""
+    settings = _hashed(c, _SAE_HASHED_WHEN_SET)
+    if architectures()[c.architecture].uses_k:
+        settings["k_aux"] = c.aux_latents()
+    return settings
+
+
 @dataclass
 class _Plan:
     """Everything decided before the first step."""
@@ -253,7 +262,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
         {
             "format_version": FORMAT_VERSION,
             "train": _hashed(cfg, _HASHED_WHEN_SET, _NOT_HASHED),
-            "saes": [_hashed(c, _SAE_HASHED_WHEN_SET) for c in sae_cfgs],
+            "saes": [_sae_hashed(c) for c in sae_cfgs],
             "data": _data_identity(stored, stream),
         }
     )
