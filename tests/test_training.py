@@ -1,4 +1,7 @@
-from pipeline.training import TrainConfig
+import torch
+
+from pipeline.sae import SaeConfig, build_sae
+from pipeline.training import Dist, TrainConfig, TrainingMember, make_step
 
 
 def test_learning_rate_and_schedule_follow_the_optimizer_unless_given():
@@ -11,14 +14,8 @@ def test_learning_rate_and_schedule_follow_the_optimizer_unless_given():
     assert TrainConfig(lr=0.1).learning_rate(2**16) == 0.1
 
 
-
 def test_dead_latents_step_three_times_as_far_under_signum():
     """Each Signum step moves an entry by lr; a dead latent's encoder column and bias move 3 lr."""
-    import torch
-
-    from pipeline.sae import SaeConfig, build_sae
-    from pipeline.training import Dist, TrainingMember, make_step
-
     torch.manual_seed(0)
     cfg = TrainConfig(lr=0.01, dead_tokens=100, batch_size=64, grad_clip=None)
     member = TrainingMember(build_sae(SaeConfig(k=2, expansion=2), 8), cfg)
