@@ -246,7 +246,8 @@ class ShardCache:
     A shard is streamed to a temporary file while its sha256 is computed, and renamed into place
     only if it matches the manifest; shards already in the mirror are hashed once before first use.
     `prefetch` downloads on `read_ahead` background threads. Beyond `capacity` bytes the least
-    recently used shards are deleted (a reader drops its memory maps of shards no longer resident).
+    recently used shards are deleted, before a download lands (a reader drops its memory maps of shards
+    no longer resident).
     """
 
     def __init__(self, remote: Remote, directory: Path, capacity: int | None = None, read_ahead: int = 2):
@@ -306,6 +307,7 @@ class ShardCache:
                     f"shard {self.remote.url_of(path)} is corrupt: its sha256 does not match the manifest; "
                     "delete it there and re-run the harvest command, which rewrites it"
                 )
+            self._make_room(tmp.stat().st_size)  # before the rename: the mirror never holds one too many
         self.downloaded += 1
         self._admit(record.name, path)
         return path
@@ -319,10 +321,19 @@ class ShardCache:
     def _evict(self) -> None:
         """Delete the least recently used shards beyond the capacity (the newest always stays)."""
         while len(self._resident) > 1 and sum(self._resident.values()) > self.capacity:
-            name, size = self._resident.popitem(last=False)
-            self._pending.pop(name, None)
-            (self.directory / name).unlink(missing_ok=True)
-            log.debug("shard cache: evicted %s (%s)", name, human_bytes(size))
+            self._evict_oldest()
+
+    def _make_room(self, incoming: int) -> None:
+        """Delete the least recently used shards until `incoming` more bytes fit in the capacity."""
+        with self._lock:
+            while self._resident and sum(self._resident.values()) + incoming > self.capacity:
+                self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        name, size = self._resident.popitem(last=False)
+        self._pending.pop(name, None)
+        (self.directory / name).unlink(missing_ok=True)
+        log.debug("shard cache: evicted %s (%s)", name, human_bytes(size))
 
     def tokens(self, record: ShardRecord) -> np.ndarray:
         """A shard's int32 token ids [n_seq, context_length], read by range without its activations."""
