@@ -69,7 +69,7 @@ def train_sparsify(plan, k: int, expansion: int, skip: bool, out: Path) -> float
         since_fired[result.latent_indices.flatten()] = 0
     opt.eval()  # schedule-free: the averaged weights are the trained ones
     sp.save_to_disk(out)
-    return dead_fraction(since_fired, plan)
+    return dead_fraction(since_fired, plan, k)
 
 
 def _as_run_dictionary(directory: Path, run: RunDir, name: str, dead: float, plan) -> Path:

@@ -52,9 +52,10 @@ def _batches(plan):
         yield next(batches).float()
 
 
-def dead_fraction(since_fired: torch.Tensor, plan) -> float:
-    """The share of latents idle over the train stage's dead window (its last `dead_tokens` tokens)."""
-    return float((since_fired >= plan.cfg.dead_tokens).float().mean())
+def dead_fraction(since_fired: torch.Tensor, plan, k: int) -> float:
+    """The share of latents idle over the dead window the train stage gives a dictionary of this
+    width and k (its last `dead_tokens` tokens)."""
+    return float((since_fired >= plan.cfg.dead_window(len(since_fired), k)).float().mean())
 
 
 def sparsify_optimizer(sp):
@@ -90,7 +91,7 @@ def train_sparsify(plan, k: int, expansion: int, out: Path) -> float:
         since_fired[result.latent_indices.flatten()] = 0
     opt.eval()  # schedule-free: the averaged weights are the trained ones
     sp.save_to_disk(out)
-    return dead_fraction(since_fired, plan)
+    return dead_fraction(since_fired, plan, k)
 
 
 def train_saelens(plan, k: int, expansion: int, out: Path) -> float:
@@ -116,7 +117,7 @@ def train_saelens(plan, k: int, expansion: int, out: Path) -> float:
         since_fired += len(x)
         since_fired[(result.feature_acts > 0).any(0)] = 0
     lens.save_inference_model(out)
-    return dead_fraction(since_fired, plan)
+    return dead_fraction(since_fired, plan, k)
 
 
 def train_ours(

@@ -36,6 +36,8 @@ OPTIMIZER_DEFAULTS = {
 }
 """What `lr_base`, `lr_decay` and `dead_lr_scale: null` mean for each optimizer (measured in the
 README's sweep)."""
+DEAD_WINDOW_TOKENS, DEAD_WINDOW_FIRINGS = 10_000, 8
+"""The default dead window (`TrainConfig.dead_window`): at least 10k tokens and 8 expected firings."""
 
 
 @dataclass
@@ -107,7 +109,8 @@ class TrainConfig:
     any of the hooks trained on."""
     dead_tokens: int | None = None
     """A latent not active over this many training tokens counts as dead (and gets AuxK gradient);
-    null = max(10,000, 1% of the training tokens): 10k for the default run, 10M for a 1B-token run."""
+    null = each dictionary's own `dead_window`: 10k tokens, longer only for a dictionary so wide for
+    its k that an average latent would fire fewer than 8 times in them."""
     log_every: int = 10
     checkpoint_every: int = 0
     """Steps between checkpoints (0: by time only)."""
@@ -157,9 +160,15 @@ class TrainConfig:
         """`lr_decay`, or the optimizer's own when null."""
         return self.lr_decay if self.lr_decay is not None else OPTIMIZER_DEFAULTS[self.optimizer]["lr_decay"]
 
-    def dead_window(self, training_tokens: int) -> int:
-        """`dead_tokens`, or its default for a training of `training_tokens` tokens."""
-        return self.dead_tokens if self.dead_tokens is not None else max(10_000, training_tokens // 100)
+    def dead_window(self, d_sae: int, k: int | None) -> int:
+        """`dead_tokens`, or the default window of a dictionary of d_sae latents, k active per token
+        (None: its sparsity has no fixed k): max(10k, 8 d_sae / k) tokens, over which an average latent
+        fires 8 times (idle by chance 0.03 % of the time). Not a share of the budget: a window that
+        grows with training gives AuxK to the latents that drop out later, and more end silent (the
+        README's rule table)."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return max(DEAD_WINDOW_TOKENS, DEAD_WINDOW_FIRINGS * d_sae // k) if k else DEAD_WINDOW_TOKENS
 
     def autocast_context(self, device: torch.device):
         """bf16 autocast where asked for (`auto`: on GPU), else nothing."""
@@ -288,6 +297,8 @@ class TrainingMember:
         else:
             self.opt = Signum(params, lr=self.lr, power=cfg.average_power)
         self.dead_step_scale = cfg.dead_step_scale(transcoder=sae.transcodes)
+        self.dead_tokens = cfg.dead_window(sae.d_sae, sae.cfg.active_per_token())
+        """Latents idle over this many training tokens are dead."""
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_enc.device)
         """Training tokens since each latent last fired."""
         self.sums: dict[str, torch.Tensor] = {}
@@ -351,7 +362,7 @@ def make_step(m: TrainingMember, cfg: TrainConfig, dist: Dist, device: torch.dev
         forward = torch.compile(forward)
 
     def step(x: torch.Tensor, variance: torch.Tensor, warm: float, target: torch.Tensor | None = None) -> None:
-        dead = m.since_fired >= cfg.dead_tokens
+        dead = m.since_fired >= m.dead_tokens
         out = forward(x, dead, variance, warm, *(() if target is None else (target,)))
         out.loss.backward()
         _average_gradients(sae, dist)

@@ -14,6 +14,18 @@ def test_learning_rate_and_schedule_follow_the_optimizer_unless_given():
     assert TrainConfig(lr=0.1).learning_rate(2**16) == 0.1
 
 
+def test_dead_window_is_10k_tokens_unless_an_average_latent_would_fire_fewer_than_8_times():
+    cfg = TrainConfig()
+    assert cfg.dead_window(d_sae=16 * 576, k=16) == 10_000  # the default model's widest sweep point: 10k
+    assert cfg.dead_window(d_sae=32 * 576, k=16) == 10_000
+    assert cfg.dead_window(d_sae=2**17, k=32) == 8 * 2**12  # an average latent fires once in 4,096 tokens
+    assert cfg.dead_window(d_sae=2**17, k=None) == 10_000  # no fixed k (relu, jumprelu)
+    assert TrainConfig(dead_tokens=500).dead_window(d_sae=2**17, k=32) == 500
+    wide = TrainingMember(build_sae(SaeConfig(k=4, d_sae=2**14), 8), cfg)
+    relu = TrainingMember(build_sae(SaeConfig(architecture="relu", k=4, d_sae=2**14), 8), cfg)
+    assert (wide.dead_tokens, relu.dead_tokens) == (2**15, 10_000)
+
+
 def test_dead_latents_step_three_times_as_far_under_signum():
     """Each Signum step moves an entry by lr; a dead latent's encoder column and bias move 3 lr."""
     torch.manual_seed(0)

@@ -96,6 +96,10 @@ class SaeConfig:
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
 
+    def active_per_token(self) -> int | None:
+        """k where the architecture fixes the active latents per token by it, else None (a penalty)."""
+        return self.k if _REGISTRY[self.architecture].uses_k else None
+
     def check_input_width(self, d_in: int) -> None:
         """Raise ValueError unless a dictionary of this config can read inputs of width d_in."""
         if self.d_in is not None and self.d_in != d_in:

@@ -80,6 +80,13 @@ def _hashed(settings, earlier: dict, not_hashed: set[str] = frozenset()) -> dict
     return {k: v for k, v in asdict(settings).items() if k not in not_hashed and not (k in earlier and v == earlier[k])}
 
 
+def _dead_windows(cfg: TrainConfig, sae_cfgs: list[SaeConfig], d_in: int) -> int | list[int]:
+    """The dictionaries' dead windows for the config hash: one number where they share it, as when
+    the window was one setting for all, so that dictionaries it did not change stay current."""
+    windows = [cfg.dead_window(c.width(d_in), c.active_per_token()) for c in sae_cfgs]
+    return windows[0] if len(set(windows)) == 1 else windows
+
+
 def _sae_hashed(c: SaeConfig) -> dict:
     """A dictionary's settings in the config hash, with AuxK's k_aux resolved where it is used: its
     default changed (d_in / 2 before 2 k), so a dictionary trained under the old one trains again."""
@@ -94,7 +101,7 @@ class _Plan:
     """Everything decided before the first step."""
 
     run: RunDir
-    cfg: TrainConfig  # with dead_tokens resolved
+    cfg: TrainConfig
     sae_cfgs: list[SaeConfig]
     hooks: list[str]  # each dictionary's hook (train.hook unless its variant names another)
     targets: list[str | None]  # what each dictionary predicts: train.hook_out for a transcoder, else None (its input)
@@ -254,14 +261,16 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
         raise TrainError(f"train.batch_size={cfg.batch_size} must be divisible by the {dist.world} processes")
     n_train = heldout_start(shards.n_tokens, shards.manifest.context_length, cfg.holdout_tokens)
     per_epoch, total_steps, outliers = _schedule(cfg, shards, stream, n_train)
-    cfg = replace(cfg, dead_tokens=cfg.dead_window(total_steps * cfg.batch_size))
     if stream is None and cfg.shuffle_shards is None and (remote_mix := shards.default_shuffle_shards()) is not None:
         cfg = replace(cfg, shuffle_shards=remote_mix)
         log.info("shards on object storage: batches mix up to %d shards at a time (train.shuffle_shards)", cfg.shuffle_shards)
     hash_ = config_hash(
         {
             "format_version": FORMAT_VERSION,
-            "train": _hashed(cfg, _HASHED_WHEN_SET, _NOT_HASHED),
+            "train": {
+                **_hashed(cfg, _HASHED_WHEN_SET, _NOT_HASHED),
+                "dead_tokens": _dead_windows(cfg, sae_cfgs, shards.d_model),
+            },
             "saes": [_sae_hashed(c) for c in sae_cfgs],
             "data": _data_identity(stored, stream),
         }
@@ -415,7 +424,7 @@ def _save(plan: _Plan, i: int, m: TrainingMember, scales: dict[str, float]) -> t
     metrics = heldout_metrics(sae, plan.stored[hook], plan.n_train, cfg.exclude_bos, norm_limit=limit,
                               target=plan.stored[target] if target else None)  # fmt: skip
     # dead (DESIGN.md): never active over the last `dead_tokens` training tokens
-    metrics["dead_fraction"] = float((m.since_fired >= cfg.dead_tokens).float().mean())
+    metrics["dead_fraction"] = float((m.since_fired >= m.dead_tokens).float().mean())
     sae.meta.update(
         {
             "training_tokens": plan.total_steps * cfg.batch_size,
@@ -430,9 +439,10 @@ def _save(plan: _Plan, i: int, m: TrainingMember, scales: dict[str, float]) -> t
     out = sae.save(plan.out_dir(i))
     plan.run.publish(out, CONFIG_FILE)
     log.info(
-        "saved %s: held-out FVU %.4f, L0 %.1f, dead %.2f%% (%.2f%% silent on the held-out tokens) -> %s",
+        "saved %s: held-out FVU %.4f, L0 %.1f, dead %.2f%% (idle over the last %d training tokens; %.2f%% "
+        "silent on the held-out tokens) -> %s",
         plan.label(i), metrics.get("fvu", float("nan")), metrics.get("l0", float("nan")),
-        100 * metrics["dead_fraction"], 100 * metrics.get("silent_fraction", float("nan")), out,
+        100 * metrics["dead_fraction"], m.dead_tokens, 100 * metrics.get("silent_fraction", float("nan")), out,
     )  # fmt: skip
     return out, metrics
 
