@@ -45,8 +45,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def test_auxk_uses_twice_k_dead_latents_unless_set():
-    assert SaeConfig(k=16).aux_latents() == 32
-    assert SaeConfig(k=16, k_aux=300).aux_latents() == 300
+    assert SaeConfig(k=16).aux_latents(576) == 32
+    assert SaeConfig(k=16, k_aux=300).aux_latents(576) == 300
+    assert SaeConfig(architecture="transcoder", k=16, skip=True).aux_latents(576) == 32
+
+
+def test_auxk_of_a_transcoder_without_skip_uses_half_its_input_width():
+    assert SaeConfig(architecture="transcoder", k=16).aux_latents(576) == 288
+    assert SaeConfig(architecture="transcoder", k=16, k_aux=40).aux_latents(576) == 40
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -61,7 +67,7 @@ def test_sparse_topk_training_matches_dense_reference(n_dead, aux_rescale, devic
     out.loss.backward()
     fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
-    k_aux = sae.cfg.aux_latents()
+    k_aux = sae.cfg.aux_latents(sae.d_in)
     if n_dead:
         ref_loss, ref_hat = _naive_topk_loss(sae, x, dead, k_aux)
     else:

@@ -45,7 +45,7 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
                   dead_mask: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, dict]:  # fmt: skip
         """`loss` plus AuxK on the dead latents (TopK's), with its term."""
         n_dead = dead_mask.sum()
-        k_aux = self.cfg.aux_latents()
+        k_aux = self.cfg.aux_latents(self.d_in)
         if bool(n_dead > 0) and self.cfg.aux_coefficient > 0:
             aux_values, aux_idx = pre.masked_fill(~dead_mask, 0).topk(min(k_aux, int(n_dead)), dim=1)
             e_hat = torch.zeros_like(pre).scatter_(1, aux_idx, aux_values) @ self.W_dec

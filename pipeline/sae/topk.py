@@ -67,7 +67,7 @@ class TopKSae(Sae, architecture="topk"):
     ) -> TrainOutput:
         """TopK codes of x - offset, the loss of their reconstruction (+ `direct`) of target [batch, d_in]
         (an SAE: x itself; a transcoder: another hook's activations) and AuxK."""
-        k_aux = self.cfg.aux_latents()
+        k_aux = self.cfg.aux_latents(self.d_in)
         n_dead = dead_mask.sum()
         use_aux = bool(n_dead > 0) and self.cfg.aux_coefficient > 0  # one host sync, only to skip work
         values, indices, aux_values, aux_indices = topk_encode(

@@ -87,12 +87,12 @@ def _dead_windows(cfg: TrainConfig, sae_cfgs: list[SaeConfig], d_in: int) -> int
     return windows[0] if len(set(windows)) == 1 else windows
 
 
-def _sae_hashed(c: SaeConfig) -> dict:
+def _sae_hashed(c: SaeConfig, d_in: int) -> dict:
     """A dictionary's settings in the config hash, with AuxK's k_aux resolved where it is used: its
     default changed (d_in / 2 before 2 k), so a dictionary trained under the old one trains again."""
     settings = _hashed(c, _SAE_HASHED_WHEN_SET)
     if architectures()[c.architecture].uses_k:
-        settings["k_aux"] = c.aux_latents()
+        settings["k_aux"] = c.aux_latents(d_in)
     return settings
 
 
@@ -271,7 +271,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
                 **_hashed(cfg, _HASHED_WHEN_SET, _NOT_HASHED),
                 "dead_tokens": _dead_windows(cfg, sae_cfgs, shards.d_model),
             },
-            "saes": [_sae_hashed(c) for c in sae_cfgs],
+            "saes": [_sae_hashed(c, shards.d_model) for c in sae_cfgs],
             "data": _data_identity(stored, stream),
         }
     )
