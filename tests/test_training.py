@@ -16,8 +16,8 @@ def test_learning_rate_and_schedule_follow_the_optimizer_unless_given():
 
 def test_dead_window_is_10k_tokens_unless_an_average_latent_would_fire_fewer_than_8_times():
     cfg = TrainConfig()
-    assert cfg.dead_window(d_sae=16 * 576, k=16) == 10_000  # the default model's widest sweep point: 10k
-    assert cfg.dead_window(d_sae=32 * 576, k=16) == 10_000
+    assert cfg.dead_window(d_sae=16 * 576, k=16) == 10_000
+    assert cfg.dead_window(d_sae=32 * 576, k=16) == 10_000  # the sweep's widest for its k: 8 d_sae / k = 9,216
     assert cfg.dead_window(d_sae=2**17, k=32) == 8 * 2**12  # an average latent fires once in 4,096 tokens
     assert cfg.dead_window(d_sae=2**17, k=None) == 10_000  # no fixed k (relu, jumprelu)
     assert TrainConfig(dead_tokens=500).dead_window(d_sae=2**17, k=32) == 500

@@ -96,7 +96,8 @@ class SaeConfig:
         linear part included, and with 2 k its FVU was 7 % higher (the README's Transcoders)."""
         if self.k_aux:
             return self.k_aux
-        return d_in // 2 if self.architecture == "transcoder" and not self.skip else AUX_LATENTS_PER_K * self.k
+        plain_transcoder = _REGISTRY[self.architecture].transcodes and not self.skip
+        return d_in // 2 if plain_transcoder else AUX_LATENTS_PER_K * self.k
 
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
