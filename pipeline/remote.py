@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -240,36 +241,99 @@ class Remote:
         return infos, np.frombuffer(data, dtype=info.np_dtype).reshape(info.shape)
 
 
+class CacheBudget:
+    """The bytes of shard files one run's mirror may hold at once, shared by the ShardCaches of all
+    its activation directories (a transcoder's two hooks count together); least recently used shards
+    are deleted first. A download reserves its shard's size before it starts, so the files being
+    written count as well: the mirror exceeds the capacity only when the capacity is smaller than the
+    downloads in flight (it always admits the shards being read)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.lock = threading.Lock()
+        self._resident: OrderedDict[Path, int] = OrderedDict()  # shard file -> bytes, least recent first
+        self._reserved = 0  # bytes of downloads in flight
+
+    def reserve(self, size: int) -> None:
+        """Make room for `size` more bytes, deleting least recently used shards (never blocks)."""
+        with self.lock:
+            while self._resident and sum(self._resident.values()) + self._reserved + size > self.capacity:
+                path, held = self._resident.popitem(last=False)
+                path.unlink(missing_ok=True)
+                log.debug("shard cache: evicted %s (%s)", path.name, human_bytes(held))
+            self._reserved += size
+
+    def admit(self, path: Path, reserved: int) -> None:
+        """A reserved download landed at `path`: it now counts as resident, most recent."""
+        with self.lock:
+            self._reserved -= reserved
+            self._resident[path] = path.stat().st_size
+
+    def release(self, reserved: int) -> None:
+        """A reserved download failed: its room is free again."""
+        with self.lock:
+            self._reserved -= reserved
+
+    def touch(self, path: Path) -> bool:
+        """Whether `path` is resident, marking it most recently used; call with `lock` held."""
+        if path in self._resident:
+            self._resident.move_to_end(path)
+            return True
+        return False
+
+    def resident(self) -> set[Path]:
+        with self.lock:
+            return set(self._resident)
+
+
+_BUDGETS: weakref.WeakValueDictionary[Path, CacheBudget] = weakref.WeakValueDictionary()
+_BUDGETS_LOCK = threading.Lock()
+
+
+def run_budget(mirror: Path) -> CacheBudget:
+    """The one CacheBudget of the run mirrored at `mirror` in this process ($SAE_PIPELINE_CACHE_GB),
+    for as long as a cache uses it."""
+    with _BUDGETS_LOCK:
+        budget = _BUDGETS.get(mirror)
+        if budget is None:
+            budget = _BUDGETS[mirror] = CacheBudget(cache_bytes())
+        return budget
+
+
 class ShardCache:
     """The shards of one remote activation directory, downloaded on demand into the mirror.
 
     A shard is streamed to a temporary file while its sha256 is computed, and renamed into place
     only if it matches the manifest; shards already in the mirror are hashed once before first use.
-    `prefetch` downloads on `read_ahead` background threads. Beyond `capacity` bytes the least
-    recently used shards are deleted, before a download lands (a reader drops its memory maps of shards
-    no longer resident).
+    `prefetch` downloads on `read_ahead` background threads. The files are held within `budget`
+    (its own of `capacity` bytes when none is given; a reader drops its memory maps of shards no
+    longer resident).
     """
 
-    def __init__(self, remote: Remote, directory: Path, capacity: int | None = None, read_ahead: int = 2):
+    def __init__(
+        self, remote: Remote, directory: Path, capacity: int | None = None, read_ahead: int = 2,
+        budget: CacheBudget | None = None,
+    ):  # fmt: skip
         self.remote, self.directory = remote, Path(directory)
-        self.capacity = cache_bytes() if capacity is None else capacity
+        self.budget = budget or CacheBudget(cache_bytes() if capacity is None else capacity)
         self.read_ahead = read_ahead
-        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(read_ahead, thread_name_prefix="shard-download")
         self._pending: dict[str, Future] = {}
-        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recent first
+        self._pending_lock = threading.Lock()
         self.downloaded = 0  # shards downloaded by this cache (for logs and tests)
+
+    @property
+    def capacity(self) -> int:
+        return self.budget.capacity
 
     def open(self, record: ShardRecord, opener: Callable[[Path], T]) -> T:
         """`opener(local path)` of a shard holding the bytes the manifest vouches for (waiting for its
         download); called while no eviction can delete the file, so a memory map made there stays valid."""
         while True:
             path = self._submit(record).result()
-            with self._lock:
-                if record.name in self._resident:
-                    self._resident.move_to_end(record.name)
+            with self.budget.lock:
+                if self.budget.touch(path):
                     return opener(path)
-                self._pending.pop(record.name, None)  # evicted since its download: fetch it again
 
     def prefetch(self, records: Iterable[ShardRecord]) -> None:
         """Start downloading these shards in the background."""
@@ -277,26 +341,42 @@ class ShardCache:
             self._submit(record)
 
     def resident(self) -> set[str]:
-        with self._lock:
-            return set(self._resident)
+        return {path.name for path in self.budget.resident() if path.parent == self.directory}
 
     def shards_held(self, shard_bytes: int) -> int:
         """How many shards of `shard_bytes` the cache holds at once."""
         return max(1, self.capacity // max(1, shard_bytes))
 
     def _submit(self, record: ShardRecord) -> Future:
-        with self._lock:
+        """The download of `record`: the one under way or done, or a new one where there is none, it
+        failed, or its shard was evicted since."""
+        path = self.directory / record.name
+        with self._pending_lock:
             future = self._pending.get(record.name)
-            if future is None or (future.done() and future.exception() is not None):
-                future = self._pool.submit(self._download, record)
-                self._pending[record.name] = future
+            if future is not None and future.done():
+                with self.budget.lock:
+                    if future.cancelled() or future.exception() is not None or not self.budget.touch(path):
+                        future = None
+            if future is None:
+                future = self._pending[record.name] = self._pool.submit(self._download, record)
             return future
 
     def _download(self, record: ShardRecord) -> Path:
         path = self.directory / record.name
-        if path.exists() and file_sha256(path) == record.sha256:
-            self._admit(record.name, path)
-            return path
+        verified = path.exists() and file_sha256(path) == record.sha256  # left by an earlier process
+        size = path.stat().st_size if verified else self.remote.fs.size(self.remote.key(path))
+        self.budget.reserve(size)
+        try:
+            if not verified:
+                self._fetch(record, path)
+        except BaseException:
+            self.budget.release(size)
+            raise
+        self.budget.admit(path, size)
+        return path
+
+    def _fetch(self, record: ShardRecord, path: Path) -> None:
+        """Download the shard to `path` through a temporary file, checking its sha256 as it streams."""
         digest = hashlib.sha256()
         with replacing(path) as tmp, self.remote.fs.open(self.remote.key(path), "rb") as src, open(tmp, "wb") as dst:
             while block := src.read(1 << 24):
@@ -307,33 +387,7 @@ class ShardCache:
                     f"shard {self.remote.url_of(path)} is corrupt: its sha256 does not match the manifest; "
                     "delete it there and re-run the harvest command, which rewrites it"
                 )
-            self._make_room(tmp.stat().st_size)  # before the rename: the mirror never holds one too many
         self.downloaded += 1
-        self._admit(record.name, path)
-        return path
-
-    def _admit(self, name: str, path: Path) -> None:
-        with self._lock:
-            self._resident[name] = path.stat().st_size
-            self._resident.move_to_end(name)
-            self._evict()
-
-    def _evict(self) -> None:
-        """Delete the least recently used shards beyond the capacity (the newest always stays)."""
-        while len(self._resident) > 1 and sum(self._resident.values()) > self.capacity:
-            self._evict_oldest()
-
-    def _make_room(self, incoming: int) -> None:
-        """Delete the least recently used shards until `incoming` more bytes fit in the capacity."""
-        with self._lock:
-            while self._resident and sum(self._resident.values()) + incoming > self.capacity:
-                self._evict_oldest()
-
-    def _evict_oldest(self) -> None:
-        name, size = self._resident.popitem(last=False)
-        self._pending.pop(name, None)
-        (self.directory / name).unlink(missing_ok=True)
-        log.debug("shard cache: evicted %s (%s)", name, human_bytes(size))
 
     def tokens(self, record: ShardRecord) -> np.ndarray:
         """A shard's int32 token ids [n_seq, context_length], read by range without its activations."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.dashboard import FEATURE_PAGE, INDEX_FILE
-from pipeline.remote import Remote, ShardCache, is_remote
+from pipeline.remote import Remote, ShardCache, is_remote, run_budget
 from pipeline.sae.base import CONFIG_FILE, WEIGHTS_FILE
 from pipeline.shards import ShardSet
 
@@ -148,11 +148,12 @@ class RunDir:
         return self.root / "activations" / hook
 
     def shards(self, hook: str, verify: bool = False) -> ShardSet:
-        """The activations harvested at `hook`; a remote run's through a bounded local cache."""
+        """The activations harvested at `hook`; a remote run's through a local cache, bounded for all
+        hooks of the run together."""
         directory = self.activations(hook)
         if not self.remote:
             return ShardSet(directory, verify=verify)
-        cache = ShardCache(self.remote, directory)
+        cache = ShardCache(self.remote, directory, budget=run_budget(self.root))
         shards = ShardSet(directory, verify=verify, cache=cache)
         weakref.finalize(shards, cache.close, False)  # read-ahead nobody will read stops with its reader
         return shards

@@ -434,14 +434,14 @@ class ShardSet:
             return 4096, 256
         return self.manifest.sequences_per_shard * self.manifest.context_length, shuffle_shards
 
-    def default_shuffle_shards(self) -> int | None:
-        """None on local disk; on object storage, half the shards the cache holds (the other half is
-        the next group, read ahead)."""
+    def default_shuffle_shards(self, readers: int = 1) -> int | None:
+        """None on local disk; on object storage, the shards of a group such that two groups (the one
+        read and the next, read ahead) of each of `readers` shard sets sharing the cache fit in it."""
         if self._cache is None:
             return None
         itemsize = torch.empty(0, dtype=self._torch_dtype).element_size()
         shard_bytes = self.manifest.sequences_per_shard * self.manifest.context_length * token_bytes(self.d_model, itemsize)
-        return max(1, self._cache.shards_held(shard_bytes) // 2)
+        return max(1, self._cache.shards_held(shard_bytes) // (2 * readers))
 
     def prefetch_range(self, start: int, stop: int) -> None:
         """Start downloading the remote shards holding global token indices [start, stop)."""

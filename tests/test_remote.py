@@ -5,6 +5,8 @@ with one line before any compute."""
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import os
 import signal
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -216,6 +219,72 @@ def test_cache_holds_at_most_its_capacity(remote_shards):
         held.append(len(list(directory.glob("shard-*.safetensors"))))
     cache.close()
     assert max(held) <= 2 and cache.downloaded >= len(shards.manifest.shards) == 10
+
+
+def _shard_bytes_on_disk(*directories: Path) -> int:
+    """Bytes of shard files in these directories, temporaries of downloads under way included."""
+    return sum(p.stat().st_size for d in directories for p in d.glob("*shard-*") if p.is_file())
+
+
+class _GatedFs:
+    """An fsspec filesystem whose downloads all pause at their end until `parties` are written, when
+    `at_gate` runs once: a deterministic moment with every download in flight at once."""
+
+    def __init__(self, fs, parties: int, at_gate):
+        self._fs, self._gate = fs, threading.Barrier(parties, action=at_gate, timeout=60)
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def open(self, path, mode="rb"):
+        data, gate = self._fs.cat_file(path), self._gate
+
+        class Reader(io.BytesIO):
+            def read(self, size=-1):
+                block = super().read(size)
+                if not block:
+                    gate.wait()
+                return block
+
+        return Reader(data)
+
+
+def test_downloads_in_flight_count_against_the_capacity(remote_shards):
+    """Two shards resident, two downloads under way at once in a cache of two: the temporaries being
+    written never sit beside a full cache."""
+    directory, remote = remote_shards.activations(HOOK), remote_shards.remote
+    shard_bytes = remote.fs.size(remote.key(directory / "shard-00000.safetensors"))
+    cache = ShardCache(remote, directory, capacity=2 * shard_bytes, read_ahead=2)
+    records = ShardSet(directory, cache=cache).manifest.shards
+    for record in records[:2]:
+        cache.open(record, lambda path: None)
+    measured = []
+    cache.remote = copy.copy(remote)
+    cache.remote.fs = _GatedFs(remote.fs, 2, lambda: measured.append(_shard_bytes_on_disk(directory)))
+    cache.prefetch(records[2:4])
+    for record in records[2:4]:
+        cache.open(record, lambda path: None)
+    cache.close()
+    assert measured and max(measured) <= 2 * shard_bytes
+    assert cache.resident() == {records[2].name, records[3].name}
+
+
+def test_the_hooks_of_a_run_share_one_cache_bound(bucket, model_cfg, loaded, monkeypatch):
+    """A transcoder's two hooks read window by window through the run's caches (each reading two
+    shards ahead): both hooks' shards together stay within $SAE_PIPELINE_CACHE_GB."""
+    url, hooks = f"s3://{bucket}/run", ["blocks.0.resid_post", HOOK]
+    harvest_activations(model_cfg, CorpusConfig(name="test", source="files", path=str(TEXT)),
+                        replace(HARVEST, hooks=hooks), url, loaded=loaded)  # fmt: skip
+    run = RunDir.open(url)
+    shard_bytes = run.remote.fs.size(run.remote.key(run.activations(HOOK) / "shard-00000.safetensors"))
+    monkeypatch.setenv("SAE_PIPELINE_CACHE_GB", str(6 * shard_bytes / 2**30))
+    first, second = (run.shards(hook) for hook in hooks)
+    held = []
+    for window in range(first.manifest.n_sequences):
+        first.sequence(window)
+        second.sequence(window)
+        held.append(_shard_bytes_on_disk(*(run.activations(hook) for hook in hooks)))
+    assert max(held) <= 6 * shard_bytes and min(held) > 0
 
 
 def test_a_corrupt_remote_shard_is_never_used(remote_shards):

@@ -261,7 +261,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
         raise TrainError(f"train.batch_size={cfg.batch_size} must be divisible by the {dist.world} processes")
     n_train = heldout_start(shards.n_tokens, shards.manifest.context_length, cfg.holdout_tokens)
     per_epoch, total_steps, outliers = _schedule(cfg, shards, stream, n_train)
-    if stream is None and cfg.shuffle_shards is None and (remote_mix := shards.default_shuffle_shards()) is not None:
+    if stream is None and cfg.shuffle_shards is None and (remote_mix := shards.default_shuffle_shards(len(stored))) is not None:
         cfg = replace(cfg, shuffle_shards=remote_mix)
         log.info("shards on object storage: batches mix up to %d shards at a time (train.shuffle_shards)", cfg.shuffle_shards)
     hash_ = config_hash(
