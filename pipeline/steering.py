@@ -6,7 +6,8 @@ Three edits at the dictionary's hook, at every position (the prompt's and each g
     clamp    x + (s - z(x)) * d             the feature's activation z(x) set to s
     remove   x - z(x) * d                   the feature taken out (as the loss contribution does)
 
-`generate` continues a prompt greedily under an edit; `next_token_shift` compares the next-token
+A transcoder's edits go into the output it writes (`hook`), its code z(x) computed from the input it
+reads (`reads`) in the same pass. `generate` continues a prompt greedily under an edit; `next_token_shift` compares the next-token
 distribution after a prompt with and without it; `promoted_rise` asks whether the tokens the feature
 promotes by the logit lens (attribution.logit_effects) become more likely when it is added.
 `steering_report` puts them together for one feature (the steer stage's report, and the steering
@@ -15,6 +16,7 @@ panel of the dashboard's detailed features).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +24,7 @@ import torch
 
 from pipeline.attribution import logit_effects
 from pipeline.errors import PipelineError
-from pipeline.hooks import HookPoint, splice_activations
+from pipeline.hooks import HookPoint, splice_activations, splice_transcoder
 from pipeline.models import LoadedModel
 
 MODES = ("add", "clamp", "remove")
@@ -55,32 +57,37 @@ def feature_edit(sae, latent: int, mode: str, scale: float,
     return edit
 
 
+def _edited(loaded: LoadedModel, hook: HookPoint, edit: Callable | None, reads: HookPoint | None):
+    """The context of a forward pass under `edit` at `hook` (a transcoder's: `reads` given)."""
+    if edit is None:
+        return contextlib.nullcontext()
+    if reads is None:
+        return splice_activations(loaded.model, hook, edit)
+    return splice_transcoder(loaded.model, reads, hook, edit)
+
+
 @torch.inference_mode()
-def generate(loaded: LoadedModel, hook: HookPoint, edit: Callable | None, prompt: str, max_new_tokens: int) -> str:
+def generate(loaded: LoadedModel, hook: HookPoint, edit: Callable | None, prompt: str, max_new_tokens: int,
+             reads: HookPoint | None = None) -> str:  # fmt: skip
     """The greedy continuation of `prompt` (its new text only), under `edit` (None: the plain model)."""
     ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(loaded.device)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
               "attention_mask": torch.ones_like(ids)}  # fmt: skip
-    if edit is None:
+    with _edited(loaded, hook, edit, reads):
         out = loaded.model.generate(ids, **kwargs)
-    else:
-        with splice_activations(loaded.model, hook, edit):
-            out = loaded.model.generate(ids, **kwargs)
     return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 @torch.inference_mode()
-def next_token_logprobs(loaded: LoadedModel, hook: HookPoint, edit: Callable | None, prompts: list[str]) -> torch.Tensor:
+def next_token_logprobs(loaded: LoadedModel, hook: HookPoint, edit: Callable | None, prompts: list[str],
+                        reads: HookPoint | None = None) -> torch.Tensor:  # fmt: skip
     """Log-probabilities [prompts, vocab] of the token after each prompt, under `edit`."""
     rows = []
     for prompt in prompts:
         ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(loaded.device)
-        if edit is None:
+        with _edited(loaded, hook, edit, reads):
             logits = loaded.model(input_ids=ids, logits_to_keep=1).logits
-        else:
-            with splice_activations(loaded.model, hook, edit):
-                logits = loaded.model(input_ids=ids, logits_to_keep=1).logits
         rows.append(logits[0, -1].float().log_softmax(-1).cpu())
     return torch.stack(rows)
 
@@ -126,17 +133,18 @@ def plain_outputs(loaded: LoadedModel, hook: HookPoint, prompts: list[str], max_
 
 
 def steering_report(loaded: LoadedModel, hook: HookPoint, sae, latent: int, mode: str, unit: float,
-                    scales: list[float], plain: Plain, prompts: list[str], max_new_tokens: int) -> dict:  # fmt: skip
+                    scales: list[float], plain: Plain, prompts: list[str], max_new_tokens: int,
+                    reads: HookPoint | None = None) -> dict:  # fmt: skip
     """JSON-ready: the plain and edited continuations of every prompt at every scale (x `unit`), the
     next-token shift after each prompt, and the log-probability change of the feature's 10 most
-    promoted tokens (logit lens)."""
+    promoted tokens (logit lens). The edit is at `hook`, a transcoder's coded from `reads`."""
     promoted = logit_effects(loaded.model, sae.W_dec[latent : latent + 1].detach())[0].topk(10).indices.tolist()
     steps = []
     for scale in scales:
         edit = feature_edit(sae, latent, mode, scale * unit)
-        steered = next_token_logprobs(loaded, hook, edit, prompts)
+        steered = next_token_logprobs(loaded, hook, edit, prompts, reads)
         shifts = next_token_shift(plain.logprobs, steered)
-        steps.append({"scale": scale, "texts": [generate(loaded, hook, edit, p, max_new_tokens) for p in prompts],
+        steps.append({"scale": scale, "texts": [generate(loaded, hook, edit, p, max_new_tokens, reads) for p in prompts],
                       "kl": [round(s.kl, 4) for s in shifts],
                       "risen": [[[t, round(p, 4)] for t, p in s.risen] for s in shifts],
                       "promoted_rise": round(promoted_rise(plain.logprobs, steered, promoted), 4)})  # fmt: skip

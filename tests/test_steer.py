@@ -68,20 +68,53 @@ def test_steer_on_the_command_line(trained_run, model_cfg, tmp_path):
     assert "'the cat'" in result.stdout and (run / "steer" / HOOK / "topk-k8-x4" / "feature-3.json").exists()
 
 
+def _greedy(loaded, prompt: str) -> str:
+    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = loaded.model.generate(ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids),
+                                    pad_token_id=loaded.tokenizer.eos_token_id)  # fmt: skip
+    return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 def test_a_transcoder_feature_is_added_where_it_writes(transcoder_run, model_cfg, loaded):
-    """Its decoder row goes into the MLP's output (it is what the transcoder writes there); setting its
-    activation (clamp / remove) is refused."""
+    """Its decoder row goes into the MLP's output (it is what the transcoder writes there)."""
     from pipeline.hooks import splice_activations, validate_hooks
 
     cfg = _cfg(sae="transcoder-k8-x4", relative=False, scales=[8.0], prompts=["the cat"])
     report = json.loads(steer(model_cfg, cfg, transcoder_run, loaded=loaded).read_text())
     assert (report["hook"], report["edited_at"]) == ("blocks.1.mlp_in", "blocks.1.mlp_out")
     direction = Sae.load(transcoder_run / "sae" / "blocks.1.mlp_in" / "transcoder-k8-x4").W_dec[3].detach()
-    ids = loaded.tokenizer("the cat", return_tensors="pt").input_ids
     writes = validate_hooks(loaded.model, ["blocks.1.mlp_out"])[0]
-    with torch.no_grad(), splice_activations(loaded.model, writes, lambda y: y + 8.0 * direction):
-        out = loaded.model.generate(ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids),
-                                    pad_token_id=loaded.tokenizer.eos_token_id)  # fmt: skip
-    assert report["scales"][0]["texts"][0] == loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    with pytest.raises(SteeringError, match="use steer.mode=add"):
-        steer(model_cfg, _cfg(sae="transcoder-k8-x4", mode="clamp"), transcoder_run, loaded=loaded)
+    with splice_activations(loaded.model, writes, lambda y: y + 8.0 * direction):
+        assert report["scales"][0]["texts"][0] == _greedy(loaded, "the cat")
+
+
+@pytest.mark.parametrize("mode, scale", [("clamp", 6.0), ("remove", 0.0)])
+def test_a_transcoder_feature_is_set_from_the_mlp_input_of_the_same_pass(transcoder_run, model_cfg, loaded, mode,
+                                                                         scale):  # fmt: skip
+    """clamp / remove: the MLP's output y becomes y + (s - z(x)) d, z(x) the transcoder's code of that
+    pass's MLP input x (checked against a plain forward hook on the MLP module), for the feature most
+    active on the prompt's last token."""
+    sae, mlp = Sae.load(transcoder_run / "sae" / "blocks.1.mlp_in" / "transcoder-k8-x4"), loaded.model.model.layers[1].mlp
+    inputs = []
+    handle = mlp.register_forward_hook(lambda _module, args, _y: inputs.append(args[0].float()))
+    try:
+        with torch.no_grad():
+            loaded.model(input_ids=loaded.tokenizer("the cat", return_tensors="pt").input_ids)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        feature = int(sae.encode(inputs[0])[0, -1].argmax())  # at the last token: it shapes the next one
+
+    def edited(_module, args, y):
+        z = sae.encode(args[0].float())[..., feature : feature + 1]
+        return (y.float() + (scale - z) * sae.W_dec[feature]).to(y.dtype)
+
+    cfg = _cfg(sae="transcoder-k8-x4", feature=feature, mode=mode, relative=False, scales=[scale], prompts=["the cat"])
+    report = json.loads(steer(model_cfg, cfg, transcoder_run, loaded=loaded).read_text())
+    handle = mlp.register_forward_hook(edited)
+    try:
+        expected = _greedy(loaded, "the cat")
+    finally:
+        handle.remove()
+    assert report["scales"][0]["texts"][0] == expected and report["scales"][0]["kl"][0] > 0

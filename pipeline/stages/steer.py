@@ -5,7 +5,8 @@
     python -m pipeline steer run_dir=outputs/demo steer.feature=1044 steer.mode=remove
 
 Adds the feature's decoder direction at its dictionary's hook (or clamps its activation to a value,
-or removes it; steering.py), generates greedily from each prompt without and with the edit at every
+or removes it; steering.py; a transcoder's at the output it writes, its activation coded from the
+input it reads), generates greedily from each prompt without and with the edit at every
 scale, and prints them side by side with how the next-token distribution after the prompt moved
 (KL, the tokens that rose most, and the log-probability change of the tokens the feature promotes
 by the logit lens). With `steer.relative` (the default) scales are multiples of the feature's
@@ -101,16 +102,12 @@ def steer(model_cfg: ModelConfig, cfg: SteerConfig, run_dir: str | Path, loaded:
     loaded = loaded or load_model(model_cfg)
     check_model([d], loaded, cfg.force, "steer")
     unit = largest_activation(d, run, loaded, cfg.feature, cfg.tokens) if cfg.relative else 1.0
-    if d.sae.transcodes and cfg.mode != "add":
-        raise SteeringError(
-            f"steer.mode={cfg.mode} sets a transcoder latent from the activations it reads at {d.hook}, which "
-            f"this stage does not splice at its output {d.sae.meta['hook_out']}; use steer.mode=add"
-        )
     hook = validate_hooks(loaded.model, [d.writes])[0]
+    reads = validate_hooks(loaded.model, [d.hook])[0] if d.sae.transcodes else None  # its code comes from there
     sae = d.sae.to(loaded.device).eval()
     plain = plain_outputs(loaded, hook, cfg.prompts, cfg.max_new_tokens)
     report = steering_report(loaded, hook, sae, cfg.feature, cfg.mode, unit, cfg.scales, plain, cfg.prompts,
-                             cfg.max_new_tokens)  # fmt: skip
+                             cfg.max_new_tokens, reads)  # fmt: skip
     report = {**report, "dictionary": str(d.directory), "hook": d.hook, **({"edited_at": hook.name} if d.sae.transcodes else {}),
               "settings": asdict(cfg)}  # fmt: skip
     sys.stdout.write(format_report(report, loaded.tokenizer))
