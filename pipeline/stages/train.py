@@ -91,7 +91,7 @@ def _sae_hashed(c: SaeConfig, d_in: int) -> dict:
     """A dictionary's settings in the config hash, with AuxK's k_aux resolved where it is used: its
     default changed (d_in / 2 before 2 k), so a dictionary trained under the old one trains again."""
     settings = _hashed(c, _SAE_HASHED_WHEN_SET)
-    if architectures()[c.architecture].uses_k:
+    if c.active_per_token() is not None:
         settings["k_aux"] = c.aux_latents(d_in)
     return settings
 
