@@ -7,11 +7,12 @@ Three edits at the dictionary's hook, at every position (the prompt's and each g
     remove   x - z(x) * d                   the feature taken out (as the loss contribution does)
 
 A transcoder's edits go into the output it writes (`hook`), its code z(x) computed from the input it
-reads (`reads`) in the same pass. `generate` continues a prompt greedily under an edit; `next_token_shift` compares the next-token
-distribution after a prompt with and without it; `promoted_rise` asks whether the tokens the feature
-promotes by the logit lens (attribution.logit_effects) become more likely when it is added.
-`steering_report` puts them together for one feature (the steer stage's report, and the steering
-panel of the dashboard's detailed features).
+reads (`reads`) in the same pass. `generate` continues a prompt greedily under an edit;
+`next_token_shift` compares the next-token distribution after a prompt with and without it;
+`promoted_rise` asks whether the tokens the feature promotes by the logit lens
+(attribution.logit_effects) become more likely when it is added. `steering_report` puts them
+together for one feature (the steer stage's report, and the steering panel of the dashboard's
+detailed features).
 """
 
 from __future__ import annotations
