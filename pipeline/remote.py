@@ -246,11 +246,12 @@ class CacheBudget:
     its activation directories (a transcoder's two hooks count together); least recently used shards
     are deleted first. A download reserves its shard's size before it starts, so the files being
     written count as well: the mirror exceeds the capacity only when the capacity is smaller than the
-    downloads in flight (it always admits the shards being read)."""
+    downloads in flight (it always admits the shards being read). Shards an earlier process left in
+    the mirror count too, as the least recently used."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # held by a reader across an opener, which may forget a vanished file
         self._resident: OrderedDict[Path, int] = OrderedDict()  # shard file -> bytes, least recent first
         self._reserved = 0  # bytes of downloads in flight
 
@@ -268,6 +269,28 @@ class CacheBudget:
         with self.lock:
             self._reserved -= reserved
             self._resident[path] = path.stat().st_size
+            self._resident.move_to_end(path)
+
+    def adopt(self, paths: Iterable[Path], oldest: bool = True) -> None:
+        """Count shard files already on disk (left by an earlier process) as least recently used, the
+        oldest first (`oldest=False`: as the most recent), so the bound holds across processes; those
+        already counted are left as they are."""
+        with self.lock:
+            found = []
+            for path in paths:
+                if path not in self._resident:
+                    with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by another process
+                        stat = path.stat()
+                        found.append((stat.st_mtime, path, stat.st_size))
+            for _, path, size in sorted(found, reverse=oldest):
+                self._resident[path] = size
+                self._resident.move_to_end(path, last=not oldest)
+
+    def forget(self, path: Path) -> None:
+        """`path` is gone or not to be trusted: stop counting it and delete it."""
+        with self.lock:
+            self._resident.pop(path, None)
+            path.unlink(missing_ok=True)
 
     def release(self, reserved: int) -> None:
         """A reserved download failed: its room is free again."""
@@ -321,6 +344,7 @@ class ShardCache:
         self._pending: dict[str, Future] = {}
         self._pending_lock = threading.Lock()
         self.downloaded = 0  # shards downloaded by this cache (for logs and tests)
+        self.budget.adopt(self.directory.glob("shard-*.safetensors"))
 
     @property
     def capacity(self) -> int:
@@ -333,7 +357,10 @@ class ShardCache:
             path = self._submit(record).result()
             with self.budget.lock:
                 if self.budget.touch(path):
-                    return opener(path)
+                    try:
+                        return opener(path)
+                    except FileNotFoundError:  # deleted by another process sharing the mirror (a DDP rank)
+                        self.budget.forget(path)
 
     def prefetch(self, records: Iterable[ShardRecord]) -> None:
         """Start downloading these shards in the background."""
@@ -363,12 +390,15 @@ class ShardCache:
 
     def _download(self, record: ShardRecord) -> Path:
         path = self.directory / record.name
-        verified = path.exists() and file_sha256(path) == record.sha256  # left by an earlier process
-        size = path.stat().st_size if verified else self.remote.fs.size(self.remote.key(path))
+        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: downloaded below
+            if path.exists() and file_sha256(path) == record.sha256:  # left by an earlier process
+                self.budget.adopt([path], oldest=False)
+                return path
+        self.budget.forget(path)
+        size = self.remote.fs.size(self.remote.key(path))
         self.budget.reserve(size)
         try:
-            if not verified:
-                self._fetch(record, path)
+            self._fetch(record, path)
         except BaseException:
             self.budget.release(size)
             raise

@@ -269,6 +269,37 @@ def test_downloads_in_flight_count_against_the_capacity(remote_shards):
     assert cache.resident() == {records[2].name, records[3].name}
 
 
+def test_shards_an_earlier_process_left_count_against_the_bound(remote_shards):
+    """A second process (a fresh cache of two shards) reading two other shards deletes the two the
+    first one left, oldest first, rather than holding four; a shard it finds whole is not downloaded."""
+    directory, remote = remote_shards.activations(HOOK), remote_shards.remote
+    shard_bytes = remote.fs.size(remote.key(directory / "shard-00000.safetensors"))
+    first = ShardCache(remote, directory, capacity=2 * shard_bytes, read_ahead=1)
+    records = ShardSet(directory, cache=first).manifest.shards
+    for record in records[:2]:
+        first.open(record, lambda path: None)
+    first.close()
+    os.utime(directory / records[1].name, (1, 1))  # left longest ago: evicted first
+    second = ShardCache(remote, directory, capacity=2 * shard_bytes, read_ahead=1)
+    second.open(records[0], lambda path: None)
+    second.open(records[2], lambda path: None)
+    second.close()
+    assert sorted(p.name for p in directory.glob("shard-*")) == [records[0].name, records[2].name]
+    assert second.downloaded == 1
+
+
+def test_a_shard_deleted_by_another_process_is_downloaded_again(remote_shards):
+    """Processes sharing a mirror (DDP ranks) evict each other's shards: one found gone is fetched
+    again, not an error."""
+    directory, remote = remote_shards.activations(HOOK), remote_shards.remote
+    cache = ShardCache(remote, directory, read_ahead=1)
+    record = ShardSet(directory, cache=cache).manifest.shards[0]
+    data = cache.open(record, Path.read_bytes)
+    (directory / record.name).unlink()  # as the other process's cache does
+    assert cache.open(record, Path.read_bytes) == data and cache.downloaded == 2
+    cache.close()
+
+
 def test_the_hooks_of_a_run_share_one_cache_bound(bucket, model_cfg, loaded, monkeypatch):
     """A transcoder's two hooks read window by window through the run's caches (each reading two
     shards ahead): both hooks' shards together stay within $SAE_PIPELINE_CACHE_GB."""
