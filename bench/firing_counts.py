@@ -8,7 +8,9 @@ never fires on the 32k held-out tokens. At k 16 and 32x a latent fires once in 1
 average, so a rarely firing latent falls under both windows by chance. This counts, for each
 dictionary, the firings of every latent over a longer span (the last --span training tokens and the
 held-out split) and prints the share of latents that never fire there and that fire at most 10 and
-30 times: latents that are rare against ones that are unused.
+30 times: latents that are rare against ones that are unused. With --draws N it also prints, for
+each dictionary, the share of latents idle over N random draws of --window training tokens (the
+saved dictionary counted as the training window counts the dictionary it trains).
 """
 
 from __future__ import annotations
@@ -40,6 +42,23 @@ def firing_counts(sae: Sae, shards: ShardSet, start: int, batch_size: int = 4096
     return stats.fire_count, stats.n
 
 
+def idle_over_draws(sae: Sae, shards: ShardSet, held_out: int, window: int, draws: int, seed: int = 1) -> list[float]:
+    """The share of latents that never fire on each of `draws` random samples of `window` training
+    tokens (BOS left out), drawn from the whole training split as the training's batches are."""
+    gen, bos = torch.Generator().manual_seed(seed), shards.manifest.bos_token_id
+    shares = []
+    for _ in range(draws):
+        idx = torch.randperm(held_out, generator=gen)[: 2 * window]
+        idx = idx[shards.tokens_at(idx) != bos][:window]
+        stats = StreamingReconstructionStats(sae.d_in, sae.d_sae)
+        with torch.no_grad():
+            for chunk in idx.split(4096):
+                x = shards.gather(chunk).float()
+                stats.update(x, *sae(x))
+        shares.append(float((stats.fire_count == 0).float().mean()))
+    return shares
+
+
 def _dictionaries(root: Path, hook: str, names: list[str]) -> dict[str, Path]:
     found = {d.name: d for d in sorted((root / "sae" / hook).glob("*")) + sorted((root / "peers").glob("*"))}
     found = {name: d for name, d in found.items() if (d / "sae.safetensors").exists()}
@@ -55,6 +74,8 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/bench-quality", help="the sweep's output directory")
     parser.add_argument("--hook", default="blocks.9.resid_post")
     parser.add_argument("--span", type=int, default=300_000, help="training tokens counted before the held-out split")
+    parser.add_argument("--draws", type=int, default=0, help="random draws of --window training tokens")
+    parser.add_argument("--window", type=int, default=10_240, help="tokens per draw")
     args = parser.parse_args()
     run = RunDir(args.out)
     shards = ShardSet(run.activations(args.hook))
@@ -66,6 +87,10 @@ def main() -> None:
         counts, n = firing_counts(sae, shards, start)
         shares = [f"{float((counts <= limit).float().mean()) * 100:.2f} %" for limit in (0, 10, 30)]
         print(f"| {name} | {sae.cfg.k} | {sae.d_sae} | {n * sae.cfg.k // sae.d_sae} | " + " | ".join(shares) + " |")
+        if args.draws:
+            idle = idle_over_draws(sae, shards, held_out, args.window, args.draws)
+            print(f"  {name}: idle over {args.draws} random draws of {args.window} training tokens: "
+                  + ", ".join(f"{share * 100:.2f} %" for share in idle))  # fmt: skip
 
 
 if __name__ == "__main__":
