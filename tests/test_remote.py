@@ -34,7 +34,7 @@ from pipeline.sae import SaeConfig
 from pipeline.shards import MANIFEST, ShardError, ShardSet
 from pipeline.stages.analyze import AnalyzeConfig, analyze_saes
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes
-from pipeline.stages.train import train_saes
+from pipeline.stages.train import plan_training, train_saes
 from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
 from pipeline.training import TrainConfig
@@ -302,7 +302,8 @@ def test_a_shard_deleted_by_another_process_is_downloaded_again(remote_shards):
 
 def test_the_hooks_of_a_run_share_one_cache_bound(bucket, model_cfg, loaded, monkeypatch):
     """A transcoder's two hooks read window by window through the run's caches (each reading two
-    shards ahead): both hooks' shards together stay within $SAE_PIPELINE_CACHE_GB."""
+    shards ahead): both hooks' shards together stay within $SAE_PIPELINE_CACHE_GB, and training
+    mixes groups of shards that fit the bound for both hooks."""
     url, hooks = f"s3://{bucket}/run", ["blocks.0.resid_post", HOOK]
     harvest_activations(model_cfg, CorpusConfig(name="test", source="files", path=str(TEXT)),
                         replace(HARVEST, hooks=hooks), url, loaded=loaded)  # fmt: skip
@@ -316,6 +317,11 @@ def test_the_hooks_of_a_run_share_one_cache_bound(bucket, model_cfg, loaded, mon
         second.sequence(window)
         held.append(_shard_bytes_on_disk(*(run.activations(hook) for hook in hooks)))
     assert max(held) <= 6 * shard_bytes and min(held) > 0
+    transcoder = SaeConfig(architecture="transcoder", expansion=4, k=8)
+    groups = [plan_training(replace(TRAIN, hook=HOOK, shuffle_shards=None), SAE, run).cfg.shuffle_shards,
+              plan_training(replace(TRAIN, hook=hooks[0], hook_out=HOOK, shuffle_shards=None), transcoder,
+                            run).cfg.shuffle_shards]  # fmt: skip
+    assert groups == [3, 1]  # two groups (one read, one read ahead) per hook in six shards
 
 
 def test_a_corrupt_remote_shard_is_never_used(remote_shards):
