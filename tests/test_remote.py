@@ -5,6 +5,7 @@ with one line before any compute."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -222,8 +223,13 @@ def test_cache_holds_at_most_its_capacity(remote_shards):
 
 
 def _shard_bytes_on_disk(*directories: Path) -> int:
-    """Bytes of shard files in these directories, temporaries of downloads under way included."""
-    return sum(p.stat().st_size for d in directories for p in d.glob("*shard-*") if p.is_file())
+    """Bytes of shard files in these directories, temporaries of downloads under way included (a file
+    renamed or evicted by a download thread between listing and reading its size is not counted)."""
+    total = 0
+    for path in (p for d in directories for p in d.glob("*shard-*")):
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
 
 
 class _GatedFs:
