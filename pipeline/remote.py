@@ -8,7 +8,8 @@ A stage works on a remote run through a local mirror, `$SAE_PIPELINE_CACHE/runs/
   everything it vouches for;
 - shard files are downloaded on demand by a ShardCache into the mirror, their sha256 checked while
   they stream in, read ahead on background threads, and deleted least recently used beyond
-  `$SAE_PIPELINE_CACHE_GB` (default 20).
+  `$SAE_PIPELINE_CACHE_GB` (default 20): one CacheBudget for all hooks of the run, counting the
+  downloads in flight and the shards earlier processes left.
 Endpoint and credentials come from where other tools take them: the AWS environment
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, ...) or fsspec's configuration.
 """
