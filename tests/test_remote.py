@@ -35,10 +35,11 @@ from pipeline.sae import SaeConfig
 from pipeline.shards import MANIFEST, ShardError, ShardSet
 from pipeline.stages.analyze import AnalyzeConfig, analyze_saes
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes
-from pipeline.stages.train import plan_training, train_saes
+from pipeline.stages.train import train_saes
 from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
 from pipeline.training import TrainConfig
+from pipeline.training_plan import plan_training
 from tests.conftest import TEXT
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,10 +19,11 @@ from pipeline.locks import LockedError, exclusive
 from pipeline.rundir import RunDir
 from pipeline.sae import Sae, SaeConfig, architectures
 from pipeline.shards import ShardError, ShardSet, shard_name
-from pipeline.stages.train import plan_training, train_saes
+from pipeline.stages.train import train_saes
 from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
 from pipeline.training import TrainConfig, TrainError, training_batches
+from pipeline.training_plan import plan_training
 from tests.conftest import copy_run, make_shard_set
 
 HOOK = "blocks.1.resid_post"
@@ -119,17 +120,6 @@ def test_a_setting_added_later_trains_anew_away_from_its_earlier_value(run_dir, 
     assert "already trained" not in caplog.text
     assert not torch.equal(_weights(out)["W_enc"], before["W_enc"])
     assert Sae.load(out).config_dict()["metrics"]["fvu"] < 0.5
-
-
-def test_the_auxk_default_enters_the_config_hash_as_its_value(run_dir):
-    """k_aux null is hashed as the 2 k it means, so dictionaries trained under the old default
-    (null meaning d_in / 2) train again and an explicit 2 k is the same training."""
-
-    def hash_of(sae_cfg):
-        return plan_training(_cfg(), sae_cfg, RunDir(run_dir)).config_hash
-
-    assert hash_of(SAE) == hash_of(replace(SAE, k_aux=2 * SAE.k))
-    assert hash_of(SAE) != hash_of(replace(SAE, k_aux=SAE.k))
 
 
 def test_rerun_skips_finished_training(run_dir, caplog):
@@ -391,11 +381,6 @@ def test_variants_all_at_other_hooks_than_train_hook(llama_cfg, text_corpus, tmp
     assert set(saved) == {"blocks.2.resid_post/topk-k4-x4", "blocks.2.resid_post/topk-k8-x4"}
 
 
-def test_variants_at_other_hooks_need_the_model_as_source(run_dir):
-    with pytest.raises(TrainError, match="need train.source=model"):
-        train_saes(_cfg(variants=[{"k": 4}, {"hook": "blocks.2.resid_post"}]), SAE, run_dir, OFF)
-
-
 def test_training_from_the_model_resumes_after_kill_to_the_same_weights(llama_cfg, text_corpus, tmp_path):
     script = textwrap.dedent(f"""
         import sys
@@ -588,17 +573,6 @@ def test_transcoders_train_beside_saes_as_alone(transcoder_run, tmp_path):
     alone = train_saes(cfg, TRANSCODER, copy_run(transcoder_run, tmp_path / "alone"), OFF)
     for name, tensor in _weights(together["transcoder-k4-x4"]).items():
         torch.testing.assert_close(_weights(alone["transcoder-k4-x4"])[name], tensor, msg=name, rtol=0, atol=0)
-
-
-def test_transcoder_settings_are_checked(transcoder_run, tmp_path):
-    with pytest.raises(TrainError, match="set train.hook_out, e.g. train.hook=blocks.3.mlp_in"):
-        plan_training(_cfg(hook=TC_IN), TRANSCODER, RunDir.open(transcoder_run))
-    with pytest.raises(TrainError, match="train.hook_out=blocks.1.mlp_out is set, but no dictionary is a transcoder"):
-        plan_training(_cfg(hook=TC_IN, hook_out=TC_OUT), SAE, RunDir.open(transcoder_run))
-    make_shard_set(tmp_path / "activations" / "blocks.1.mlp_in", n_seq=48)
-    make_shard_set(tmp_path / "activations" / "blocks.1.mlp_out", n_seq=32)
-    with pytest.raises(ShardError, match=r"do not hold the same token windows.*harvest.hooks=\[blocks.1.mlp_in,blocks.1.mlp_out\]"):
-        plan_training(_cfg(hook=TC_IN, hook_out=TC_OUT), TRANSCODER, RunDir.open(tmp_path))
 
 
 def test_a_transcoder_trains_from_the_model(llama_cfg, text_corpus, tmp_path):

@@ -1,0 +1,54 @@
+"""The training plan: settings checked against the activations before any step, and what enters
+the config hash (the training itself: test_train.py)."""
+
+from dataclasses import replace
+
+import pytest
+
+from pipeline.rundir import RunDir
+from pipeline.sae import SaeConfig
+from pipeline.shards import ShardError
+from pipeline.training import TrainConfig, TrainError
+from pipeline.training_plan import plan_training
+from tests.conftest import make_shard_set
+
+HOOK, TC_IN, TC_OUT = "blocks.1.resid_post", "blocks.1.mlp_in", "blocks.1.mlp_out"
+SAE = SaeConfig(architecture="topk", expansion=4, k=4)
+TRANSCODER = SaeConfig(architecture="transcoder", expansion=4, k=4)
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"hook": HOOK, "batch_size": 128, "holdout_tokens": 256, "progress": False, **kw})
+
+
+@pytest.fixture
+def run(tmp_path) -> RunDir:
+    make_shard_set(tmp_path / "activations" / HOOK)
+    return RunDir(tmp_path)
+
+
+def test_the_auxk_default_enters_the_config_hash_as_its_value(run):
+    """k_aux null is hashed as the 2 k it means, so dictionaries trained under the old default
+    (null meaning d_in / 2) train again and an explicit 2 k is the same training."""
+
+    def hash_of(sae_cfg):
+        return plan_training(_cfg(), sae_cfg, run).config_hash
+
+    assert hash_of(SAE) == hash_of(replace(SAE, k_aux=2 * SAE.k))
+    assert hash_of(SAE) != hash_of(replace(SAE, k_aux=SAE.k))
+
+
+def test_variants_at_other_hooks_need_the_model_as_source(run):
+    with pytest.raises(TrainError, match="need train.source=model"):
+        plan_training(_cfg(variants=[{"k": 4}, {"hook": "blocks.2.resid_post"}]), SAE, run)
+
+
+def test_transcoder_settings_are_checked(transcoder_run, tmp_path):
+    with pytest.raises(TrainError, match="set train.hook_out, e.g. train.hook=blocks.3.mlp_in"):
+        plan_training(_cfg(hook=TC_IN), TRANSCODER, RunDir.open(transcoder_run))
+    with pytest.raises(TrainError, match="train.hook_out=blocks.1.mlp_out is set, but no dictionary is a transcoder"):
+        plan_training(_cfg(hook=TC_IN, hook_out=TC_OUT), SAE, RunDir.open(transcoder_run))
+    make_shard_set(tmp_path / "activations" / TC_IN, n_seq=48)
+    make_shard_set(tmp_path / "activations" / TC_OUT, n_seq=32)
+    with pytest.raises(ShardError, match=r"do not hold the same token windows.*harvest.hooks=\[blocks.1.mlp_in,blocks.1.mlp_out\]"):
+        plan_training(_cfg(hook=TC_IN, hook_out=TC_OUT), TRANSCODER, RunDir.open(tmp_path))
