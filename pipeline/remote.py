@@ -330,26 +330,19 @@ class ShardCache:
     A shard is streamed to a temporary file while its sha256 is computed, and renamed into place
     only if it matches the manifest; shards already in the mirror are hashed once before first use.
     `prefetch` downloads on `read_ahead` background threads. The files are held within `budget`
-    (its own of `capacity` bytes when none is given; a reader drops its memory maps of shards no
-    longer resident).
+    (its own of $SAE_PIPELINE_CACHE_GB when none is given; a reader drops its memory maps of shards
+    no longer resident).
     """
 
-    def __init__(
-        self, remote: Remote, directory: Path, capacity: int | None = None, read_ahead: int = 2,
-        budget: CacheBudget | None = None,
-    ):  # fmt: skip
+    def __init__(self, remote: Remote, directory: Path, read_ahead: int = 2, budget: CacheBudget | None = None):
         self.remote, self.directory = remote, Path(directory)
-        self.budget = budget or CacheBudget(cache_bytes() if capacity is None else capacity)
+        self.budget = budget or CacheBudget(cache_bytes())
         self.read_ahead = read_ahead
         self._pool = ThreadPoolExecutor(read_ahead, thread_name_prefix="shard-download")
         self._pending: dict[str, Future] = {}
         self._pending_lock = threading.Lock()
         self.downloaded = 0  # shards downloaded by this cache (for logs and tests)
         self.budget.adopt(self.directory.glob("shard-*.safetensors"))
-
-    @property
-    def capacity(self) -> int:
-        return self.budget.capacity
 
     def open(self, record: ShardRecord, opener: Callable[[Path], T]) -> T:
         """`opener(local path)` of a shard holding the bytes the manifest vouches for (waiting for its
@@ -373,7 +366,7 @@ class ShardCache:
 
     def shards_held(self, shard_bytes: int) -> int:
         """How many shards of `shard_bytes` the cache holds at once."""
-        return max(1, self.capacity // max(1, shard_bytes))
+        return max(1, self.budget.capacity // max(1, shard_bytes))
 
     def _submit(self, record: ShardRecord) -> Future:
         """The download of `record`: the one under way or done, or a new one where there is none, it

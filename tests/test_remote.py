@@ -29,7 +29,7 @@ from moto.server import ThreadedMotoServer
 from pipeline.corpus import CorpusConfig
 from pipeline.faults import KILL_VARIABLE
 from pipeline.harvesting import HarvestConfig, harvest_activations
-from pipeline.remote import Remote, RemoteError, ShardCache, cache_bytes
+from pipeline.remote import CacheBudget, Remote, RemoteError, ShardCache, cache_bytes
 from pipeline.rundir import RunDir
 from pipeline.sae import SaeConfig
 from pipeline.shards import MANIFEST, ShardError, ShardSet
@@ -209,11 +209,16 @@ def remote_shards(bucket, model_cfg, loaded):
     return RunDir.open(url)
 
 
+def _shard_bytes(run: RunDir) -> int:
+    """The size of a shard file of HOOK on the bucket (the harvest writes them all the same size)."""
+    return run.remote.fs.size(run.remote.key(run.activations(HOOK) / "shard-00000.safetensors"))
+
+
 def test_cache_holds_at_most_its_capacity(remote_shards):
     """Reading every window in order through a cache of two shards: never more than two on disk."""
     directory, remote = remote_shards.activations(HOOK), remote_shards.remote
-    shard_bytes = remote.fs.size(remote.key(directory / "shard-00000.safetensors"))
-    cache = ShardCache(remote, directory, capacity=2 * shard_bytes, read_ahead=1)
+    shard_bytes = _shard_bytes(remote_shards)
+    cache = ShardCache(remote, directory, budget=CacheBudget(2 * shard_bytes), read_ahead=1)
     shards = ShardSet(directory, cache=cache)
     held = []
     for window in range(shards.manifest.n_sequences):
@@ -256,15 +261,21 @@ class _GatedFs:
         return Reader(data)
 
 
+def _two_shard_cache_holding_the_first_two(run: RunDir, read_ahead: int) -> tuple[ShardCache, list]:
+    """A cache of HOOK with room for two shards, the first two read into it, and the shards' records."""
+    directory = run.activations(HOOK)
+    cache = ShardCache(run.remote, directory, budget=CacheBudget(2 * _shard_bytes(run)), read_ahead=read_ahead)
+    records = ShardSet(directory, cache=cache).manifest.shards
+    for record in records[:2]:
+        cache.open(record, lambda path: None)
+    return cache, records
+
+
 def test_downloads_in_flight_count_against_the_capacity(remote_shards):
     """Two shards resident, two downloads under way at once in a cache of two: the temporaries being
     written never sit beside a full cache."""
     directory, remote = remote_shards.activations(HOOK), remote_shards.remote
-    shard_bytes = remote.fs.size(remote.key(directory / "shard-00000.safetensors"))
-    cache = ShardCache(remote, directory, capacity=2 * shard_bytes, read_ahead=2)
-    records = ShardSet(directory, cache=cache).manifest.shards
-    for record in records[:2]:
-        cache.open(record, lambda path: None)
+    cache, records = _two_shard_cache_holding_the_first_two(remote_shards, read_ahead=2)
     measured = []
     cache.remote = copy.copy(remote)
     cache.remote.fs = _GatedFs(remote.fs, 2, lambda: measured.append(_shard_bytes_on_disk(directory)))
@@ -272,22 +283,18 @@ def test_downloads_in_flight_count_against_the_capacity(remote_shards):
     for record in records[2:4]:
         cache.open(record, lambda path: None)
     cache.close()
-    assert measured and max(measured) <= 2 * shard_bytes
+    assert measured and max(measured) <= 2 * _shard_bytes(remote_shards)
     assert cache.resident() == {records[2].name, records[3].name}
 
 
 def test_shards_an_earlier_process_left_count_against_the_bound(remote_shards):
     """A second process (a fresh cache of two shards) reading two other shards deletes the two the
     first one left, oldest first, rather than holding four; a shard it finds whole is not downloaded."""
-    directory, remote = remote_shards.activations(HOOK), remote_shards.remote
-    shard_bytes = remote.fs.size(remote.key(directory / "shard-00000.safetensors"))
-    first = ShardCache(remote, directory, capacity=2 * shard_bytes, read_ahead=1)
-    records = ShardSet(directory, cache=first).manifest.shards
-    for record in records[:2]:
-        first.open(record, lambda path: None)
+    directory = remote_shards.activations(HOOK)
+    first, records = _two_shard_cache_holding_the_first_two(remote_shards, read_ahead=1)
     first.close()
     os.utime(directory / records[1].name, (1, 1))  # left longest ago: evicted first
-    second = ShardCache(remote, directory, capacity=2 * shard_bytes, read_ahead=1)
+    second = ShardCache(remote_shards.remote, directory, budget=CacheBudget(2 * _shard_bytes(remote_shards)), read_ahead=1)
     second.open(records[0], lambda path: None)
     second.open(records[2], lambda path: None)
     second.close()
@@ -315,7 +322,7 @@ def test_the_hooks_of_a_run_share_one_cache_bound(bucket, model_cfg, loaded, mon
     harvest_activations(model_cfg, CorpusConfig(name="test", source="files", path=str(TEXT)),
                         replace(HARVEST, hooks=hooks), url, loaded=loaded)  # fmt: skip
     run = RunDir.open(url)
-    shard_bytes = run.remote.fs.size(run.remote.key(run.activations(HOOK) / "shard-00000.safetensors"))
+    shard_bytes = _shard_bytes(run)
     monkeypatch.setenv("SAE_PIPELINE_CACHE_GB", str(6 * shard_bytes / 2**30))
     first, second = (run.shards(hook) for hook in hooks)
     held = []
