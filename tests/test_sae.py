@@ -6,7 +6,7 @@ import torch
 from pipeline.metrics import token_variance
 from pipeline.optim import Signum, lr_multiplier
 from pipeline.sae import Sae, SaeConfig, architectures, build_sae
-from pipeline.sae.sparse import sparse_decode, topk_encode
+from pipeline.sae.sparse import GATHER_DEAD_SHARE, dead_topk, sparse_decode, topk_encode
 
 D_IN = 24
 ARCHS = sorted(a for a, cls in architectures().items() if not cls.transcodes)  # the SAEs (transcoders below)
@@ -78,6 +78,24 @@ def test_sparse_topk_training_matches_dense_reference(n_dead, aux_rescale, devic
         torch.testing.assert_close(out.x_hat, ref_hat)
     for name, p in sae.named_parameters():
         torch.testing.assert_close(fast[name], p.grad, msg=name, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_dead", [1, 3, 10, int(GATHER_DEAD_SHARE * 40), 30, 40])
+def test_auxk_finds_the_dead_latents_largest_pre_activations_at_any_share_of_dead(n_dead, device):
+    torch.manual_seed(n_dead)
+    pre = torch.randn(16, 40, device=device)
+    dead = torch.zeros(40, dtype=torch.bool, device=device)
+    dead[torch.randperm(40)[:n_dead]] = True
+    ref_values, ref_idx = pre.masked_fill(~dead, float("-inf")).topk(min(8, n_dead), dim=1)
+    values, idx = dead_topk(pre.clone(), dead, 8)
+    order = values.argsort(1, descending=True)
+    torch.testing.assert_close(values.gather(1, order), ref_values)
+    torch.testing.assert_close(idx.gather(1, order), ref_idx)
+    assert bool(dead[idx].all())
+    kept = pre.clone()
+    dead_topk(kept, dead, 8)  # without overwrite, pre is left as it was
+    torch.testing.assert_close(kept, pre)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,6 +12,7 @@ import torch
 
 from pipeline import metrics as M
 from pipeline.sae.base import Sae, TrainOutput, dense_train_output
+from pipeline.sae.sparse import dead_topk
 from pipeline.sae.topk import auxk_loss
 
 THRESHOLD_MOMENTUM = 0.99
@@ -47,7 +48,7 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
         n_dead = dead_mask.sum()
         k_aux = self.cfg.aux_latents(self.d_in)
         if bool(n_dead > 0) and self.cfg.aux_coefficient > 0:
-            aux_values, aux_idx = pre.masked_fill(~dead_mask, 0).topk(min(k_aux, int(n_dead)), dim=1)
+            aux_values, aux_idx = dead_topk(pre, dead_mask, k_aux)
             e_hat = torch.zeros_like(pre).scatter_(1, aux_idx, aux_values) @ self.W_dec
             aux = auxk_loss(x, x_hat, e_hat, n_dead, k_aux, variance, self.cfg.aux_rescale)
             loss = loss + self.cfg.aux_coefficient * aux
