@@ -179,17 +179,20 @@ def model_side(model_cfg: ModelConfig, sizes: Sizes, run: Path, tokens: int, tra
     if only_harvest:  # and once more, warm: pinned buffers allocated, kernels chosen
         figures["harvest, again"] = n / timed_harvest(model_cfg, loaded, harvest_cfg, run.with_name("again"))
         return
-    source = ModelSource(model_cfg, CORPUS, harvest_cfg)
-    held = shards.n_tokens // 8  # the last eighth of the stored windows: held out, evaluated on
+    # a run of its own, as a user's: only the held-out split is stored (harvested before the timed
+    # loop), so the stream skips those windows alone on each pass over the corpus, not all harvested
+    stream_run = run.with_name("stream")
+    held = shards.n_tokens // 8
     cfg = TrainConfig(hook=HOOK, source="model", tokens=train_tokens, batch_size=sizes.batch, holdout_tokens=held,
                       device=sizes.device, progress=False)  # fmt: skip
-    train_s, _ = timed_training(cfg, run, source)
+    train_s, _ = timed_training(cfg, stream_run, ModelSource(model_cfg, CORPUS, harvest_cfg))
     figures["train from the model"] = train_tokens / train_s
     eval_cfg = EvaluateConfig(batch_size=16, holdout_tokens=held, progress=False)
     start = time.perf_counter()
-    evaluate_saes(model_cfg, eval_cfg, run, WandbConfig(mode="disabled"), loaded=loaded)
+    evaluate_saes(model_cfg, eval_cfg, stream_run, WandbConfig(mode="disabled"), loaded=loaded)
     eval_s = time.perf_counter() - start
-    eval_windows = windows[-(held // windows.shape[1]) :]
+    stored = ShardSet(stream_run / "activations" / HOOK)
+    eval_windows = stored.tokens_at(torch.arange(stored.n_tokens)).view(-1, windows.shape[1])[-(held // windows.shape[1]) :]
     figures["evaluate"] = eval_windows.numel() / eval_s
     figures["bare forward to logits"] = eval_windows.numel() / bare_logits_forward(loaded.model, eval_windows, 16)
 
