@@ -7,7 +7,7 @@ Three edits at the dictionary's hook, at every position (the prompt's and each g
     remove   x - z(x) * d                   the feature taken out (as the loss contribution does)
 
 A transcoder's edits go into the output it writes (`hook`), its code z(x) computed from the input it
-reads (`reads`) in the same pass. `generate` continues a prompt greedily under an edit;
+reads (`reads`) in the same pass. `generate` continues prompts greedily under an edit;
 `next_token_shift` compares the next-token distribution after a prompt with and without it;
 `promoted_rise` asks whether the tokens the feature promotes by the logit lens
 (attribution.logit_effects) become more likely when it is added. `steering_report` puts them
@@ -67,30 +67,40 @@ def _edited(loaded: LoadedModel, hook: HookPoint, edit: Callable | None, reads: 
     return splice_transcoder(loaded.model, reads, hook, edit)
 
 
+def _left_padded(loaded: LoadedModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(token ids [prompts, longest], attention mask, pad id): the prompts left-padded to one length, so
+    that every row's last position is its prompt's last token and generation continues each in place."""
+    tokenizer = loaded.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [tokenizer(prompt).input_ids for prompt in prompts]
+    longest = max(map(len, rows))
+    ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    return ids.to(loaded.device), mask.to(loaded.device), pad
+
+
 @torch.inference_mode()
-def generate(loaded: LoadedModel, hook: HookPoint, edit: Callable | None, prompt: str, max_new_tokens: int,
-             reads: HookPoint | None = None) -> str:  # fmt: skip
-    """The greedy continuation of `prompt` (its new text only), under `edit` (None: the plain model)."""
-    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(loaded.device)
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
-              "attention_mask": torch.ones_like(ids)}  # fmt: skip
+def generate(loaded: LoadedModel, hook: HookPoint, edit: Callable | None, prompts: list[str], max_new_tokens: int,
+             reads: HookPoint | None = None) -> list[str]:  # fmt: skip
+    """The greedy continuation of each prompt (its new text only), under `edit` (None: the plain model);
+    the prompts go through the model together (one generation for all: 2-3x faster on a CPU; in bf16
+    a batch rounds differently from a lone prompt, so a near-tie can go the other way)."""
+    ids, mask, pad = _left_padded(loaded, prompts)
     with _edited(loaded, hook, edit, reads):
-        out = loaded.model.generate(ids, **kwargs)
-    return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        out = loaded.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=pad)  # fmt: skip
+    return [loaded.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
 
 
 @torch.inference_mode()
 def next_token_logprobs(loaded: LoadedModel, hook: HookPoint, edit: Callable | None, prompts: list[str],
                         reads: HookPoint | None = None) -> torch.Tensor:  # fmt: skip
-    """Log-probabilities [prompts, vocab] of the token after each prompt, under `edit`."""
-    rows = []
-    for prompt in prompts:
-        ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(loaded.device)
-        with _edited(loaded, hook, edit, reads):
-            logits = loaded.model(input_ids=ids, logits_to_keep=1).logits
-        rows.append(logits[0, -1].float().log_softmax(-1).cpu())
-    return torch.stack(rows)
+    """Log-probabilities [prompts, vocab] of the token after each prompt, under `edit` (one forward)."""
+    ids, mask, _ = _left_padded(loaded, prompts)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # each prompt's own, as if it were alone
+    with _edited(loaded, hook, edit, reads):
+        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+    return logits[:, -1].float().log_softmax(-1).cpu()
 
 
 @dataclass
@@ -129,8 +139,7 @@ class Plain:
 
 
 def plain_outputs(loaded: LoadedModel, hook: HookPoint, prompts: list[str], max_new_tokens: int) -> Plain:
-    return Plain([generate(loaded, hook, None, p, max_new_tokens) for p in prompts],
-                 next_token_logprobs(loaded, hook, None, prompts))  # fmt: skip
+    return Plain(generate(loaded, hook, None, prompts, max_new_tokens), next_token_logprobs(loaded, hook, None, prompts))
 
 
 def steering_report(loaded: LoadedModel, hook: HookPoint, sae, latent: int, mode: str, unit: float,
@@ -145,7 +154,7 @@ def steering_report(loaded: LoadedModel, hook: HookPoint, sae, latent: int, mode
         edit = feature_edit(sae, latent, mode, scale * unit)
         steered = next_token_logprobs(loaded, hook, edit, prompts, reads)
         shifts = next_token_shift(plain.logprobs, steered)
-        steps.append({"scale": scale, "texts": [generate(loaded, hook, edit, p, max_new_tokens, reads) for p in prompts],
+        steps.append({"scale": scale, "texts": generate(loaded, hook, edit, prompts, max_new_tokens, reads),
                       "kl": [round(s.kl, 4) for s in shifts],
                       "risen": [[[t, round(p, 4)] for t, p in s.risen] for s in shifts],
                       "promoted_rise": round(promoted_rise(plain.logprobs, steered, promoted), 4)})  # fmt: skip

@@ -40,13 +40,26 @@ def test_generation_is_the_models_greedy_one_and_an_edit_changes_it(steered, loa
     with torch.no_grad():
         greedy = loaded.model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids),
                                        pad_token_id=0)  # fmt: skip
-    assert generate(loaded, hook, None, "the cat", 6) == loaded.tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
-    assert generate(loaded, hook, feature_edit(sae, 3, "add", 0.0), "the cat", 6) == generate(loaded, hook, None, "the cat", 6)
+    assert generate(loaded, hook, None, ["the cat"], 6) == [loaded.tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)]
+    assert generate(loaded, hook, feature_edit(sae, 3, "add", 0.0), ["the cat"], 6) == generate(loaded, hook, None, ["the cat"], 6)
     plain = next_token_logprobs(loaded, hook, None, ["the cat", "a dog"])
     pushed = next_token_logprobs(loaded, hook, feature_edit(sae, 3, "add", 50.0), ["the cat", "a dog"])
     shifts = next_token_shift(plain, pushed, n=3)
     assert all(s.kl > 0 and len(s.risen) == 3 and s.risen[0][1] > 0 for s in shifts)
     assert next_token_shift(plain, plain)[0].kl == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["add", "clamp"])
+def test_prompts_of_different_lengths_together_give_what_each_gives_alone(steered, loaded, mode):
+    """Prompts go through the model together, left-padded: in fp32 (the test model) each continuation
+    and next-token distribution must be the one the prompt gets on its own, edited or not."""
+    sae, hook = steered
+    prompts = ["the cat", "a dog sat on the mat and", "x"]
+    assert len({len(loaded.tokenizer(p).input_ids) for p in prompts}) == 3
+    for edit in (None, feature_edit(sae, 3, mode, 6.0)):
+        assert generate(loaded, hook, edit, prompts, 5) == [generate(loaded, hook, edit, [p], 5)[0] for p in prompts]
+        alone = torch.cat([next_token_logprobs(loaded, hook, edit, [p]) for p in prompts])
+        torch.testing.assert_close(next_token_logprobs(loaded, hook, edit, prompts), alone, atol=1e-4, rtol=1e-4)
 
 
 def test_a_strongly_added_feature_raises_the_tokens_it_promotes(steered, loaded):
