@@ -80,8 +80,8 @@ def main() -> None:
             local, url = Path(tmp) / "local", "s3://bench/run"
             harvest_local = timed_harvest(model_cfg, corpus, harvest, local, loaded)
             harvest_s3 = timed_harvest(model_cfg, corpus, harvest, url, loaded)
-            train_local, metrics_local = timed_training(train, local)
-            train_s3, metrics_s3 = timed_training(train, url)
+            train_local, metrics_local, _ = timed_training(train, local)
+            train_s3, metrics_s3, _ = timed_training(train, url)
     finally:
         server.terminate()
         server.wait(timeout=30)

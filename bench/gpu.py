@@ -185,8 +185,9 @@ def model_side(model_cfg: ModelConfig, sizes: Sizes, run: Path, tokens: int, tra
     held = shards.n_tokens // 8
     cfg = TrainConfig(hook=HOOK, source="model", tokens=train_tokens, batch_size=sizes.batch, holdout_tokens=held,
                       device=sizes.device, progress=False)  # fmt: skip
-    train_s, _ = timed_training(cfg, stream_run, ModelSource(model_cfg, CORPUS, harvest_cfg))
+    train_s, _, split = timed_training(cfg, stream_run, ModelSource(model_cfg, CORPUS, harvest_cfg))
     figures["train from the model"] = train_tokens / train_s
+    print(f"train from the model, {split}", flush=True)
     eval_cfg = EvaluateConfig(batch_size=16, holdout_tokens=held, progress=False)
     start = time.perf_counter()
     evaluate_saes(model_cfg, eval_cfg, stream_run, WandbConfig(mode="disabled"), loaded=loaded)

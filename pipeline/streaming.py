@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +48,25 @@ class StreamError(PipelineError, ValueError):
 
 
 @dataclass
+class StreamTimes:
+    """Seconds a model stream spent, so that a training log says what bounds a train.source=model run."""
+
+    forward: float = 0.0
+    """computing blocks of activations (on CUDA, until the GPU finished them)"""
+    waiting: float = 0.0
+    """waiting for tokenized windows (the tokenizer thread behind the forward) and cutting them"""
+
+    def summary(self, loop_seconds: float) -> str:
+        """One line: the loop's seconds split into the forward, the wait for windows and the rest."""
+        rest = max(loop_seconds - self.forward - self.waiting, 0.0)
+        parts = [(self.forward, "computing activations"), (self.waiting, "waiting for tokenized windows"),
+                 (rest, "in the SAE steps and the rest")]  # fmt: skip
+        return f"the training loop's {loop_seconds:.1f} s: " + ", ".join(
+            f"{seconds:.1f} s ({100 * seconds / max(loop_seconds, 1e-9):.0f} %) {what}" for seconds, what in parts
+        )
+
+
+@dataclass
 class ModelStream:
     """Where training activations come from when they are computed, not read."""
 
@@ -69,6 +89,7 @@ class ModelStream:
     norm_limits: dict[str, float] | None = None
     """train.exclude_outliers: positions whose activation norm exceeds its hook's limit at any hook
     are left out (None: none are)."""
+    times: StreamTimes = field(default_factory=StreamTimes)
 
     def training_windows(self) -> Iterator[torch.Tensor]:
         """The windows trained on, pass after pass over the corpus."""
@@ -115,8 +136,16 @@ class ModelStream:
         return out
 
     def block(self, walk: WindowWalk, lo: int, hi: int) -> dict[str, torch.Tensor]:
-        """Activations of tokens [lo, hi) of the training stream: {hook: [hi - lo, d_model]}."""
-        return self.compute(walk.covering(lo, hi))
+        """Activations of tokens [lo, hi) of the training stream: {hook: [hi - lo, d_model]} (timed)."""
+        start = time.perf_counter()
+        pieces = walk.covering(lo, hi)
+        computing = time.perf_counter()
+        acts = self.compute(pieces)
+        if self.loaded.device.type == "cuda":  # the kernels were only queued: the forward ends when they do
+            torch.cuda.synchronize(self.loaded.device)
+        self.times.waiting += computing - start
+        self.times.forward += time.perf_counter() - computing
+        return acts
 
     def kept_rows(self, acts: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The rows of a block {hook: [n, d_model]} below every hook's norm limit (None: all are kept)."""

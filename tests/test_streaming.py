@@ -4,7 +4,7 @@ import torch
 from pipeline.corpus import iter_texts, load_documents, pack_windows
 from pipeline.hooks import validate_hooks
 from pipeline.models import load_model
-from pipeline.streaming import ModelStream, StreamError, WindowWalk, block_order
+from pipeline.streaming import ModelStream, StreamError, StreamTimes, WindowWalk, block_order
 
 CTX, BOS = 32, 0
 
@@ -130,3 +130,30 @@ def test_a_block_with_every_position_above_the_limit_stops_with_a_clear_error(lo
     stream = _stream(loaded, text_corpus, norm_limits={"blocks.1.resid_post": 0.0})
     with pytest.raises(StreamError, match="raise train.exclude_outliers"):
         next(stream.batches(16, 64, seed=0, start_step=0))
+
+
+def test_a_blocks_time_counts_as_waiting_for_windows_then_as_the_forward(loaded, text_corpus, monkeypatch):
+    """What bounds a train.source=model run: the time spent getting a block's windows is waiting,
+    the time computing its activations is the forward (a fake clock: each part advances it)."""
+    clock = [100.0]
+    monkeypatch.setattr("pipeline.streaming.time.perf_counter", lambda: clock[0])
+    stream = _stream(loaded, text_corpus)
+    walk, compute = WindowWalk(stream), stream.compute
+
+    def slow_covering(lo, hi, covering=walk.covering):
+        clock[0] += 2.0
+        return covering(lo, hi)
+
+    def slow_compute(pieces):
+        clock[0] += 3.0
+        return compute(pieces)
+
+    walk.covering, stream.compute = slow_covering, slow_compute
+    acts = stream.block(walk, 0, 40)
+    stream.block(walk, 40, 80)
+    assert len(acts["blocks.1.resid_post"]) == 40
+    assert stream.times == StreamTimes(forward=6.0, waiting=4.0)
+    assert stream.times.summary(20.0) == (
+        "the training loop's 20.0 s: 6.0 s (30 %) computing activations, 4.0 s (20 %) waiting for tokenized "
+        "windows, 10.0 s (50 %) in the SAE steps and the rest"
+    )

@@ -1,5 +1,7 @@
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -351,8 +353,12 @@ def _source(llama_cfg, text_corpus, **harvest):
     return ModelSource(llama_cfg, text_corpus, HarvestConfig(**harvest))
 
 
-def test_training_from_the_model_stores_only_the_heldout_split(llama_cfg, text_corpus, tmp_path):
-    out = train_saes(_model_cfg(), SAE, tmp_path, OFF, _source(llama_cfg, text_corpus))["topk-k4-x4"]
+def test_training_from_the_model_stores_only_the_heldout_split(llama_cfg, text_corpus, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.train"):
+        out = train_saes(_model_cfg(), SAE, tmp_path, OFF, _source(llama_cfg, text_corpus))["topk-k4-x4"]
+    # the log says what bounded the run: the forward, the wait for windows, the rest
+    forward, waiting, rest = map(int, re.search(r"\((\d+) %\) computing .*\((\d+) %\) waiting .*\((\d+) %\) in the SAE", caplog.text).groups())
+    assert forward > 0 and 99 <= forward + waiting + rest <= 101
     stored = json.loads((tmp_path / "activations" / MODEL_HOOK / "manifest.json").read_text())
     assert sum(s["n_sequences"] for s in stored["shards"]) == 8  # holdout_tokens=256: 8 windows of 32
     cfg = Sae.load(out).config_dict()

@@ -46,7 +46,7 @@ from pipeline.prefetch import prefetch
 from pipeline.rundir import RunDir
 from pipeline.sae import SaeConfig, build_sae
 from pipeline.sae.base import CONFIG_FILE
-from pipeline.streaming import ModelSource
+from pipeline.streaming import ModelSource, StreamTimes
 from pipeline.tracking import Tracker, WandbConfig
 from pipeline.training import (
     TrainConfig,
@@ -161,9 +161,11 @@ def _train_loop(
     # the first step whose batch held NaN / Inf, kept on the device and checked when logging (no sync per step)
     first_bad = torch.tensor(-1, device=device)
     window_start, window_tokens = time.perf_counter(), 0
-    last_checkpoint = window_start
+    loop_start = last_checkpoint = window_start
     batches = _batches(plan, start_step)
     labels = [plan.label(i) for i in range(len(members))]
+    if plan.stream is not None:
+        plan.stream.times = StreamTimes()  # the loop's own (not the input-scaling sample's)
     try:
         for step in range(start_step, total):
             kill_point("train.step", step)
@@ -190,6 +192,8 @@ def _train_loop(
                 last_checkpoint = time.perf_counter()
     finally:
         bar.close()
+    if plan.stream is not None:
+        log.info("train.source=model: %s", plan.stream.times.summary(time.perf_counter() - loop_start))
 
 
 def _checkpoint_due(cfg: TrainConfig, done: int, last_checkpoint: float) -> bool:
