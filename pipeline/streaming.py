@@ -90,6 +90,7 @@ class ModelStream:
     """train.exclude_outliers: positions whose activation norm exceeds its hook's limit at any hook
     are left out (None: none are)."""
     times: StreamTimes = field(default_factory=StreamTimes)
+    """Where the blocks' time went (the training loop resets it when it starts, and logs it at its end)."""
 
     def training_windows(self) -> Iterator[torch.Tensor]:
         """The windows trained on, pass after pass over the corpus."""
