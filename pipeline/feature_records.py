@@ -73,16 +73,18 @@ class RecordSettings(FeaturePassSettings):
 
 
 def _round(values: torch.Tensor, digits: int = 3) -> list:
+    """values as (nested) lists of floats rounded to `digits` decimals, in float64 so that they print
+    as such (2.705, not float32's 2.7049999237060547)."""
     scale = 10**digits
-    return (values.float() * scale).round().div(scale).tolist()
+    return (values.double() * scale).round().div(scale).tolist()
 
 
 def _example(
-    tokens: torch.Tensor, token: int, act: float, context: torch.Tensor, norm_ratio: float, cfg: RecordSettings
+    tokens: torch.Tensor, token: int, act: float, context: list[float], norm_ratio: float, cfg: RecordSettings
 ) -> dict:
     """One example from the analyzed windows' tokens [n_windows, ctx]: its window and position, the
-    context's token ids and the feature's activations on them, and its position's activation norm
-    over the median (`outlier` above analyze.outlier_norm)."""
+    context's token ids and the feature's (rounded) activations on them, and its position's activation
+    norm over the median (`outlier` above analyze.outlier_norm)."""
     ctx = tokens.shape[1]
     window, position = divmod(token, ctx)
     start = max(0, position - cfg.context_before)
@@ -94,7 +96,7 @@ def _example(
         "start": start,
         "activation": round(act, 4),
         "ids": tokens[window, start:stop].tolist(),
-        "acts": _round(context[offset : offset + stop - start]),
+        "acts": context[offset : offset + stop - start],
         "norm_ratio": round(norm_ratio, 2),
         "outlier": norm_ratio > cfg.outlier_norm,
     }
@@ -268,11 +270,9 @@ def _pairs(ids: torch.Tensor, values: torch.Tensor) -> list[list]:
 
 def _examples(t: _Tables, kept: tuple, f: int, cfg: RecordSettings) -> list[dict]:
     token, act, context = kept
-    return [
-        _example(t.tokens, int(tok), float(a), c, float(t.norm_ratio[tok]), cfg)
-        for tok, a, c in zip(token[f], act[f], context[f], strict=True)
-        if tok >= 0
-    ]
+    # feature f's rows as Python lists at once: ~10x fewer small tensor operations per example
+    rows = zip(token[f].tolist(), act[f].tolist(), _round(context[f]), t.norm_ratio[token[f].clamp_min(0)].tolist(), strict=True)
+    return [_example(t.tokens, tok, a, c, ratio, cfg) for tok, a, c, ratio in rows if tok >= 0]
 
 
 def _record(f: int, t: _Tables, cfg: RecordSettings) -> dict:

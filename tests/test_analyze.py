@@ -126,6 +126,9 @@ def test_detail_features_get_attributions(analyzed):
         assert parts["pre_activation"] == pytest.approx(record["top"][0]["activation"], abs=1e-3)
         for example in _shown(record):
             assert len(example["loss"]) == len(example["ids"]) == len(example["attribution"])
+            # written with the digits kept, not as float32's nearest double (2.7049999237060547)
+            assert all(len(repr(v).partition(".")[2]) <= 3 for v in example["acts"])
+            assert all(len(repr(v).partition(".")[2]) <= 4 for v in example["loss"] + example["attribution"])
         assert record["logits"]["positive"][0][1] >= record["logits"]["negative"][0][1]
         steering = record["steering"]  # the steering panel: the feature added at 1x and 4x its max
         assert steering["unit"] == pytest.approx(record["max_activation"], abs=1e-3)
