@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models import LoadedModel
+from pipeline.models import LoadedModel, left_padded
 
 
 class ExplainerError(PipelineError, RuntimeError):
@@ -64,14 +64,8 @@ class LocalLanguageModel:
     def yes_probability(self, conversations: list[list[dict]]) -> list[float]:
         probabilities = []
         for lo in range(0, len(conversations), self.batch_size):
-            prompts = [self._prompt(c) for c in conversations[lo : lo + self.batch_size]]
-            width = max(map(len, prompts))
-            ids = torch.zeros(len(prompts), width, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, p in enumerate(prompts):  # left-padded: every prompt's last token is at the end
-                ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+            ids, mask, positions = left_padded([self._prompt(c) for c in conversations[lo : lo + self.batch_size]], 0)
             device = self.loaded.device
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each prompt counts from 0 after its padding
             logits = self.loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                        position_ids=positions.to(device), use_cache=False).logits  # fmt: skip
             pair = logits[:, -1, self._answers].float()  # [batch, (Yes, No)]

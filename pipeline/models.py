@@ -81,6 +81,16 @@ class LoadedModel:
     dtype: torch.dtype
 
 
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token id lists as one batch, left-padded so that every row's last position is its own last
+    token: (ids [rows, longest], attention mask, position ids: each row counting from 0 after its
+    padding, as if it were alone)."""
+    longest = max(map(len, rows))
+    ids = torch.tensor([[pad] * (longest - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
 def resolve_device(device: str) -> torch.device:
     """`auto` is cuda where present, else cpu; under torchrun, `cuda` is this process' GPU
     (cuda:LOCAL_RANK), so N processes on one machine use N GPUs."""

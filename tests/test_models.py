@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.models import ModelConfig, ModelLoadError, load_model
+from pipeline.models import ModelConfig, ModelLoadError, left_padded, load_model
 
 
 def test_load_local_directory(llama_cfg, tiny_model_dirs):
@@ -73,3 +73,10 @@ def test_device_map_spreads_the_layers_over_two_gpus_and_harvests_what_the_cpu_c
     harvest_activations(llama_cfg, text_corpus, cfg, tmp_path / "cpu")
     a, b = (ShardSet(tmp_path / d / "activations" / "blocks.2.resid_post") for d in ("placed", "cpu"))
     torch.testing.assert_close(a.sequence(3)[1], b.sequence(3)[1], atol=1e-4, rtol=1e-4)
+
+
+def test_prompts_of_different_lengths_are_left_padded_into_one_batch():
+    ids, mask, positions = left_padded([[5, 6, 7], [8], [9, 10]], pad=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]  # every row's own last token last
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 1]]  # each row counts from 0 after its padding
