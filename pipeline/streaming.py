@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from time import perf_counter
 
 import torch
 import torch.distributed as torch_dist
@@ -138,14 +138,14 @@ class ModelStream:
 
     def block(self, walk: WindowWalk, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """Activations of tokens [lo, hi) of the training stream: {hook: [hi - lo, d_model]} (timed)."""
-        start = time.perf_counter()
+        start = perf_counter()
         pieces = walk.covering(lo, hi)
-        computing = time.perf_counter()
+        computing = perf_counter()
         acts = self.compute(pieces)
         if self.loaded.device.type == "cuda":  # the kernels were only queued: the forward ends when they do
             torch.cuda.synchronize(self.loaded.device)
         self.times.waiting += computing - start
-        self.times.forward += time.perf_counter() - computing
+        self.times.forward += perf_counter() - computing
         return acts
 
     def kept_rows(self, acts: dict[str, torch.Tensor]) -> torch.Tensor | None:

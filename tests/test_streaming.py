@@ -136,7 +136,7 @@ def test_a_blocks_time_counts_as_waiting_for_windows_then_as_the_forward(loaded,
     """What bounds a train.source=model run: the time spent getting a block's windows is waiting,
     the time computing its activations is the forward (a fake clock: each part advances it)."""
     clock = [100.0]
-    monkeypatch.setattr("pipeline.streaming.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("pipeline.streaming.perf_counter", lambda: clock[0])  # this module's clock only
     stream = _stream(loaded, text_corpus)
     walk, compute = WindowWalk(stream), stream.compute
 
