@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.models import LoadedModel, left_padded
+from pipeline.models import LoadedModel, left_padded, pad_id
 
 
 class ExplainerError(PipelineError, RuntimeError):
@@ -57,14 +57,14 @@ class LocalLanguageModel:
         ids = torch.tensor([self._prompt(messages)], device=self.loaded.device)
         tokenizer = self.loaded.tokenizer
         out = self.loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                         do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+                                         do_sample=False, pad_token_id=pad_id(tokenizer))  # fmt: skip
         return _first_line(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
     @torch.no_grad()
     def yes_probability(self, conversations: list[list[dict]]) -> list[float]:
-        probabilities = []
+        probabilities, pad = [], pad_id(self.loaded.tokenizer)
         for lo in range(0, len(conversations), self.batch_size):
-            ids, mask, positions = left_padded([self._prompt(c) for c in conversations[lo : lo + self.batch_size]], 0)
+            ids, mask, positions = left_padded([self._prompt(c) for c in conversations[lo : lo + self.batch_size]], pad)
             device = self.loaded.device
             logits = self.loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                        position_ids=positions.to(device), use_cache=False).logits  # fmt: skip

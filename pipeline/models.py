@@ -81,6 +81,12 @@ class LoadedModel:
     dtype: torch.dtype
 
 
+def pad_id(tokenizer) -> int:
+    """The id generation pads with: the tokenizer's pad token, else its end-of-text token (0 is a valid
+    pad id, so this tests for None rather than truth)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token id lists as one batch, left-padded so that every row's last position is its own last
     token: (ids [rows, longest], attention mask, position ids: each row counting from 0 after its

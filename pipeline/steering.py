@@ -26,7 +26,7 @@ import torch
 from pipeline.attribution import logit_effects
 from pipeline.errors import PipelineError
 from pipeline.hooks import HookPoint, splice_activations, splice_transcoder
-from pipeline.models import LoadedModel, left_padded
+from pipeline.models import LoadedModel, left_padded, pad_id
 
 MODES = ("add", "clamp", "remove")
 
@@ -71,7 +71,7 @@ def _prompts_batch(loaded: LoadedModel, prompts: list[str]) -> tuple[torch.Tenso
     """The prompts' tokens as one left-padded batch on the model's device: (ids, attention mask,
     position ids, pad id); generation continues every row in place."""
     tokenizer = loaded.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     ids, mask, positions = left_padded([tokenizer(prompt).input_ids for prompt in prompts], pad)
     return ids.to(loaded.device), mask.to(loaded.device), positions.to(loaded.device), pad
 

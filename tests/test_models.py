@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.models import ModelConfig, ModelLoadError, left_padded, load_model
+from pipeline.models import ModelConfig, ModelLoadError, left_padded, load_model, pad_id
 
 
 def test_load_local_directory(llama_cfg, tiny_model_dirs):
@@ -80,3 +80,12 @@ def test_prompts_of_different_lengths_are_left_padded_into_one_batch():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]  # every row's own last token last
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
     assert positions.tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 1]]  # each row counts from 0 after its padding
+
+
+def test_pad_id_is_the_pad_token_even_when_it_is_0_and_else_end_of_text():
+    class Tokenizer:
+        def __init__(self, pad, eos):
+            self.pad_token_id, self.eos_token_id = pad, eos
+
+    assert pad_id(Tokenizer(0, 2)) == 0
+    assert pad_id(Tokenizer(None, 2)) == 2
