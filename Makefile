@@ -30,11 +30,14 @@ run-full:
 	$(PYTHON) -m pipeline all
 
 # How fine-tuning moves features: the demo run on SmolLM2 (θ0), a brief fine-tune on the standard
-# library's source code (θf), the demo run on θf, and the comparison (~10 min on 2 CPU cores).
+# library's source code (θf), the demo run on θf continuing θ0's dictionary, a control continuing it
+# on θ0, and the comparison (~14 min on 2 CPU cores).
 compare-demo:
 	$(PYTHON) -m pipeline all experiment=demo
 	$(PYTHON) -m pipeline finetune experiment=compare_demo
 	$(PYTHON) -m pipeline all experiment=compare_demo
+	$(PYTHON) -m pipeline harvest experiment=compare_control
+	$(PYTHON) -m pipeline train experiment=compare_control
 	$(PYTHON) -m pipeline compare experiment=compare_demo
 
 track-demo:

@@ -344,8 +344,9 @@ def check_disk_space(cfg: HarvestConfig, d_model: int, dtype: torch.dtype, dirs:
     needed = per_hook * len(dirs) - written
     free = free_bytes(dirs[0])
     size = f"{tokens} tokens x d_model {d_model} x {dtype.itemsize} bytes x {len(dirs)} hook{'s' * (len(dirs) > 1)}"
-    log.info("harvest writes %s (%s); %s free at %s", human_bytes(per_hook * len(dirs)), size, human_bytes(free),
-             dirs[0])  # fmt: skip
+    there = f", {human_bytes(written)} of it already written" if written else ""
+    log.info("harvest writes %s (%s%s); %s free at %s", human_bytes(per_hook * len(dirs)), size, there,
+             human_bytes(free), dirs[0])  # fmt: skip
     if needed > free:
         raise HarvestError(
             f"harvest needs {human_bytes(needed)} more at {dirs[0]} ({size}) but the disk has "
@@ -464,8 +465,11 @@ def harvest_activations(
         manifests = {name: _finish(run, dirs[name], planned[name], records[name], cfg) for name in dirs}
     elapsed = time.perf_counter() - started
     n_tokens = sum(r.n_sequences for r in next(iter(records.values())).values()) * cfg.context_length
-    log.info("harvested %d tokens at %d hooks in %.1fs (%d shards resumed) into %s",
-             n_tokens, len(hooks), elapsed, resumed, ", ".join(map(str, dirs.values())))  # fmt: skip
+    everything = resumed == len(next(iter(records.values())))
+    done = " (all already there: checksums and tokens checked, nothing computed)" if everything else (
+        f" ({resumed} shards resumed)")
+    log.info("harvested %d tokens at %d hooks in %.1fs%s into %s",
+             n_tokens, len(hooks), elapsed, done, ", ".join(map(str, dirs.values())))  # fmt: skip
     if run.remote:
         log.info("uploaded to %s", run.location)
     if wandb_cfg is not None:

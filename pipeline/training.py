@@ -99,6 +99,12 @@ class TrainConfig:
     """torch.compile the training step."""
     device: str = "auto"
     seed: int = 0
+    init_from: str | None = None
+    """A saved dictionary's directory (this project's, SAELens' or sparsify's) to start from instead of
+    a fresh initialization: its weights, with a fresh optimizer. E.g. the base model's dictionary
+    continued on a fine-tuned model's activations, so that feature i stays feature i and `compare`
+    measures the fine-tuning rather than two trainings' randomness. Every dictionary trained must
+    match it in architecture, input width and number of latents."""
     exclude_bos: bool = True
     """Leave BOS positions out (their activations are huge outliers)."""
     exclude_outliers: float | None = None

@@ -16,7 +16,7 @@ import torch
 from pipeline.config import to_dataclass
 from pipeline.models import resolve_device
 from pipeline.rundir import RunDir, config_hash
-from pipeline.sae import SaeConfig, architectures
+from pipeline.sae import Sae, SaeConfig, architectures
 from pipeline.sae.base import FORMAT_VERSION
 from pipeline.shards import ShardSet, check_same_windows
 from pipeline.splits import heldout_start
@@ -29,7 +29,8 @@ _NOT_HASHED = {"log_every", "checkpoint_every", "checkpoint_minutes", "progress"
 # settings added later, hashed only away from the value that gives the earlier behaviour, so that
 # earlier dictionaries stay current
 _HASHED_WHEN_SET = {
-    "shuffle_shards": None, "exclude_outliers": None, "hook_out": None, "average_power": 0.0, "dead_lr_scale": 1.0
+    "shuffle_shards": None, "exclude_outliers": None, "hook_out": None, "average_power": 0.0, "dead_lr_scale": 1.0,
+    "init_from": None,
 }  # fmt: skip
 _SAE_HASHED_WHEN_SET = {"matryoshka_widths": None}  # the same for the dictionaries' settings
 
@@ -74,6 +75,7 @@ class TrainingPlan:
     dist: Dist
     device: torch.device
     outliers: _Outliers | None = None  # source=shards with train.exclude_outliers (source=model: the stream's norm_limits)
+    initial: Sae | None = None  # train.init_from's dictionary, on raw activations
 
     @property
     def keep(self) -> torch.Tensor | None:
@@ -134,6 +136,28 @@ def _targets(configs: list[SaeConfig], cfg: TrainConfig) -> list[str | None]:
             f"train.hook_out={cfg.hook_out} is set, but no dictionary is a transcoder (sae=transcoder); drop it"
         )
     return [cfg.hook_out if t else None for t in transcodes]
+
+
+def initial_dictionary(cfg: TrainConfig, sae_cfgs: list[SaeConfig], d_in: int) -> Sae | None:
+    """train.init_from's dictionary (acting on raw activations), checked against every dictionary to
+    train; None when training starts from a fresh initialization."""
+    if cfg.init_from is None:
+        return None
+    try:
+        start = Sae.load(cfg.init_from)
+    except (OSError, ValueError, KeyError) as err:
+        raise TrainError(f"train.init_from={cfg.init_from} is not a loadable dictionary ({err}); "
+                         "point it at a directory holding a saved SAE (cfg.json and its weights)") from err  # fmt: skip
+    for c in sae_cfgs:
+        found = (start.cfg.architecture, start.d_in, start.d_sae)
+        wanted = (c.architecture, d_in, c.width(d_in))
+        if found != wanted:
+            raise TrainError(
+                f"train.init_from={cfg.init_from} is a {found[0]} dictionary of {found[1]} -> {found[2]} latents, "
+                f"but {c.default_name()} is {wanted[0]} of {wanted[1]} -> {wanted[2]}: train the same "
+                "architecture and width (sae.expansion / sae.d_sae) as the dictionary it starts from"
+            )
+    return start
 
 
 def _check_widths(configs: list[SaeConfig], d_in: int) -> None:
@@ -217,6 +241,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
     for other in stored.values():
         check_same_windows(shards, other)
     _check_widths(sae_cfgs, shards.d_model)
+    initial = initial_dictionary(cfg, sae_cfgs, shards.d_model)
     if cfg.batch_size % dist.world:
         raise TrainError(f"train.batch_size={cfg.batch_size} must be divisible by the {dist.world} processes")
     n_train = heldout_start(shards.n_tokens, shards.manifest.context_length, cfg.holdout_tokens)
@@ -233,7 +258,8 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
             },
             "saes": [_sae_hashed(c, shards.d_model) for c in sae_cfgs],
             "data": _data_identity(stored, stream),
+            **({"init": initial.digest()} if initial is not None else {}),
         }
     )
     return TrainingPlan(run, cfg, sae_cfgs, hooks, targets, stored, stream, n_train, per_epoch, total_steps, hash_, dist,
-                 device, outliers)  # fmt: skip
+                 device, outliers, initial)  # fmt: skip

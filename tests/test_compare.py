@@ -3,45 +3,12 @@ import json
 import pytest
 import torch
 
-from pipeline.sae import Sae, SaeConfig, build_sae
-from pipeline.stages.compare import (
-    CompareConfig,
-    CompareError,
-    classify,
-    compare_dictionaries,
-    match_features,
-)
+from pipeline.sae import Sae
+from pipeline.stages.compare import CompareConfig, CompareError, compare_dictionaries
 from pipeline.tracking import WandbConfig
 
 HOOK = "blocks.1.resid_post"
 OFF = WandbConfig(mode="disabled")
-
-
-def _sae(seed=0, d=16, expansion=4):
-    sae = build_sae(SaeConfig(architecture="topk", expansion=expansion, k=4), d)
-    sae.reset_parameters(torch.Generator().manual_seed(seed))
-    return sae
-
-
-def test_matching_recovers_a_permutation_and_classifies():
-    base = _sae()
-    other = _sae()
-    perm = torch.randperm(base.d_sae, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        other.W_dec.copy_(base.W_dec[perm] + 0.01 * torch.randn_like(base.W_dec))
-        other.W_enc.copy_(base.W_enc[:, perm])
-        other.W_dec[:8] = torch.randn(8, 16)  # 8 other features replaced by unrelated directions
-    matches = match_features(base, other)
-    inverse = torch.argsort(perm)
-    moved = set(perm[:8].tolist())
-    for f in range(base.d_sae):
-        if f not in moved:
-            assert int(matches["assigned"][f]) == int(inverse[f])
-            assert matches["assigned_cos"][f] > 0.99 and matches["encoder_cos"][f] > 0.99
-    classes = classify(matches, kept=0.8, shifted=0.5)
-    assert int((classes["status"] == 0).sum()) == base.d_sae - 8
-    assert int(classes["status"][list(moved)].ne(0).sum()) == 8
-    assert int(classes["new"].sum()) == int((classes["status"] == 2).sum())
 
 
 @pytest.mark.parametrize("sae", [None, "transcoder-k8-x4"])
@@ -83,6 +50,39 @@ def test_a_changed_dictionary(trained_run, model_cfg, tmp_path):
     assert report["summary"]["vanished"] + report["summary"]["shifted"] >= half - 2
     assert report["most_changed"][0]["decoder_cos"] < 0.5
     assert "transfer" not in report
+
+
+def test_a_control_says_what_any_such_training_moves(trained_run, model_cfg, tmp_path, caplog):
+    """base: the run's dictionary; other: half its decoder directions replaced; control: a quarter of
+    them (the first quarter) replaced, as if training alone moved those."""
+    sae = Sae.load(trained_run / "sae" / HOOK / "topk-k8-x4")
+    d, half, quarter = sae.d_sae, sae.d_sae // 2, sae.d_sae // 4
+    # (seed 0 would redraw the init the dictionary started from)
+    replaced = torch.nn.functional.normalize(torch.randn(half, sae.d_in, generator=torch.Generator().manual_seed(7)), dim=-1)
+    with torch.no_grad():
+        sae.W_dec[:half] = replaced
+    other = sae.save(tmp_path / "other-sae")
+    with torch.no_grad():
+        sae.W_dec.copy_(Sae.load(trained_run / "sae" / HOOK / "topk-k8-x4").W_dec)
+        sae.W_dec[:quarter] = replaced[:quarter]
+    control = sae.save(tmp_path / "control-sae")
+    cfg = CompareConfig(base=str(trained_run / "sae" / HOOK / "topk-k8-x4"), other=str(other), control=str(control),
+                        transfer=False, tokens=None, progress=False)  # fmt: skip
+    caplog.set_level("INFO")
+    report = compare_dictionaries(cfg, model_cfg, model_cfg, tmp_path, OFF)
+    assert report["control"]["kept"] == pytest.approx(d - quarter, abs=2)
+    # the second quarter moved under other only; the first moved in both, so it is no evidence
+    assert report["summary"]["moved_beyond_control"] == pytest.approx(quarter, abs=2)
+    assert report["summary"]["moved_only_in_control"] <= 2
+    assert {row["base"] for row in report["most_changed"][: quarter - 2]} <= set(range(quarter, half))
+    assert "the control against base: kept" in caplog.text
+    assert "control" in (tmp_path / "compare" / "index.html").read_text()
+
+
+def test_without_a_control_the_log_says_what_the_counts_mix(trained_run, model_cfg, tmp_path, caplog):
+    cfg = CompareConfig(base=str(trained_run), other=str(trained_run), transfer=False, tokens=None, progress=False)
+    compare_dictionaries(cfg, model_cfg, model_cfg, tmp_path, OFF)
+    assert "no compare.control: the counts mix" in caplog.text
 
 
 def test_bad_inputs(trained_run, model_cfg, tmp_path):

@@ -136,6 +136,14 @@ def test_extending_a_harvest_reuses_its_shards(llama_cfg, text_corpus, tmp_path,
     assert extended == fresh
 
 
+def test_harvesting_a_finished_run_again_says_nothing_was_computed(llama_cfg, text_corpus, tmp_path, caplog):
+    first = harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 8), tmp_path / "run")
+    caplog.set_level("INFO")
+    again = harvest_activations(llama_cfg, text_corpus, _cfg(tokens=32 * 8), tmp_path / "run")
+    assert again == first
+    assert "already written" in caplog.text and "all already there" in caplog.text
+
+
 def _flip_bytes(path: Path, n: int = 64) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2

@@ -589,3 +589,26 @@ def test_a_transcoder_trains_from_the_model(llama_cfg, text_corpus, tmp_path):
     assert meta["hook_out"] == TC_OUT  # (20 steps on a random model: the FVU is no measure of quality here)
     acts = tmp_path / "activations"
     assert meta["metrics"]["fvu"] == pytest.approx(_heldout_fvu(Sae.load(out), acts / TC_IN, acts / TC_OUT, 0), rel=1e-4)
+
+
+def test_init_from_starts_at_the_saved_dictionary_in_raw_units(run_dir, tmp_path):
+    start = train_saes(_cfg(), SAE, run_dir, OFF)["topk-k4-x4"]
+    saved = Sae.load(start)
+    other_run = tmp_path / "other"
+    make_shard_set(other_run / "activations" / HOOK)
+    # a vanishing learning rate: what is saved is the start, folded back into raw units
+    out = train_saes(_cfg(lr=1e-12, init_from=str(start), epochs=1), SAE, other_run, OFF)["topk-k4-x4"]
+    continued = Sae.load(out)
+    for name, tensor in saved.file_tensors().items():
+        torch.testing.assert_close(getattr(continued, name), tensor, atol=1e-5, rtol=1e-4)
+    assert continued.meta["init_from"]["digest"] == saved.digest()
+    fresh = Sae.load(train_saes(_cfg(lr=1e-12, seed=1, epochs=1), SAE, other_run, OFF)["topk-k4-x4"])
+    assert (fresh.W_dec - saved.W_dec).abs().max() > 0.1  # without init_from: a fresh initialization
+
+
+def test_init_from_bad_inputs(run_dir, tmp_path):
+    with pytest.raises(TrainError, match="is not a loadable dictionary"):
+        train_saes(_cfg(init_from=str(tmp_path / "nowhere")), SAE, run_dir, OFF)
+    start = train_saes(_cfg(epochs=1), SAE, run_dir, OFF)["topk-k4-x4"]
+    with pytest.raises(TrainError, match="16 -> 64 latents, but topk-k4-x8 is topk of 16 -> 128"):
+        train_saes(_cfg(init_from=str(start)), SaeConfig(architecture="topk", expansion=8, k=4), run_dir, OFF)

@@ -78,14 +78,28 @@ def _changed_table(rows: list[dict], link: Callable[[str, int], str | None],
             meanings.append(meaning(describe(role, feature)) if feature >= 0 else "")
         freq = row["frequency"]
         overlap = row.get("overlap")
+        control = [] if row.get("control_cos") is None else [f"{row['control_cos']:.3f}"]
         lines.append([
-            ids[0], meanings[0], escape(row["status"]), ids[1], meanings[1], f"{row['decoder_cos']:.3f}",
+            ids[0], meanings[0], escape(row["status"]), ids[1], meanings[1], f"{row['decoder_cos']:.3f}", *control,
             f"{row['encoder_cos']:.3f}", f"{freq[0]:.3%} &rarr; {freq[1]:.3%}" if freq else "",
             "" if overlap is None else f"{overlap:.2f}",
         ])  # fmt: skip
+    with_control = bool(rows) and rows[0].get("control_cos") is not None
     header = ["base feature", "fires on (base)", "status", "assigned other", "fires on (other)", "decoder cos",
-              "encoder cos", "frequency base &rarr; other", "top-example overlap"]  # fmt: skip
-    return "<h2>Most changed base features</h2>" + _table(header, lines)
+              *(["decoder cos in the control"] * with_control), "encoder cos", "frequency base &rarr; other",
+              "top-example overlap"]  # fmt: skip
+    title = "moved furthest beyond the control" if with_control else "Most changed base features"
+    return f"<h2>{title[0].upper() + title[1:]}</h2>" + _table(header, lines)
+
+
+_NO_CONTROL = ("<p>No control: two dictionaries trained separately disagree even on one model, so these counts "
+               "mix the models' difference with training randomness (compare.control measures the latter).</p>")
+
+
+def _control_note(counts: dict) -> str:
+    return (f"<p>Base features kept against the control but not against other: <b>{counts['moved_beyond_control']}</b>; "
+            f"the reverse: {counts['moved_only_in_control']}. Alike counts: no movement beyond what the "
+            "training alone causes.</p>")
 
 
 def comparison_page(report: dict, link: Callable[[str, int], str | None],
@@ -94,15 +108,19 @@ def comparison_page(report: dict, link: Callable[[str, int], str | None],
     feature's dashboard page in the base or other run, or None where there is none; `describe` its
     dashboard index row (what it fires on), or None."""
     counts = report["summary"]
-    summary = [[counts["kept"], counts["shifted"], counts["vanished"], counts["new"],
+    summary = [["other", counts["kept"], counts["shifted"], counts["vanished"], counts["new"],
                 f"{counts['mean_assigned_cos']:.3f}"]]  # fmt: skip
+    if control := report.get("control"):
+        summary.append([f"control ({escape(control['sae'])}: trained as other, on the base model)", control["kept"],
+                        control["shifted"], control["vanished"], control["new"], f"{control['mean_assigned_cos']:.3f}"])  # fmt: skip
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>Dictionary comparison</title>"
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>{escape(report['base']['sae'])} (base) vs {escape(report['other']['sae'])} (other)</h1>",
         f"<p>{escape(report['base']['model_id'] or '')} &rarr; {escape(report['other']['model_id'] or '')} "
         f"at {escape(report['hook'])}</p>",
-        _table(["kept", "shifted", "vanished", "new", "mean assigned decoder cos"], summary),
+        _table(["against base", "kept", "shifted", "vanished", "new", "mean assigned decoder cos"], summary),
+        _control_note(counts) if control else _NO_CONTROL,
     ]
     if report.get("transfer"):
         parts.append(_transfer_table(report["transfer"]))

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import save
-from scipy.optimize import linear_sum_assignment
 
 from pipeline.cli import stage_main
 from pipeline.config import check_settings, to_dataclass
@@ -36,6 +35,7 @@ from pipeline.dashboard import index_rows, link_report
 from pipeline.dashboard.pages import comparison_page
 from pipeline.dictionaries import Dictionary, DictionaryError, find_dictionaries
 from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
+from pipeline.feature_matching import STATUS_NAMES, against_control, classify, match_features
 from pipeline.feature_stats import FeaturePassSettings, feature_pass
 from pipeline.fileio import atomic_write, remove_stale_temporaries
 from pipeline.locks import exclusive
@@ -47,7 +47,6 @@ from pipeline.tracking import Tracker, WandbConfig
 
 log = logging.getLogger(__name__)
 
-DENSE_ASSIGNMENT_LIMIT = 1 << 28  # cosine matrices up to ~16k x 16k get the optimal assignment
 
 
 class CompareError(DictionaryError):
@@ -60,6 +59,11 @@ class CompareConfig:
     """Run directory (or SAE directory inside one) of the base model θ₀."""
     other: str = ""
     """Run directory (or SAE directory inside one) of the other model, e.g. the fine-tuned θ_f."""
+    control: str | None = None
+    """Run directory (or SAE directory) of a control: a dictionary trained as `other` was but on the
+    base model (e.g. the base dictionary continued with train.init_from on θ₀'s own activations, or
+    another seed). Its counts against base say how much any such training moves the features, the
+    model unchanged; null: none (the log warns that the counts then mix both)."""
     sae: str | None = None
     """Dictionary name under sae/<hook>/ when a run holds several."""
     kept: float = 0.8
@@ -110,58 +114,6 @@ def _side(path: str, sae: str | None, role: str) -> _Side:
             f"compare.{role}={path} holds {len(found)} dictionaries {names}; pick one with compare.sae=<name>"
         )
     return _Side(run, found[0])
-
-
-def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(weight.detach().float(), dim=-1)
-
-
-def match_features(base, other) -> dict[str, torch.Tensor]:
-    """Decoder-cosine matching of two dictionaries: the optimal one-to-one assignment (`assigned`,
-    -1 where none; `assigned_cos`), best matches both ways, and encoder cosines of assigned pairs."""
-    dec_b, dec_o = _unit_rows(base.W_dec), _unit_rows(other.W_dec)
-    cos = dec_b @ dec_o.T  # [d_sae base, d_sae other]
-    best_cos, best = cos.max(1)
-    best_cos_other, _ = cos.max(0)
-    assigned = torch.full((len(dec_b),), -1, dtype=torch.long)
-    if cos.numel() <= DENSE_ASSIGNMENT_LIMIT:
-        rows, cols = linear_sum_assignment(cos.numpy(), maximize=True)
-        assigned[torch.from_numpy(rows)] = torch.from_numpy(cols)
-    else:  # greedy one-to-one by decreasing cosine: near-optimal when most features have one clear partner
-        log.warning("%d x %d cosine matrix: greedy assignment instead of the optimal one", *cos.shape)
-        taken = torch.zeros(len(dec_o), dtype=torch.bool)
-        for i in torch.argsort(best_cos, descending=True).tolist():
-            row = cos[i].masked_fill(taken, -2)
-            j = int(row.argmax())
-            assigned[i], taken[j] = j, True
-    has = assigned >= 0
-    assigned_cos = torch.full((len(dec_b),), float("nan"))
-    assigned_cos[has] = cos[has.nonzero()[:, 0], assigned[has]]
-    enc_b, enc_o = _unit_rows(base.W_enc.T), _unit_rows(other.W_enc.T)
-    encoder_cos = torch.full((len(dec_b),), float("nan"))
-    encoder_cos[has] = (enc_b[has] * enc_o[assigned[has]]).sum(-1)
-    partner_of_other = torch.full((len(dec_o),), -1, dtype=torch.long)
-    partner_of_other[assigned[has]] = has.nonzero()[:, 0]
-    other_cos = torch.full((len(dec_o),), float("nan"))
-    other_cos[assigned[has]] = assigned_cos[has]
-    return {
-        "assigned": assigned,
-        "assigned_cos": assigned_cos,
-        "best": best,
-        "best_cos": best_cos,
-        "best_cos_other": best_cos_other,
-        "encoder_cos": encoder_cos,
-        "partner_of_other": partner_of_other,
-        "other_assigned_cos": other_cos,
-    }
-
-
-def classify(matches: dict[str, torch.Tensor], kept: float, shifted: float) -> dict[str, torch.Tensor]:
-    """Per base feature: 0 kept, 1 shifted, 2 vanished; per other feature: True if new."""
-    cos = matches["assigned_cos"].nan_to_num(-1.0)
-    status = torch.where(cos >= kept, 0, torch.where(cos >= shifted, 1, 2))
-    new = matches["other_assigned_cos"].nan_to_num(-1.0) < shifted
-    return {"status": status, "new": new}
 
 
 def _drift(sides: dict[str, _Side], cfg: CompareConfig, device) -> dict[str, dict] | None:
@@ -228,17 +180,20 @@ def _index_rows(side: _Side) -> dict[int, dict]:
     return index_rows(side.run.features(side.dictionary.hook, side.dictionary.name)) if side.run else {}
 
 
-STATUS_NAMES = ("kept", "shifted", "vanished")
 ROW_COLUMNS = ("base", "assigned", "status", "decoder_cos", "encoder_cos", "best_other", "best_cos",
-               "frequency", "overlap")  # fmt: skip
+               "frequency", "overlap", "control_cos")  # fmt: skip
 
 
 def _most_changed(
-    matches: dict, classes: dict, drift: dict | None, overlap: torch.Tensor, n: int
+    matches: dict, classes: dict, drift: dict | None, overlap: torch.Tensor, n: int, control_cos: torch.Tensor | None
 ) -> list[dict]:
-    """The n base features with the lowest assigned decoder cosine, one row each (ROW_COLUMNS)."""
+    """The n base features with the lowest assigned decoder cosine, one row each (ROW_COLUMNS); with a
+    control, those whose cosine fell furthest below the control's (moved most beyond it)."""
     rows = []
-    for f in torch.argsort(matches["assigned_cos"].nan_to_num(-1.0))[:n].tolist():
+    cos = matches["assigned_cos"].nan_to_num(-1.0)
+    if control_cos is not None:
+        cos = cos - control_cos.nan_to_num(-1.0)
+    for f in torch.argsort(cos)[:n].tolist():
         g = int(matches["assigned"][f])
         frequency = None
         if drift is not None and g >= 0:
@@ -254,6 +209,7 @@ def _most_changed(
                 "best_cos": float(matches["best_cos"][f]),
                 "frequency": frequency,
                 "overlap": None if overlap[f].isnan() else float(overlap[f]),
+                "control_cos": None if control_cos is None else float(control_cos[f]),
             }
         )
     return rows
@@ -351,16 +307,7 @@ def _drift_summary(summary: dict, matches: dict, drift: dict | None, d_sae: int)
     return overlap
 
 
-def compare_dictionaries(
-    cfg: CompareConfig,
-    base_model: ModelConfig,
-    other_model: ModelConfig,
-    run_dir: str | Path,
-    wandb_cfg: WandbConfig | None = None,
-) -> dict:
-    """Compare compare.base with compare.other; write <run_dir>/compare/ and return the report."""
-    sides = {"base": _side(cfg.base, cfg.sae, "base"), "other": _side(cfg.other, cfg.sae, "other")}
-    base, other = sides["base"].dictionary, sides["other"].dictionary
+def _check_comparable(base: Dictionary, other: Dictionary) -> None:
     if base.hook != other.hook:
         raise CompareError(
             f"the dictionaries sit at different hooks ({base.hook} and {other.hook}); compare one hook"
@@ -374,14 +321,49 @@ def compare_dictionaries(
         raise CompareError(
             f"the dictionaries read different widths (d_in {base.sae.d_in} and {other.sae.d_in})"
         )
+
+
+def _control(report: dict, classes: dict, base: Dictionary, cfg: CompareConfig) -> torch.Tensor | None:
+    """Match compare.control against base: its counts go into report["control"], the comparison's
+    counts against it into report["summary"]; return each base feature's assigned decoder cosine in the
+    control [d_sae] (None without a control)."""
+    if cfg.control is None:
+        log.warning("no compare.control: the counts mix the models' difference with training randomness "
+                    "(two seeds on one model disagree too); see the README's Compare section for a control")  # fmt: skip
+        return None
+    control = _side(cfg.control, cfg.sae, "control").dictionary
+    _check_comparable(base, control)
+    if control.sae.d_sae != base.sae.d_sae:
+        raise CompareError(f"compare.control has {control.sae.d_sae} latents, base {base.sae.d_sae}: train the "
+                           "control as the other dictionary was, at the base dictionary's width")  # fmt: skip
+    matches = match_features(base.sae.cpu(), control.sae.cpu())
+    control_classes = classify(matches, cfg.kept, cfg.shifted)
+    report["control"] = _summary(base, control, matches, control_classes, cfg)["summary"]
+    report["control"].update(sae=control.name, dir=str(control.directory))
+    report["summary"].update(against_control(classes, control_classes))
+    return matches["assigned_cos"]
+
+
+def compare_dictionaries(
+    cfg: CompareConfig,
+    base_model: ModelConfig,
+    other_model: ModelConfig,
+    run_dir: str | Path,
+    wandb_cfg: WandbConfig | None = None,
+) -> dict:
+    """Compare compare.base with compare.other; write <run_dir>/compare/ and return the report."""
+    sides = {"base": _side(cfg.base, cfg.sae, "base"), "other": _side(cfg.other, cfg.sae, "other")}
+    base, other = sides["base"].dictionary, sides["other"].dictionary
+    _check_comparable(base, other)
     matches = match_features(base.sae.cpu(), other.sae.cpu())
     classes = classify(matches, cfg.kept, cfg.shifted)
     report = _summary(base, other, matches, classes, cfg)
+    control_cos = _control(report, classes, base, cfg)
     if cfg.transfer:
         report["transfer"] = _transfer(sides, {"base": base_model, "other": other_model}, cfg)
     drift = _drift(sides, cfg, resolve_device("auto"))
     overlap = _drift_summary(report["summary"], matches, drift, base.sae.d_sae)
-    report["most_changed"] = _most_changed(matches, classes, drift, overlap, cfg.top_changed)
+    report["most_changed"] = _most_changed(matches, classes, drift, overlap, cfg.top_changed, control_cos)
     run = RunDir.open(run_dir)
     with exclusive(run.comparison, f"the comparison {run.comparison}"):
         remove_stale_temporaries(run.comparison)
@@ -391,6 +373,11 @@ def compare_dictionaries(
     s = report["summary"]
     log.info("kept %d, shifted %d, vanished %d, new %d (mean assigned decoder cos %.3f) -> %s",
              s["kept"], s["shifted"], s["vanished"], s["new"], s["mean_assigned_cos"], page)  # fmt: skip
+    if "control" in report:
+        c = report["control"]
+        log.info("the control against base: kept %d, shifted %d, vanished %d (mean cos %.3f); kept against the "
+                 "control but not against other: %d features, the reverse: %d", c["kept"], c["shifted"],
+                 c["vanished"], c["mean_assigned_cos"], s["moved_beyond_control"], s["moved_only_in_control"])  # fmt: skip
     return report
 
 

@@ -44,7 +44,7 @@ from pipeline.models import ModelConfig
 from pipeline.optim import lr_multiplier
 from pipeline.prefetch import prefetch
 from pipeline.rundir import RunDir
-from pipeline.sae import SaeConfig, build_sae
+from pipeline.sae import Sae, SaeConfig, build_sae
 from pipeline.sae.base import CONFIG_FILE
 from pipeline.streaming import ModelSource, StreamTimes
 from pipeline.tracking import Tracker, WandbConfig
@@ -102,11 +102,22 @@ def _members(plan: TrainingPlan) -> tuple[list[TrainingMember], dict[str, float]
         meta = {"model_id": plan.shards.manifest.model_id, "hook": hook, "config_hash": plan.config_hash,
                 **({"hook_out": target} if target else {})}  # fmt: skip
         sae = build_sae(c, d_in, meta)
-        sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
-        # b_dec in the space of what it reconstructs (a transcoder's target), the inputs for what else needs them
-        sae.init_from_data(samples[target or hook] * scales[target or hook], samples[hook] * scales[hook])
+        if plan.initial is not None:
+            _start_from(sae, plan.initial, scales[hook], scales[target or hook], cfg.init_from)
+        else:
+            sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+            # b_dec in the space of what it reconstructs (a transcoder's target), the inputs for what else needs them
+            sae.init_from_data(samples[target or hook] * scales[target or hook], samples[hook] * scales[hook])
         members.append(TrainingMember(sae.to(plan.device), cfg))
     return members, scales
+
+
+@torch.no_grad()
+def _start_from(sae: Sae, initial: Sae, scale: float, out_scale: float, where: str) -> None:
+    """Give `sae` the weights of `initial` (which acts on raw activations) in the scaled space it trains in."""
+    sae.load_file_tensors({name: t.detach().clone() for name, t in initial.file_tensors().items()})
+    sae.fold_input_scale(1 / scale, 1 / out_scale)  # the inverse of the fold at saving
+    sae.meta["init_from"] = {"dir": str(where), "digest": initial.digest(), "config_hash": initial.meta.get("config_hash")}
 
 
 def _resume(plan: TrainingPlan, members: list[TrainingMember]) -> int:
