@@ -1,7 +1,7 @@
 """Compare stage: how two dictionaries at the same hook differ — the main case being one trained on a
 base model θ₀ and one on a fine-tuned θ_f.
 
-    python -m pipeline compare base=outputs/demo other=outputs/demo-finetuned \
+    python -m pipeline compare base=outputs/demo other=outputs/demo-finetuned control=outputs/demo-control \
         model@other_model=hub other_model.path=outputs/demo-finetuned/model
 
   matching     decoder cosine similarity between every pair of features; the optimal one-to-one
@@ -10,6 +10,8 @@ base model θ₀ and one on a fine-tuned θ_f.
                feature without a partner above compare.shifted is new. Encoder cosines of the pairs too.
   transfer     each dictionary evaluated on both models (FVU, L0, CE loss recovered, KL): does the
                old explanation still hold after fine-tuning?
+  control      (compare.control) the same matching of a dictionary trained as `other` but on the base
+               model: what training alone moves; the base features that moved only against `other`
   drift        for assigned pairs: firing frequency on each run's activations and the overlap of
                their top-activating examples (same corpus windows).
 Writes `<run_dir>/compare/report.json`, `matches.safetensors` (per feature), `index.html` (the most
