@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from pipeline.sae import Sae
+from pipeline.sae import Sae, SaeConfig, build_sae
 from pipeline.stages.compare import CompareConfig, CompareError, compare_dictionaries
 from pipeline.tracking import WandbConfig
 
@@ -77,6 +77,16 @@ def test_a_control_says_what_any_such_training_moves(trained_run, model_cfg, tmp
     assert {row["base"] for row in report["most_changed"][: quarter - 2]} <= set(range(quarter, half))
     assert "the control against base: kept" in caplog.text
     assert "control" in (tmp_path / "compare" / "index.html").read_text()
+
+
+def test_a_control_of_another_width_is_refused(trained_run, model_cfg, tmp_path):
+    base = Sae.load(trained_run / "sae" / HOOK / "topk-k8-x4")
+    narrow = build_sae(SaeConfig(architecture="topk", expansion=2, k=4), base.d_in, dict(base.meta))
+    control = narrow.save(tmp_path / "narrow-control")
+    cfg = CompareConfig(base=str(trained_run), other=str(trained_run), control=str(control), transfer=False,
+                        tokens=None, progress=False)  # fmt: skip
+    with pytest.raises(CompareError, match="compare.control has 64 latents, base 128"):
+        compare_dictionaries(cfg, model_cfg, model_cfg, tmp_path, OFF)
 
 
 def test_without_a_control_the_log_says_what_the_counts_mix(trained_run, model_cfg, tmp_path, caplog):
