@@ -31,7 +31,7 @@ run-full:
 
 # How fine-tuning moves features: the demo run on SmolLM2 (θ0), a brief fine-tune on the standard
 # library's source code (θf), the demo run on θf continuing θ0's dictionary, a control continuing it
-# on θ0, and the comparison (~14 min on 2 CPU cores).
+# on θ0, and the comparison (~13 min on 2 CPU cores).
 compare-demo:
 	$(PYTHON) -m pipeline all experiment=demo
 	$(PYTHON) -m pipeline finetune experiment=compare_demo
