@@ -77,7 +77,10 @@ def classify(matches: dict[str, torch.Tensor], kept: float, shifted: float) -> d
 
 def against_control(classes: dict[str, torch.Tensor], control: dict[str, torch.Tensor]) -> dict[str, int]:
     """Base features kept against the control but not against the other dictionary, and the reverse.
-    With no difference beyond training randomness the two counts are alike; the first far above the
-    second says the other model moved those features."""
+    With no difference beyond training randomness the two dictionaries are exchangeable and each of
+    these features falls on either side with even odds, so `sign_test_z` = (first - second) / sqrt(sum)
+    is about normal: above 3, the other model moved features beyond what the training alone moves."""
     kept, kept_control = classes["status"] == 0, control["status"] == 0
-    return {"moved_beyond_control": int((kept_control & ~kept).sum()), "moved_only_in_control": int((kept & ~kept_control).sum())}
+    beyond, only_control = int((kept_control & ~kept).sum()), int((kept & ~kept_control).sum())
+    z = (beyond - only_control) / (beyond + only_control) ** 0.5 if beyond + only_control else 0.0
+    return {"moved_beyond_control": beyond, "moved_only_in_control": only_control, "sign_test_z": round(z, 2)}

@@ -74,6 +74,7 @@ def test_a_control_says_what_any_such_training_moves(trained_run, model_cfg, tmp
     # the second quarter moved under other only; the first moved in both, so it is no evidence
     assert report["summary"]["moved_beyond_control"] == pytest.approx(quarter, abs=2)
     assert report["summary"]["moved_only_in_control"] <= 2
+    assert report["summary"]["sign_test_z"] > 4
     assert {row["base"] for row in report["most_changed"][: quarter - 2]} <= set(range(quarter, half))
     assert "the control against base: kept" in caplog.text
     assert "control" in (tmp_path / "compare" / "index.html").read_text()

@@ -36,4 +36,5 @@ def test_against_control_counts_the_features_each_side_alone_moved():
     status = torch.tensor([0, 0, 1, 2, 0, 2])
     control = torch.tensor([0, 1, 0, 0, 0, 2])
     counts = against_control({"status": status}, {"status": control})
-    assert counts == {"moved_beyond_control": 2, "moved_only_in_control": 1}
+    assert counts == {"moved_beyond_control": 2, "moved_only_in_control": 1, "sign_test_z": 0.58}
+    assert against_control({"status": status}, {"status": status})["sign_test_z"] == 0.0

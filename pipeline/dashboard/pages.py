@@ -98,8 +98,8 @@ _NO_CONTROL = ("<p>No control: two dictionaries trained separately disagree even
 
 def _control_note(counts: dict) -> str:
     return (f"<p>Base features kept against the control but not against other: <b>{counts['moved_beyond_control']}</b>; "
-            f"the reverse: {counts['moved_only_in_control']}. Alike counts: no movement beyond what the "
-            "training alone causes.</p>")
+            f"the reverse: {counts['moved_only_in_control']} (sign test z = {counts['sign_test_z']:.1f}; under 2: no "
+            "movement beyond what the training alone causes, above 3: the other model moved features).</p>")
 
 
 def comparison_page(report: dict, link: Callable[[str, int], str | None],

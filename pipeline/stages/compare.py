@@ -378,8 +378,9 @@ def compare_dictionaries(
     if "control" in report:
         c = report["control"]
         log.info("the control against base: kept %d, shifted %d, vanished %d (mean cos %.3f); kept against the "
-                 "control but not against other: %d features, the reverse: %d", c["kept"], c["shifted"],
-                 c["vanished"], c["mean_assigned_cos"], s["moved_beyond_control"], s["moved_only_in_control"])  # fmt: skip
+                 "control but not against other: %d features, the reverse: %d (sign test z %.1f)", c["kept"], c["shifted"],
+                 c["vanished"], c["mean_assigned_cos"], s["moved_beyond_control"], s["moved_only_in_control"],
+                 s["sign_test_z"])  # fmt: skip
     return report
 
 
