@@ -464,9 +464,9 @@ def harvest_activations(
         records, resumed = _write_shards(run, loaded, hooks, dirs, planned, windows, cfg, dtype)
         manifests = {name: _finish(run, dirs[name], planned[name], records[name], cfg) for name in dirs}
     elapsed = time.perf_counter() - started
-    n_tokens = sum(r.n_sequences for r in next(iter(records.values())).values()) * cfg.context_length
-    everything = resumed == len(next(iter(records.values())))
-    done = " (all already there: checksums and tokens checked, nothing computed)" if everything else (
+    shards = next(iter(records.values()))  # {index: record} of the first hook (every hook has the same shards)
+    n_tokens = sum(r.n_sequences for r in shards.values()) * cfg.context_length
+    done = " (all already there: checksums and tokens checked, nothing computed)" if resumed == len(shards) else (
         f" ({resumed} shards resumed)")
     log.info("harvested %d tokens at %d hooks in %.1fs%s into %s",
              n_tokens, len(hooks), elapsed, done, ", ".join(map(str, dirs.values())))  # fmt: skip

@@ -25,12 +25,12 @@ from pipeline.training import Dist, TrainConfig, TrainError, init_distributed
 
 log = logging.getLogger(__name__)
 
-_NOT_HASHED = {"log_every", "checkpoint_every", "checkpoint_minutes", "progress", "device", "compile"}  # change no result
+_NOT_HASHED = {"log_every", "checkpoint_every", "checkpoint_minutes", "progress", "device", "compile",  # change no result
+               "init_from"}  # its path: the start's weights enter the hash by their digest, wherever they lie
 # settings added later, hashed only away from the value that gives the earlier behaviour, so that
 # earlier dictionaries stay current
 _HASHED_WHEN_SET = {
-    "shuffle_shards": None, "exclude_outliers": None, "hook_out": None, "average_power": 0.0, "dead_lr_scale": 1.0,
-    "init_from": None,
+    "shuffle_shards": None, "exclude_outliers": None, "hook_out": None, "average_power": 0.0, "dead_lr_scale": 1.0
 }  # fmt: skip
 _SAE_HASHED_WHEN_SET = {"matryoshka_widths": None}  # the same for the dictionaries' settings
 
@@ -76,6 +76,7 @@ class TrainingPlan:
     device: torch.device
     outliers: _Outliers | None = None  # source=shards with train.exclude_outliers (source=model: the stream's norm_limits)
     initial: Sae | None = None  # train.init_from's dictionary, on raw activations
+    initial_digest: str | None = None  # its weights' digest (hashed once: in the config hash and each cfg.json)
 
     @property
     def keep(self) -> torch.Tensor | None:
@@ -148,8 +149,8 @@ def initial_dictionary(cfg: TrainConfig, sae_cfgs: list[SaeConfig], d_in: int) -
     except (OSError, ValueError, KeyError) as err:
         raise TrainError(f"train.init_from={cfg.init_from} is not a loadable dictionary ({err}); "
                          "point it at a directory holding a saved SAE (cfg.json and its weights)") from err  # fmt: skip
+    found = (start.cfg.architecture, start.d_in, start.d_sae)
     for c in sae_cfgs:
-        found = (start.cfg.architecture, start.d_in, start.d_sae)
         wanted = (c.architecture, d_in, c.width(d_in))
         if found != wanted:
             raise TrainError(
@@ -242,6 +243,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
         check_same_windows(shards, other)
     _check_widths(sae_cfgs, shards.d_model)
     initial = initial_dictionary(cfg, sae_cfgs, shards.d_model)
+    initial_digest = None if initial is None else initial.digest()
     if cfg.batch_size % dist.world:
         raise TrainError(f"train.batch_size={cfg.batch_size} must be divisible by the {dist.world} processes")
     n_train = heldout_start(shards.n_tokens, shards.manifest.context_length, cfg.holdout_tokens)
@@ -258,8 +260,8 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
             },
             "saes": [_sae_hashed(c, shards.d_model) for c in sae_cfgs],
             "data": _data_identity(stored, stream),
-            **({"init": initial.digest()} if initial is not None else {}),
+            **({"init": initial_digest} if initial is not None else {}),
         }
     )
     return TrainingPlan(run, cfg, sae_cfgs, hooks, targets, stored, stream, n_train, per_epoch, total_steps, hash_, dist,
-                 device, outliers, initial)  # fmt: skip
+                 device, outliers, initial, initial_digest)  # fmt: skip

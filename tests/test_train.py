@@ -591,7 +591,7 @@ def test_a_transcoder_trains_from_the_model(llama_cfg, text_corpus, tmp_path):
     assert meta["metrics"]["fvu"] == pytest.approx(_heldout_fvu(Sae.load(out), acts / TC_IN, acts / TC_OUT, 0), rel=1e-4)
 
 
-def test_init_from_starts_at_the_saved_dictionary_in_raw_units(run_dir, tmp_path):
+def test_init_from_starts_at_the_saved_dictionary_in_raw_units(run_dir, tmp_path, caplog):
     start = train_saes(_cfg(), SAE, run_dir, OFF)["topk-k4-x4"]
     saved = Sae.load(start)
     other_run = tmp_path / "other"
@@ -602,6 +602,10 @@ def test_init_from_starts_at_the_saved_dictionary_in_raw_units(run_dir, tmp_path
     for name, tensor in saved.file_tensors().items():
         torch.testing.assert_close(getattr(continued, name), tensor, atol=1e-5, rtol=1e-4)
     assert continued.meta["init_from"]["digest"] == saved.digest()
+    moved = shutil.copytree(start, tmp_path / "moved-start")  # the same weights elsewhere: nothing to train
+    caplog.set_level("INFO")
+    train_saes(_cfg(lr=1e-12, init_from=str(moved), epochs=1), SAE, other_run, OFF)
+    assert "already trained with this configuration" in caplog.text
     fresh = Sae.load(train_saes(_cfg(lr=1e-12, seed=1, epochs=1), SAE, other_run, OFF)["topk-k4-x4"])
     assert (fresh.W_dec - saved.W_dec).abs().max() > 0.1  # without init_from: a fresh initialization
 

@@ -65,9 +65,9 @@ def meaning(summary: dict | None) -> str:
 
 
 def _changed_table(rows: list[dict], link: Callable[[str, int], str | None],
-                   describe: Callable[[str, int], dict | None]) -> str:  # fmt: skip
+                   describe: Callable[[str, int], dict | None], with_control: bool) -> str:  # fmt: skip
     """One line per changed base feature, its ids linked into the two runs' dashboards, and what each
-    side's feature fires on."""
+    side's feature fires on (`with_control`: and its decoder cosine in the control)."""
     lines = []
     for row in rows:
         ids, meanings = [], []
@@ -78,18 +78,17 @@ def _changed_table(rows: list[dict], link: Callable[[str, int], str | None],
             meanings.append(meaning(describe(role, feature)) if feature >= 0 else "")
         freq = row["frequency"]
         overlap = row.get("overlap")
-        control = [] if row.get("control_cos") is None else [f"{row['control_cos']:.3f}"]
+        control = [f"{row['control_cos']:.3f}"] if with_control else []
         lines.append([
             ids[0], meanings[0], escape(row["status"]), ids[1], meanings[1], f"{row['decoder_cos']:.3f}", *control,
             f"{row['encoder_cos']:.3f}", f"{freq[0]:.3%} &rarr; {freq[1]:.3%}" if freq else "",
             "" if overlap is None else f"{overlap:.2f}",
         ])  # fmt: skip
-    with_control = bool(rows) and rows[0].get("control_cos") is not None
     header = ["base feature", "fires on (base)", "status", "assigned other", "fires on (other)", "decoder cos",
               *(["decoder cos in the control"] * with_control), "encoder cos", "frequency base &rarr; other",
               "top-example overlap"]  # fmt: skip
-    title = "moved furthest beyond the control" if with_control else "Most changed base features"
-    return f"<h2>{title[0].upper() + title[1:]}</h2>" + _table(header, lines)
+    title = "Moved furthest beyond the control" if with_control else "Most changed base features"
+    return f"<h2>{title}</h2>" + _table(header, lines)
 
 
 _NO_CONTROL = ("<p>No control: two dictionaries trained separately disagree even on one model, so these counts "
@@ -124,7 +123,7 @@ def comparison_page(report: dict, link: Callable[[str, int], str | None],
     ]
     if report.get("transfer"):
         parts.append(_transfer_table(report["transfer"]))
-    parts.append(_changed_table(report["most_changed"], link, describe))
+    parts.append(_changed_table(report["most_changed"], link, describe, "control" in report))
     parts.append("</body></html>")
     return "\n".join(parts)
 

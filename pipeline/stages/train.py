@@ -103,7 +103,7 @@ def _members(plan: TrainingPlan) -> tuple[list[TrainingMember], dict[str, float]
                 **({"hook_out": target} if target else {})}  # fmt: skip
         sae = build_sae(c, d_in, meta)
         if plan.initial is not None:
-            _start_from(sae, plan.initial, scales[hook], scales[target or hook], cfg.init_from)
+            _start_from(sae, plan, scales[hook], scales[target or hook])
         else:
             sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
             # b_dec in the space of what it reconstructs (a transcoder's target), the inputs for what else needs them
@@ -113,11 +113,13 @@ def _members(plan: TrainingPlan) -> tuple[list[TrainingMember], dict[str, float]
 
 
 @torch.no_grad()
-def _start_from(sae: Sae, initial: Sae, scale: float, out_scale: float, where: str) -> None:
-    """Give `sae` the weights of `initial` (which acts on raw activations) in the scaled space it trains in."""
-    sae.load_file_tensors({name: t.detach().clone() for name, t in initial.file_tensors().items()})
+def _start_from(sae: Sae, plan: TrainingPlan, scale: float, out_scale: float) -> None:
+    """Give `sae` the weights of train.init_from's dictionary (which acts on raw activations) in the
+    scaled space it trains in."""
+    sae.load_file_tensors({name: t.detach().clone() for name, t in plan.initial.file_tensors().items()})
     sae.fold_input_scale(1 / scale, 1 / out_scale)  # the inverse of the fold at saving
-    sae.meta["init_from"] = {"dir": str(where), "digest": initial.digest(), "config_hash": initial.meta.get("config_hash")}
+    sae.meta["init_from"] = {"dir": str(plan.cfg.init_from), "digest": plan.initial_digest,
+                             "config_hash": plan.initial.meta.get("config_hash")}  # fmt: skip
 
 
 def _resume(plan: TrainingPlan, members: list[TrainingMember]) -> int:
