@@ -6,7 +6,15 @@ import torch
 from pipeline.metrics import token_variance
 from pipeline.optim import Signum, lr_multiplier
 from pipeline.sae import Sae, SaeConfig, architectures, build_sae
-from pipeline.sae.sparse import GATHER_DEAD_SHARE, dead_topk, sparse_decode, topk_encode
+from pipeline.sae.sparse import (
+    CANDIDATES_PER_K,
+    GATHER_DEAD_SHARE,
+    bag_decode,
+    batch_topk,
+    dead_topk,
+    sparse_decode,
+    topk_encode,
+)
 
 D_IN = 24
 ARCHS = sorted(a for a, cls in architectures().items() if not cls.transcodes)  # the SAEs (transcoders below)
@@ -108,6 +116,69 @@ def test_sparse_kernels_against_dense(device):
     W_dec = torch.randn(30, 8, device=device)
     z = torch.zeros(10, 30, device=device).scatter(1, idx, values)
     torch.testing.assert_close(sparse_decode(values, idx, W_dec), z @ W_dec)
+
+
+def _naive_batch_topk_loss(sae, x, dead, k_aux):
+    """Dense reference of BatchTopK / Matryoshka training: dense codes, prefixes and AuxK, autograd."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    values, flat = pre.relu().flatten().topk(sae.cfg.k * len(x))
+    z = torch.zeros_like(pre).flatten().scatter(0, flat, values).view_as(pre)
+    variance = token_variance(x)
+    fvus = [(x - z[:, :w] @ sae.W_dec[:w] - sae.b_dec).pow(2).sum(1).mean() / variance for w in sae.nested_widths()]
+    loss, x_hat = torch.stack(fvus).mean(), z @ sae.W_dec + sae.b_dec
+    if dead.any():
+        aux_values, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, int(dead.sum())), dim=1)
+        z_aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_values.clamp_min(0))
+        residual = (x - x_hat).detach()
+        residual = residual * (variance / residual.pow(2).sum(1).mean()).sqrt()
+        aux = min(int(dead.sum()) / k_aux, 1.0) * (z_aux @ sae.W_dec - residual).pow(2).sum(1).mean() / variance
+        loss = loss + sae.cfg.aux_coefficient * aux
+    return loss, x_hat, z
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_dead", [0, 5, 60])
+@pytest.mark.parametrize("arch", BATCH_TOPK)
+def test_sparse_batch_topk_training_matches_dense_reference(arch, n_dead, device):
+    sae = _sae(arch).to(device)
+    x = torch.randn(64, D_IN, device=device)
+    x[3] *= 20  # a token far larger than the others takes more than CANDIDATES_PER_K * k latents
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
+    dead[torch.randperm(sae.d_sae)[:n_dead]] = True
+    out = sae.training_forward(x, dead, token_variance(x))
+    out.loss.backward()
+    fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    ref_loss, ref_hat, z = _naive_batch_topk_loss(sae, x, dead, sae.cfg.aux_latents(sae.d_in))
+    ref_loss.backward()
+    assert int((z[3] > 0).sum()) > CANDIDATES_PER_K * sae.cfg.k
+    torch.testing.assert_close(out.loss, ref_loss)
+    torch.testing.assert_close(out.x_hat, ref_hat)
+    torch.testing.assert_close(out.fired, (z > 0).any(0))
+    torch.testing.assert_close(out.l0, (z > 0).sum(1).float().mean())
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, msg=name, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_topk_finds_the_largest_entries_of_the_whole_batch(device):
+    torch.manual_seed(0)
+    pre = torch.randn(32, 200, device=device)
+    pre[5, :150] += 10  # one row holds more than its first candidates: the search widens
+    pre[9] = 7.0  # ties at the boundary: any of them is a right answer
+    for k in (1, 3, 20):
+        values, flat = batch_topk(pre, k)
+        ref_values, _ = pre.flatten().topk(k * len(pre))
+        assert bool((flat[1:] > flat[:-1]).all())  # ascending, no duplicates
+        torch.testing.assert_close(pre.flatten()[flat], values)
+        torch.testing.assert_close(values.sort().values, ref_values.sort().values)
+
+
+def test_bag_decode_sums_each_bags_entries_and_leaves_empty_bags_zero():
+    W_dec = torch.randn(10, 4)
+    values, bags, latents = torch.tensor([1.0, 2.0, -1.0, 0.5]), torch.tensor([0, 0, 2, 2]), torch.tensor([3, 7, 3, 1])
+    expected = torch.stack([W_dec[3] + 2 * W_dec[7], torch.zeros(4), -W_dec[3] + 0.5 * W_dec[1], torch.zeros(4)])
+    torch.testing.assert_close(bag_decode(values, bags, latents, W_dec, 4), expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)

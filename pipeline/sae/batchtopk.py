@@ -1,21 +1,35 @@
 """BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
 
 Training keeps the batch_size * k largest ReLU(pre) over the whole batch, so tokens get a variable
-number of latents (k on average). The loss is TopK's (FVU + AuxK). For inference a single
-threshold replaces the batch selection: the running mean of the smallest selected activation,
-estimated during training and saved as `threshold` (z = pre where pre > threshold, as JumpReLU).
+number of latents (k on average). The loss is TopK's (FVU + AuxK), on the same sparse kernels
+(`sparse.py`). For inference a single threshold replaces the batch selection: the running mean of
+the smallest selected activation, estimated during training and saved as `threshold`
+(z = pre where pre > threshold, as JumpReLU).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from pipeline import metrics as M
-from pipeline.sae.base import Sae, TrainOutput, dense_train_output
-from pipeline.sae.sparse import dead_topk
-from pipeline.sae.topk import auxk_loss
+from pipeline.sae.base import Sae, TrainOutput
+from pipeline.sae.sparse import bag_decode, batch_topk_encode
+from pipeline.sae.topk import AuxRequest, sparse_train_output
 
 THRESHOLD_MOMENTUM = 0.99
+
+
+class BatchCodes(NamedTuple):
+    """A batch's BatchTopK codes as selected entries, ordered by token: [batch * k] each."""
+
+    values: torch.Tensor
+    tokens: torch.Tensor
+    latents: torch.Tensor
+    aux_values: torch.Tensor
+    """[batch, k_aux]: the dead latents' codes for AuxK (k_aux 0 when there is no AuxK this step)"""
+    aux_latents: torch.Tensor
 
 
 class BatchTopKSae(Sae, architecture="batchtopk"):
@@ -28,32 +42,23 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
     def training_forward(
         self, x: torch.Tensor, dead_mask: torch.Tensor, variance: torch.Tensor, sparsity_scale: float = 1.0
     ) -> TrainOutput:
-        pre = self.pre_acts(x).relu()  # [batch, d_sae]
-        z = self.batch_topk(pre)
-        x_hat = z @ self.W_dec + self.b_dec
+        aux = AuxRequest.of(self, dead_mask)
+        codes = self.batch_codes(x, aux)
+        x_hat = bag_decode(codes.values, codes.tokens, codes.latents, self.W_dec, len(x)) + self.b_dec
         fvu = M.fvu(x, x_hat, variance)
-        loss, terms = self.with_auxk(fvu, {"fvu": fvu.detach()}, x, x_hat, pre, dead_mask, variance)
-        return dense_train_output(x_hat, loss, terms, z)
+        loss, terms = aux.add_to(fvu, {"fvu": fvu.detach()}, self, x, x_hat, codes.aux_values, codes.aux_latents,
+                                 variance)  # fmt: skip
+        return sparse_train_output(x_hat, loss, terms, codes.values, codes.latents, self.d_sae, len(x))
 
-    def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
-        """Dense codes keeping the batch_size * k largest of pre [batch, d_sae] (>= 0) over the whole
-        batch; updates the inference threshold."""
-        values, flat = pre.flatten().topk(self.cfg.k * len(pre), sorted=False)
+    def batch_codes(self, x: torch.Tensor, aux: AuxRequest) -> BatchCodes:
+        """The batch_size * k largest ReLU(pre) of x [batch, d_in] over the whole batch (and the dead
+        latents' codes AuxK asks for); updates the inference threshold."""
+        values, flat, aux_values, aux_latents = batch_topk_encode(
+            x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, aux.mask, aux.k_aux
+        )
         self._update_threshold(values)
-        return torch.zeros_like(pre).flatten().scatter_(0, flat, values).view_as(pre)
-
-    def with_auxk(self, loss: torch.Tensor, terms: dict, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
-                  dead_mask: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, dict]:  # fmt: skip
-        """`loss` plus AuxK on the dead latents (TopK's), with its term."""
-        n_dead = dead_mask.sum()
-        k_aux = self.cfg.aux_latents(self.d_in)
-        if bool(n_dead > 0) and self.cfg.aux_coefficient > 0:
-            aux_values, aux_idx = dead_topk(pre, dead_mask, k_aux)
-            e_hat = torch.zeros_like(pre).scatter_(1, aux_idx, aux_values) @ self.W_dec
-            aux = auxk_loss(x, x_hat, e_hat, n_dead, k_aux, variance, self.cfg.aux_rescale)
-            loss = loss + self.cfg.aux_coefficient * aux
-            terms = {**terms, "auxk": aux.detach()}
-        return loss, terms
+        tokens, latents = flat.div(self.d_sae, rounding_mode="floor"), flat.remainder(self.d_sae)
+        return BatchCodes(values, tokens, latents, aux_values, aux_latents)
 
     @torch.no_grad()
     def _update_threshold(self, selected: torch.Tensor) -> None:

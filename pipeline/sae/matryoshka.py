@@ -18,8 +18,10 @@ from __future__ import annotations
 import torch
 
 from pipeline import metrics as M
-from pipeline.sae.base import TrainOutput, dense_train_output
+from pipeline.sae.base import TrainOutput
 from pipeline.sae.batchtopk import BatchTopKSae
+from pipeline.sae.sparse import bag_decode
+from pipeline.sae.topk import AuxRequest, sparse_train_output
 
 DEFAULT_LEVELS = 5
 """Default prefixes: d_sae / 16, / 8, / 4, / 2 and d_sae (each twice the one before)."""
@@ -39,14 +41,17 @@ class MatryoshkaBatchTopKSae(BatchTopKSae, architecture="matryoshka_batchtopk"):
     def training_forward(
         self, x: torch.Tensor, dead_mask: torch.Tensor, variance: torch.Tensor, sparsity_scale: float = 1.0
     ) -> TrainOutput:
-        pre = self.pre_acts(x).relu()  # [batch, d_sae]
-        z = self.batch_topk(pre)
+        aux = AuxRequest.of(self, dead_mask)
+        codes = self.batch_codes(x, aux)
         widths = self.nested_widths()
-        x_hat, fvus, start = self.b_dec.expand_as(x), [], 0
-        for stop in widths:  # each prefix's reconstruction adds its group to the one before
-            x_hat = x_hat + z[:, start:stop] @ self.W_dec[start:stop]
-            fvus.append(M.fvu(x, x_hat, variance))
-            start = stop
+        # each group's part of each token's reconstruction [groups, batch, d_in]: one bag per (group, token)
+        group = torch.bucketize(codes.latents, torch.tensor(widths, device=x.device), right=True)
+        bags, order = (group * len(x) + codes.tokens).sort()
+        parts = bag_decode(codes.values[order], bags, codes.latents[order], self.W_dec, len(widths) * len(x))
+        prefixes = self.b_dec + parts.view(len(widths), len(x), -1).cumsum(0)  # prefix j: groups 0..j
+        fvus = [M.fvu(x, x_hat, variance) for x_hat in prefixes]
         terms = {"fvu": fvus[-1].detach(), **{f"fvu_{w}": f.detach() for w, f in zip(widths[:-1], fvus, strict=False)}}
-        loss, terms = self.with_auxk(torch.stack(fvus).mean(), terms, x, x_hat, pre, dead_mask, variance)
-        return dense_train_output(x_hat, loss, terms, z)
+        x_hat = prefixes[-1]
+        loss, terms = aux.add_to(torch.stack(fvus).mean(), terms, self, x, x_hat, codes.aux_values, codes.aux_latents,
+                                 variance)  # fmt: skip
+        return sparse_train_output(x_hat, loss, terms, codes.values, codes.latents, self.d_sae, len(x))

@@ -1,12 +1,15 @@
-"""Sparse kernels for TopK training: never a dense [batch, d_sae] code matrix in the backward pass.
+"""Sparse kernels for TopK and BatchTopK training: never a dense [batch, d_sae] code matrix in the
+backward pass.
 
 `topk_encode` computes the dense pre-activations (the one unavoidable matmul), keeps the k largest
 per token (plus, for the AuxK loss, the k_aux largest among dead latents) and, in the backward pass,
 builds gradients only from those selected entries:
     dW_enc = x_c^T G,  db_enc = colsum(G),  db_dec = -W_enc colsum(G)    (x_c = x - b_dec)
-with G sparse, k (+ k_aux) entries per row, multiplied as a CSR matrix.
-`sparse_decode` is an embedding bag over decoder rows: x_hat = sum_j z_j W_dec[i_j] (+ b_dec).
-Both are checked against dense reference implementations in tests/test_sae.py.
+with G sparse, k (+ k_aux) entries per row, multiplied as a CSR matrix. `batch_topk_encode` does the
+same with the batch * k largest entries of the whole batch (BatchTopK: a token gets any number).
+`sparse_decode` is an embedding bag over decoder rows: x_hat = sum_j z_j W_dec[i_j] (+ b_dec);
+`bag_decode` sums entries into any bags (tokens, or a token's latents of one nested group).
+All are checked against dense reference implementations in tests/test_sae.py.
 """
 
 from __future__ import annotations
@@ -52,19 +55,44 @@ def dead_topk(
     return masked(~dead_mask, float("-inf")).topk(n, dim=1, sorted=False)
 
 
-class _TopKEncode(torch.autograd.Function):
+CANDIDATES_PER_K = 4
+"""`batch_topk` first keeps each token's CANDIDATES_PER_K * k largest entries, then searches those."""
+
+
+def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, flat indices row * d_sae + col, ascending) of the batch * k largest entries of pre
+    [batch, d_sae] over the whole batch.
+
+    One search over the whole matrix is a single long selection (10x a per-row top-k on a CPU), so
+    each row's m largest are searched instead. That is exact unless some row's m-th largest is above
+    the n-th largest found (it may hold more than m of the batch's largest): then m doubles."""
+    batch, d_sae = pre.shape
+    n, m = k * batch, min(d_sae, CANDIDATES_PER_K * k)
+    while True:
+        candidates, columns = pre.topk(m, dim=1, sorted=False)  # [batch, m]
+        values, picked = candidates.flatten().topk(n, sorted=False)
+        if m == d_sae or not bool((candidates.min(1).values > values.min()).any()):  # one host sync
+            break
+        m = min(d_sae, 2 * m)
+    flat, order = (picked.div(m, rounding_mode="floor") * d_sae + columns.flatten()[picked]).sort()
+    return values[order], flat
+
+
+class _SparseEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, dead_mask, k_aux: int):
+    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, per_batch: bool, dead_mask, k_aux: int):
         x_c = x - b_dec
         pre = torch.addmm(b_enc, x_c, W_enc)  # [batch, d_sae]
-        values, indices = pre.topk(k, dim=1, sorted=False)
+        # per token: [batch, k]; per batch: [batch * k] flat indices (row * d_sae + col), ascending
+        values, indices = batch_topk(pre, k) if per_batch else pre.topk(k, dim=1, sorted=False)
         if dead_mask is not None and k_aux > 0:
             aux_values, aux_indices = dead_topk(pre, dead_mask, k_aux, overwrite=True)  # pre is not needed after
             aux_values = aux_values.clamp_min(0)  # ReLU
         else:
-            aux_values = values.new_zeros(len(values), 0)
-            aux_indices = indices.new_zeros(len(values), 0)
+            aux_values = values.new_zeros(len(x), 0)
+            aux_indices = indices.new_zeros(len(x), 0)
         values = values.clamp_min(0)
+        ctx.per_batch = per_batch
         ctx.save_for_backward(x_c, W_enc, indices, values, aux_indices, aux_values)
         ctx.mark_non_differentiable(indices, aux_indices)
         return values, indices, aux_values, aux_indices
@@ -73,20 +101,22 @@ class _TopKEncode(torch.autograd.Function):
     def backward(ctx, grad_values, _gi, grad_aux, _gai):
         x_c, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors
         batch, d_sae = len(x_c), W_enc.shape[1]
-        cols = torch.cat([indices, aux_indices], 1).flatten()
-        grads = (
-            torch.cat([grad_values * (values > 0), grad_aux * (aux_values > 0)], 1).flatten().to(x_c.dtype)
-        )
+        token = torch.arange(batch, device=x_c.device)
+        if ctx.per_batch:
+            rows, cols = indices.div(d_sae, rounding_mode="floor"), indices.remainder(d_sae)
+        else:
+            rows, cols = token.repeat_interleave(indices.shape[1]), indices.flatten()
+        rows = torch.cat([rows, token.repeat_interleave(aux_indices.shape[1])])
+        cols = torch.cat([cols, aux_indices.flatten()])
+        grads = torch.cat([(grad_values * (values > 0)).flatten(), (grad_aux * (aux_values > 0)).flatten()])
+        grads = grads.to(x_c.dtype)
         grad_b_enc = torch.zeros(d_sae, dtype=grads.dtype, device=grads.device).index_add_(0, cols, grads)
         grad_W_enc = None
         if ctx.needs_input_grad[2]:
-            rows = torch.arange(batch, device=x_c.device).repeat_interleave(
-                indices.shape[1] + aux_indices.shape[1]
-            )
             grad_W_enc = (_transposed_csr(rows, cols, grads, (batch, d_sae)) @ x_c).t()  # [d_in, d_sae]
         # x - b_dec feeds every token: d loss / d b_dec = -sum_t G[t] W_enc^T = -W_enc @ colsum(G)
         grad_b_dec = -(W_enc.to(grads.dtype) @ grad_b_enc) if ctx.needs_input_grad[1] else None
-        return None, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None
+        return None, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None, None
 
 
 def topk_encode(
@@ -102,7 +132,22 @@ def topk_encode(
 
     x: [batch, d_in] data (no gradient is returned for it); returns [batch, k] and [batch, k_aux].
     """
-    return _TopKEncode.apply(x, b_dec, W_enc, b_enc, k, dead_mask, k_aux)
+    return _SparseEncode.apply(x, b_dec, W_enc, b_enc, k, False, dead_mask, k_aux)
+
+
+def batch_topk_encode(
+    x: torch.Tensor,
+    b_dec: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    dead_mask: torch.Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, flat indices) [batch * k] of the batch * k largest ReLU(pre) over the whole batch (flat
+    index = token * d_sae + latent, ascending), and (values, indices) [batch, k_aux] of each token's
+    k_aux largest dead ones."""
+    return _SparseEncode.apply(x, b_dec, W_enc, b_enc, k, True, dead_mask, k_aux)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -110,3 +155,14 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     if indices.shape[1] == 0:
         return values.new_zeros(len(values), W_dec.shape[1])
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+
+def bag_decode(
+    values: torch.Tensor, bags: torch.Tensor, latents: torch.Tensor, W_dec: torch.Tensor, n_bags: int
+) -> torch.Tensor:
+    """[n_bags, d_in]: bag b sums values[j] * W_dec[latents[j]] over the entries j with bags[j] = b
+    (values, bags, latents [n]; bags ascending; a bag without entries is 0)."""
+    counts = torch.zeros(n_bags, dtype=torch.long, device=bags.device)
+    counts.index_add_(0, bags, torch.ones_like(bags))
+    offsets = counts.cumsum(0) - counts  # where each bag's entries start
+    return F.embedding_bag(latents, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum")

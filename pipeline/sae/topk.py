@@ -14,6 +14,8 @@ Training runs on the sparse kernels of `sparse.py`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pipeline import metrics as M
@@ -67,24 +69,48 @@ class TopKSae(Sae, architecture="topk"):
     ) -> TrainOutput:
         """TopK codes of x - offset, the loss of their reconstruction (+ `direct`) of target [batch, d_in]
         (an SAE: x itself; a transcoder: another hook's activations) and AuxK."""
-        k_aux = self.cfg.aux_latents(self.d_in)
-        n_dead = dead_mask.sum()
-        use_aux = bool(n_dead > 0) and self.cfg.aux_coefficient > 0  # one host sync, only to skip work
+        aux = AuxRequest.of(self, dead_mask)
         values, indices, aux_values, aux_indices = topk_encode(
-            x, offset, self.W_enc, self.b_enc, self.cfg.k, dead_mask if use_aux else None, k_aux
+            x, offset, self.W_enc, self.b_enc, self.cfg.k, aux.mask, aux.k_aux
         )
         x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
         if direct is not None:
             x_hat = x_hat + direct
         fvu = M.fvu(target, x_hat, variance)
-        loss, terms = fvu, {"fvu": fvu.detach()}
-        if use_aux:
-            e_hat = sparse_decode(aux_values, aux_indices, self.W_dec)
-            aux = auxk_loss(target, x_hat, e_hat, n_dead, k_aux, variance, self.cfg.aux_rescale)
-            loss = loss + self.cfg.aux_coefficient * aux
-            terms["auxk"] = aux.detach()
-        active = values > 0
-        # counted by index_add, not indices[active]: a boolean-mask gather waits for the GPU every step
-        fired = torch.zeros(self.d_sae, dtype=torch.int32, device=indices.device)
-        fired.index_add_(0, indices.flatten(), active.flatten().to(torch.int32))
-        return TrainOutput(x_hat, loss, terms, fired > 0, active.sum(1).float().mean())
+        loss, terms = aux.add_to(fvu, {"fvu": fvu.detach()}, self, target, x_hat, aux_values, aux_indices, variance)
+        return sparse_train_output(x_hat, loss, terms, values, indices, self.d_sae, len(x))
+
+
+@dataclass
+class AuxRequest:
+    """Whether and how a training step of a TopK-coded dictionary computes AuxK."""
+
+    mask: torch.Tensor | None
+    """The dead latents [d_sae] bool, or None: no AuxK this step (none dead, or weight 0)."""
+    n_dead: torch.Tensor
+    k_aux: int
+
+    @classmethod
+    def of(cls, sae: Sae, dead_mask: torch.Tensor) -> AuxRequest:
+        n_dead = dead_mask.sum()
+        use = bool(n_dead > 0) and sae.cfg.aux_coefficient > 0  # one host sync, only to skip work
+        return cls(dead_mask if use else None, n_dead, sae.cfg.aux_latents(sae.d_in))
+
+    def add_to(self, loss: torch.Tensor, terms: dict, sae: Sae, target: torch.Tensor, x_hat: torch.Tensor,
+               aux_values: torch.Tensor, aux_indices: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, dict]:  # fmt: skip
+        """`loss` plus the weighted AuxK of the dead latents' codes [batch, k_aux], with its term."""
+        if self.mask is None:
+            return loss, terms
+        e_hat = sparse_decode(aux_values, aux_indices, sae.W_dec)
+        aux = auxk_loss(target, x_hat, e_hat, self.n_dead, self.k_aux, variance, sae.cfg.aux_rescale)
+        return loss + sae.cfg.aux_coefficient * aux, {**terms, "auxk": aux.detach()}
+
+
+def sparse_train_output(x_hat: torch.Tensor, loss: torch.Tensor, terms: dict, values: torch.Tensor,
+                        latents: torch.Tensor, d_sae: int, batch: int) -> TrainOutput:  # fmt: skip
+    """TrainOutput of codes given as selected entries: values and their latents (any shape alike)."""
+    active = values > 0
+    # counted by index_add, not latents[active]: a boolean-mask gather waits for the GPU every step
+    fired = torch.zeros(d_sae, dtype=torch.int32, device=latents.device)
+    fired.index_add_(0, latents.flatten(), active.flatten().to(torch.int32))
+    return TrainOutput(x_hat, loss, terms, fired > 0, active.sum().float() / batch)
