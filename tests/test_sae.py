@@ -52,6 +52,18 @@ def _naive_topk_loss(sae, x, dead, k_aux):
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+def _training_step_gradients(sae, x, n_dead):
+    """(training output, {parameter: gradient}, dead mask) of one training step with n_dead random
+    latents dead; the gradients are cleared after."""
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
+    dead[torch.randperm(sae.d_sae)[:n_dead]] = True
+    out = sae.training_forward(x, dead, token_variance(x))
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    return out, grads, dead
+
+
 def test_auxk_uses_twice_k_dead_latents_unless_set():
     assert SaeConfig(k=16).aux_latents(576) == 32
     assert SaeConfig(k=16, k_aux=300).aux_latents(576) == 300
@@ -69,12 +81,7 @@ def test_auxk_of_a_transcoder_without_skip_uses_half_its_input_width():
 def test_sparse_topk_training_matches_dense_reference(n_dead, aux_rescale, device):
     sae = _sae(aux_rescale=aux_rescale).to(device)
     x = torch.randn(64, D_IN, device=device)
-    dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
-    dead[torch.randperm(sae.d_sae)[:n_dead]] = True
-    out = sae.training_forward(x, dead, token_variance(x))
-    out.loss.backward()
-    fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    sae.zero_grad()
+    out, fast, dead = _training_step_gradients(sae, x, n_dead)
     k_aux = sae.cfg.aux_latents(sae.d_in)
     if n_dead:
         ref_loss, ref_hat = _naive_topk_loss(sae, x, dead, k_aux)
@@ -143,12 +150,7 @@ def test_sparse_batch_topk_training_matches_dense_reference(arch, n_dead, device
     sae = _sae(arch).to(device)
     x = torch.randn(64, D_IN, device=device)
     x[3] *= 20  # a token far larger than the others takes more than CANDIDATES_PER_K * k latents
-    dead = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
-    dead[torch.randperm(sae.d_sae)[:n_dead]] = True
-    out = sae.training_forward(x, dead, token_variance(x))
-    out.loss.backward()
-    fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    sae.zero_grad()
+    out, fast, dead = _training_step_gradients(sae, x, n_dead)
     ref_loss, ref_hat, z = _naive_batch_topk_loss(sae, x, dead, sae.cfg.aux_latents(sae.d_in))
     ref_loss.backward()
     assert int((z[3] > 0).sum()) > CANDIDATES_PER_K * sae.cfg.k

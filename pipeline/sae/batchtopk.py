@@ -15,7 +15,7 @@ import torch
 
 from pipeline import metrics as M
 from pipeline.sae.base import Sae, TrainOutput
-from pipeline.sae.sparse import bag_decode, batch_topk_encode
+from pipeline.sae.sparse import bag_decode, topk_encode
 from pipeline.sae.topk import AuxRequest, sparse_train_output
 
 THRESHOLD_MOMENTUM = 0.99
@@ -53,8 +53,8 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
     def batch_codes(self, x: torch.Tensor, aux: AuxRequest) -> BatchCodes:
         """The batch_size * k largest ReLU(pre) of x [batch, d_in] over the whole batch (and the dead
         latents' codes AuxK asks for); updates the inference threshold."""
-        values, flat, aux_values, aux_latents = batch_topk_encode(
-            x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, aux.mask, aux.k_aux
+        values, flat, aux_values, aux_latents = topk_encode(
+            x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, aux.mask, aux.k_aux, per_batch=True
         )
         self._update_threshold(values)
         tokens, latents = flat.div(self.d_sae, rounding_mode="floor"), flat.remainder(self.d_sae)

@@ -5,8 +5,8 @@ backward pass.
 per token (plus, for the AuxK loss, the k_aux largest among dead latents) and, in the backward pass,
 builds gradients only from those selected entries:
     dW_enc = x_c^T G,  db_enc = colsum(G),  db_dec = -W_enc colsum(G)    (x_c = x - b_dec)
-with G sparse, k (+ k_aux) entries per row, multiplied as a CSR matrix. `batch_topk_encode` does the
-same with the batch * k largest entries of the whole batch (BatchTopK: a token gets any number).
+with G sparse, k (+ k_aux) entries per row, multiplied as a CSR matrix. With `per_batch` (BatchTopK)
+it keeps the batch * k largest entries of the whole batch instead: a token gets any number.
 `sparse_decode` is an embedding bag over decoder rows: x_hat = sum_j z_j W_dec[i_j] (+ b_dec);
 `bag_decode` sums entries into any bags (tokens, or a token's latents of one nested group).
 All are checked against dense reference implementations in tests/test_sae.py.
@@ -127,27 +127,15 @@ def topk_encode(
     k: int,
     dead_mask: torch.Tensor | None = None,
     k_aux: int = 0,
+    per_batch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest ReLU(pre) per token, and of the k_aux largest dead ones.
 
     x: [batch, d_in] data (no gradient is returned for it); returns [batch, k] and [batch, k_aux].
+    per_batch (BatchTopK): the batch * k largest over the whole batch instead, as values and flat
+    indices (token * d_sae + latent, ascending) [batch * k].
     """
-    return _SparseEncode.apply(x, b_dec, W_enc, b_enc, k, False, dead_mask, k_aux)
-
-
-def batch_topk_encode(
-    x: torch.Tensor,
-    b_dec: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    k: int,
-    dead_mask: torch.Tensor | None = None,
-    k_aux: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(values, flat indices) [batch * k] of the batch * k largest ReLU(pre) over the whole batch (flat
-    index = token * d_sae + latent, ascending), and (values, indices) [batch, k_aux] of each token's
-    k_aux largest dead ones."""
-    return _SparseEncode.apply(x, b_dec, W_enc, b_enc, k, True, dead_mask, k_aux)
+    return _SparseEncode.apply(x, b_dec, W_enc, b_enc, k, per_batch, dead_mask, k_aux)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
