@@ -5,7 +5,8 @@
 Same synthetic data, d_in 576, 16x = 9216 latents, k 32, batch 4096, Adam, fp32 and bf16 autocast;
 each library with its default learning rate (this project: its train-stage recipe). Prints tokens/s, ratios, the fraction of this machine's
 measured matmul peak (counting the dense encoder forward, 2 * d_in * d_sae FLOP per token), and the
-held-out FVU after the same number of training tokens.
+held-out FVU after the same number of training tokens. In fp32, also this project's BatchTopK and
+Matryoshka BatchTopK steps of the same size (their `ours/it` column: TopK's speed over theirs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,12 +54,12 @@ def _recipe(data, steps):
     )
 
 
-def ours(data, autocast_name, steps):
+def ours(data, autocast_name, steps, architecture="topk"):
     cfg = TrainConfig(
         optimizer="adam", autocast=autocast_name, dead_tokens=10**12, device="cpu"
     )  # no dead latents, as for the peers
     scale, lr_at = _recipe(data, steps)
-    sae = build_sae(SaeConfig(architecture="topk", expansion=D_SAE // D_IN, k=K), D_IN)
+    sae = build_sae(SaeConfig(architecture=architecture, expansion=D_SAE // D_IN, k=K), D_IN)
     sae.init_from_data(data[:BATCH] * scale)
     member = TrainingMember(sae, replace(cfg, lr=lr_at(0)))
     step = make_step(member, cfg, Dist(), torch.device("cpu"))
@@ -126,6 +128,10 @@ def main() -> None:
         results[("this project", dtype)] = measure(ours, data, heldout, dtype, args.steps, args.warmup)
         results[("plain dense PyTorch", dtype)] = measure(
             naive, data, heldout, dtype, args.steps, args.warmup
+        )
+    for arch in ("batchtopk", "matryoshka_batchtopk"):
+        results[(f"this project, {arch}", "float32")] = measure(
+            partial(ours, architecture=arch), data, heldout, "float32", args.steps, args.warmup
         )
     if args.peer_python:
         peers = subprocess.run(

@@ -166,7 +166,7 @@ def test_sparse_batch_topk_training_matches_dense_reference(arch, n_dead, device
 def test_batch_topk_finds_the_largest_entries_of_the_whole_batch(device):
     torch.manual_seed(0)
     pre = torch.randn(32, 200, device=device)
-    pre[5, :150] += 10  # one row holds more than its first candidates: the search widens
+    pre[5, :150] += 10  # one row holds more than its candidates: more entries than n reach the floor
     pre[9] = 7.0  # ties at the boundary: any of them is a right answer
     for k in (1, 3, 20):
         values, flat = batch_topk(pre, k)
