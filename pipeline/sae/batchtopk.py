@@ -15,7 +15,7 @@ import torch
 
 from pipeline import metrics as M
 from pipeline.sae.base import Sae, TrainOutput
-from pipeline.sae.sparse import bag_decode, topk_encode
+from pipeline.sae.sparse import bag_decode, split_flat, topk_encode
 from pipeline.sae.topk import AuxRequest, sparse_train_output
 
 THRESHOLD_MOMENTUM = 0.99
@@ -57,8 +57,7 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
             x, self.b_dec, self.W_enc, self.b_enc, self.cfg.k, aux.mask, aux.k_aux, per_batch=True
         )
         self._update_threshold(values)
-        tokens, latents = flat.div(self.d_sae, rounding_mode="floor"), flat.remainder(self.d_sae)
-        return BatchCodes(values, tokens, latents, aux_values, aux_latents)
+        return BatchCodes(values, *split_flat(flat, self.d_sae), aux_values, aux_latents)
 
     @torch.no_grad()
     def _update_threshold(self, selected: torch.Tensor) -> None:

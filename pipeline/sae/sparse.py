@@ -79,6 +79,11 @@ def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, flat
 
 
+def split_flat(flat: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, latents) of `batch_topk`'s flat indices token * d_sae + latent."""
+    return flat.div(d_sae, rounding_mode="floor"), flat.remainder(d_sae)
+
+
 class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b_dec, W_enc, b_enc, k: int, per_batch: bool, dead_mask, k_aux: int):
@@ -104,7 +109,7 @@ class _SparseEncode(torch.autograd.Function):
         batch, d_sae = len(x_c), W_enc.shape[1]
         token = torch.arange(batch, device=x_c.device)
         if ctx.per_batch:
-            rows, cols = indices.div(d_sae, rounding_mode="floor"), indices.remainder(d_sae)
+            rows, cols = split_flat(indices, d_sae)
         else:
             rows, cols = token.repeat_interleave(indices.shape[1]), indices.flatten()
         rows = torch.cat([rows, token.repeat_interleave(aux_indices.shape[1])])
