@@ -275,6 +275,16 @@ def test_every_architecture_learns(arch):
         assert abs(float(out.l0) - 6) < 1e-4  # k per token on average over the batch
 
 
+def test_batchtopk_threshold_is_a_running_mean_of_the_smallest_selected_code():
+    sae = _sae("batchtopk")
+    sae._update_threshold(torch.tensor([0.0, 0.5, 0.3, 2.0]))  # the first batch sets it
+    assert torch.all(sae.threshold == 0.3)
+    sae._update_threshold(torch.tensor([0.0, 0.0]))  # no positive code: unchanged
+    assert torch.all(sae.threshold == 0.3)
+    sae._update_threshold(torch.tensor([1.3, 4.0]))
+    torch.testing.assert_close(sae.threshold, torch.full_like(sae.threshold, 0.99 * 0.3 + 0.01 * 1.3))
+
+
 def test_decoder_constraints():
     sae = _sae()
     sae.W_dec.grad = torch.randn_like(sae.W_dec)

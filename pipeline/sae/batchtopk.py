@@ -61,13 +61,9 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
 
     @torch.no_grad()
     def _update_threshold(self, selected: torch.Tensor) -> None:
-        positive = selected[selected > 0]
-        if len(positive):
-            smallest = positive.min().to(self.threshold.dtype)
-            initialized = self.threshold[0] > 0
-            new = torch.where(
-                initialized,
-                THRESHOLD_MOMENTUM * self.threshold + (1 - THRESHOLD_MOMENTUM) * smallest,
-                smallest,
-            )
-            self.threshold.copy_(new.expand_as(self.threshold))
+        """Move the threshold toward the smallest positive selected code (no host sync: a batch
+        without one leaves it unchanged through `where`, not through a branch)."""
+        smallest = torch.where(selected > 0, selected, torch.inf).min().to(self.threshold.dtype)
+        ema = THRESHOLD_MOMENTUM * self.threshold + (1 - THRESHOLD_MOMENTUM) * smallest
+        new = torch.where(self.threshold[0] > 0, ema, smallest)
+        self.threshold.copy_(torch.where(smallest.isfinite(), new, self.threshold))
