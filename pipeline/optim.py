@@ -17,7 +17,8 @@ import torch
 
 
 class Signum(torch.optim.Optimizer):
-    """Schedule-free sign-SGD; call `eval_params()` before saving (and `train_params()` to go on)."""
+    """Schedule-free sign-SGD; call `eval_params()` before saving (and `train_params()` to go on).
+    `step()` overwrites each gradient with its sign (it is not read after the step)."""
 
     def __init__(self, params, lr: float = 1e-3, beta: float = 0.9, power: float = 0.0):
         super().__init__(params, {"lr": lr, "beta": beta, "power": power, "steps": 0, "weight_sum": 0.0})
@@ -48,12 +49,13 @@ class Signum(torch.optim.Optimizer):
                     state["z"] = p.detach().clone()
                     state["x"] = p.detach().clone()
                 z, x = state["z"], state["x"]
+                step = torch.sign(p.grad, out=p.grad)  # in place: the gradient is not read after the step
                 if p in self.lr_scales:
-                    z.addcmul_(p.grad.sign(), self.lr_scales[p], value=-lr)
+                    z.addcmul_(step, self.lr_scales[p], value=-lr)
                 else:
-                    z.add_(p.grad.sign(), alpha=-lr)
+                    z.add_(step, alpha=-lr)
                 x.lerp_(z, weight)
-                p.copy_(torch.lerp(z, x, beta))
+                torch.lerp(z, x, beta, out=p)
         return None
 
     @torch.no_grad()
@@ -70,7 +72,7 @@ class Signum(torch.optim.Optimizer):
             for p in group["params"]:
                 state = self.state[p]
                 if state:
-                    p.copy_(torch.lerp(state["z"], state["x"], group["beta"]))
+                    torch.lerp(state["z"], state["x"], group["beta"], out=p)
 
     def copies(self, param: torch.Tensor) -> list[torch.Tensor]:
         """The iterate z and average x of `param`, for constraints that must hold on them too."""

@@ -184,9 +184,9 @@ class ModelStream:
                 log.info("stream block %d: %.2f%% of its positions are above the norm limits and left out",
                          index, 100 * (1 - len(kept) / block_tokens))  # fmt: skip
             order = block_order(block_tokens, kept, seed * 1_000_003 + index)
+            orders = {name: order.to(a.device) for name, a in acts.items()}  # one upload a block, not a batch
             for i in range(offset, per_block):
-                rows = order[i * batch_size : (i + 1) * batch_size]
-                yield {name: a[rows.to(a.device)] for name, a in acts.items()}
+                yield {name: a[orders[name][i * batch_size : (i + 1) * batch_size]] for name, a in acts.items()}
             del acts  # before the next block is computed: one block in memory at a time
             block, offset = block + 1, 0
 

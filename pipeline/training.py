@@ -214,9 +214,10 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 def global_variance(x: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """Mean over all processes' tokens of ||x - mean(x)||^2, exactly as one process would see it."""
+    """Mean over all processes' tokens of ||x - mean(x)||^2, exactly as one process would see it
+    (the count made on x's device: a tensor built on the host would be a blocking copy to the GPU)."""
     stats = torch.cat(
-        [x.sum(0), x.pow(2).sum().reshape(1), torch.tensor([len(x)], dtype=x.dtype, device=x.device)]
+        [x.sum(0), x.pow(2).sum().reshape(1), x.new_full((1,), len(x))]
     )
     if dist.enabled:
         torch_dist.all_reduce(stats)

@@ -35,6 +35,11 @@ def nested_widths(widths: list[int] | None, d_sae: int) -> list[int]:
 
 
 class MatryoshkaBatchTopKSae(BatchTopKSae, architecture="matryoshka_batchtopk"):
+    def __init__(self, cfg, d_in, meta=None):
+        super().__init__(cfg, d_in, meta)
+        # the prefix sizes on the weights' device (built per step, a blocking copy to the GPU each time)
+        self.register_buffer("width_bounds", torch.tensor(self.nested_widths()), persistent=False)
+
     def nested_widths(self) -> list[int]:
         return nested_widths(self.cfg.matryoshka_widths, self.d_sae)
 
@@ -45,7 +50,7 @@ class MatryoshkaBatchTopKSae(BatchTopKSae, architecture="matryoshka_batchtopk"):
         codes = self.batch_codes(x, aux)
         widths = self.nested_widths()
         # each group's part of each token's reconstruction [groups, batch, d_in]: one bag per (group, token)
-        group = torch.bucketize(codes.latents, torch.tensor(widths, device=x.device), right=True)
+        group = torch.bucketize(codes.latents, self.width_bounds, right=True)
         bags, order = (group * len(x) + codes.tokens).sort()
         parts = bag_decode(codes.values[order], bags, codes.latents[order], self.W_dec, len(widths) * len(x))
         prefixes = self.b_dec + parts.view(len(widths), len(x), -1).cumsum(0)  # prefix j: groups 0..j

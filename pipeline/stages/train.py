@@ -79,12 +79,20 @@ def _batches(plan: TrainingPlan, start_step: int) -> Iterator[dict[str, torch.Te
     if plan.stream is None:
         others = tuple(s for s in plan.stored.values() if s is not plan.shards)
         positions = training_positions(plan.shards, cfg, plan.n_train, plan.per_epoch, start_step, plan.keep, others)
-        return prefetch({hook: s.gather(idx[local]) for hook, s in plan.stored.items()} for idx in positions)
+        # on a GPU, pinned batches copy while the step runs (a copy from pageable memory waits for the stream)
+        pin = plan.device.type == "cuda"
+        return prefetch(
+            {hook: _pinned(s.gather(idx[local]), pin) for hook, s in plan.stored.items()} for idx in positions
+        )
     size = local.stop - local.start
     block = min(max(1, cfg.buffer_tokens // size), plan.total_steps) * size  # never more than training needs
     # on this thread: the forward competes with the SAE step for the same cores (CPU) or queues its
     # kernels on the same stream (GPU), so a reader thread gains nothing, and on CPU its forward ran 25% slower
     return plan.stream.batches(size, block, cfg.seed, start_step, dist.rank, dist.world)
+
+
+def _pinned(x: torch.Tensor, pin: bool) -> torch.Tensor:
+    return x.pin_memory() if pin else x
 
 
 def _members(plan: TrainingPlan) -> tuple[list[TrainingMember], dict[str, float]]:
