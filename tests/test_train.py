@@ -24,7 +24,7 @@ from pipeline.shards import ShardError, ShardSet, shard_name
 from pipeline.stages.train import train_saes
 from pipeline.streaming import ModelSource
 from pipeline.tracking import WandbConfig
-from pipeline.training import TrainConfig, TrainError, training_batches
+from pipeline.training import TrainConfig, TrainError, heldout_metrics, training_batches
 from pipeline.training_plan import plan_training
 from tests.conftest import copy_run, make_shard_set
 
@@ -518,6 +518,19 @@ def test_training_from_the_model_leaves_out_outliers(llama_cfg, text_corpus, tmp
     median = float(norms[counted].median())
     assert meta["outlier_norm_limit"] == pytest.approx(median)
     assert meta["metrics"]["heldout_tokens"] == int((norms[counted] <= median).sum()) < int(counted.sum())
+
+
+def test_the_saved_metrics_are_those_of_the_saved_dictionary(run_dir):
+    """cfg.json's held-out FVU and L0 equal what the saved weights give on the held-out tokens, for
+    every architecture (a JumpReLU's once came from its initial thresholds)."""
+    variants = [{}, *({"architecture": a} for a in ("relu", "jumprelu", "batchtopk"))]
+    saved = train_saes(_cfg(epochs=3, variants=variants), SAE, run_dir, OFF)
+    assert len(saved) == 4
+    shards = ShardSet(run_dir / "activations" / HOOK)
+    for out in saved.values():
+        sae, meta = Sae.load(out), json.loads((out / "cfg.json").read_text())
+        again = heldout_metrics(sae, shards, meta["training_split_tokens"], exclude_bos=True)
+        assert (again["fvu"], again["l0"]) == pytest.approx((meta["metrics"]["fvu"], meta["metrics"]["l0"]), rel=1e-5)
 
 
 def test_a_matryoshka_dictionary_reports_the_fvu_of_each_prefix(run_dir):

@@ -61,7 +61,9 @@ class JumpReluSae(Sae, architecture="jumprelu"):
         self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(cfg.jumprelu_init_threshold)))
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        return pre * (pre > self.threshold)
+        # log_threshold is what training moves; the `threshold` buffer is its copy for the file, made
+        # when saving (reading the buffer here measured a trained dictionary with its initial thresholds)
+        return pre * (pre > self.log_threshold.exp())
 
     def latent_parameters(self) -> list[tuple[nn.Parameter, int]]:
         return [*super().latent_parameters(), (self.log_threshold, 0)]
