@@ -60,7 +60,7 @@ class RecordSettings(FeaturePassSettings):
     all ` the` and ` ` tokens; every other token stays below 1.43x (99.9th percentile)."""
     steer_scales: list[float] = field(default_factory=lambda: [1.0, 4.0])
     """The steering panel of the detailed features: the feature added at these multiples of its max
-    activation, on `steer_prompts`; [] for none."""
+    activation, on `steer_prompts`; [] for none (as are `steer_prompts=[]`)."""
     steer_prompts: list[str] = field(default_factory=lambda: ["I think that", "The function returns", "In the beginning"])
     steer_tokens: int = 16
     """Tokens generated per prompt and scale."""
@@ -311,6 +311,11 @@ def _record(f: int, t: _Tables, cfg: RecordSettings) -> dict:
     }
 
 
+def _steers(cfg: RecordSettings) -> bool:
+    """Whether the detailed features get a steering panel: there are scales and prompts to steer."""
+    return bool(cfg.steer_scales and cfg.steer_prompts)
+
+
 def _steering(record: dict, loaded: LoadedModel, hook: HookPoint, sae, plain: Plain | None, cfg: RecordSettings) -> dict | None:
     """The steering panel of a detailed feature: it is added at multiples of its max activation."""
     if plain is None:
@@ -373,7 +378,7 @@ def feature_records(
     records is ever held in memory, whatever the number of features)."""
     tables = _tables(d.sae, passed, loaded, shards, cfg)
     detail = set(detail_features(tables.frequency, cfg.detail_features))
-    plain = plain_outputs(loaded, hook, cfg.steer_prompts, cfg.steer_tokens) if detail and cfg.steer_scales else None
+    plain = plain_outputs(loaded, hook, cfg.steer_prompts, cfg.steer_tokens) if detail and _steers(cfg) else None
     bar = tqdm(total=len(detail), desc="detailed features", unit="feature", disable=not cfg.progress)
     records = []
     writes = parse_hook_name(d.writes)

@@ -168,11 +168,12 @@ def test_each_example_gets_the_attributions_of_its_own_window(trained_run, analy
     assert checked >= 8
 
 
-def test_synthesized_inputs_and_no_steering_panel(trained_run, model_cfg, loaded, tmp_path):
+@pytest.mark.parametrize("no_steering", [{"steer_scales": []}, {"steer_prompts": []}])
+def test_synthesized_inputs_and_no_steering_panel(trained_run, model_cfg, loaded, tmp_path, no_steering):
     """analyze.synthesize: each detailed feature gets an input searched from its top example and one
-    from random tokens; steer_scales=[] leaves the steering panel out."""
+    from random tokens; steer_scales=[] or steer_prompts=[] leaves the steering panel out."""
     run = copy_run(trained_run, tmp_path / "run")
-    cfg = _cfg(detail_features=2, synthesize=True, synth_steps=3, synth_length=5, steer_scales=[], saes=["topk-k8-x4"])
+    cfg = _cfg(detail_features=2, synthesize=True, synth_steps=3, synth_length=5, saes=["topk-k8-x4"], **no_steering)
     out = analyze_saes(model_cfg, cfg, run, OFF, loaded=loaded)[f"{HOOK}/topk-k8-x4"]
     meta, records = load_features(out)
     detailed = [r for r in records if r["components"] is not None]
