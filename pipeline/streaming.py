@@ -274,18 +274,31 @@ def store_heldout(
     cfg: TrainConfig, source: ModelSource, run: RunDir, hooks: list[str], loaded, dist: Dist
 ) -> dict[str, ShardSet]:
     """Each hook's stored activations, harvesting the held-out windows where none are stored (process
-    0 does, the others wait); all must hold the same windows, the first the model stream computes."""
-    missing = [h for h in hooks if not (run.activations(h) / MANIFEST).exists()]
+    0 does, the others wait); all must hold the same windows, the first the model stream computes.
+    A hook added to a run that stores others gets the windows they hold (a full harvest's too)."""
+    present = {h: run.shards(h) for h in hooks if (run.activations(h) / MANIFEST).exists()}
+    _check_stored_set(present, run, loaded, source)  # before harvesting anything more
+    missing = [h for h in hooks if h not in present]
     if missing and dist.rank == 0:
         ctx = source.harvest.context_length
-        held = whole_windows(cfg.holdout_tokens, ctx) * ctx
-        log.info("storing the held-out split (%d tokens) at %s; training tokens come from the model", held,
+        windows, per_shard = whole_windows(cfg.holdout_tokens, ctx), source.harvest.sequences_per_shard
+        if present:  # one stream feeds every hook: a new one gets the windows the others hold, in their shards
+            held = next(iter(present.values())).manifest
+            windows, per_shard = held.n_sequences, held.sequences_per_shard
+        log.info("storing the held-out split (%d tokens) at %s; training tokens come from the model", windows * ctx,
                  ", ".join(missing))  # fmt: skip
-        only_heldout = replace(source.harvest, hooks=missing, tokens=held, num_workers=1, worker=0)
+        only_heldout = replace(source.harvest, hooks=missing, tokens=windows * ctx, sequences_per_shard=per_shard,
+                               num_workers=1, worker=0)  # fmt: skip
         harvest_activations(source.model, source.corpus, only_heldout, run, loaded=loaded)
     if dist.enabled:
         torch_dist.barrier()
     stored = {h: run.shards(h) for h in hooks}
+    _check_stored_set(stored, run, loaded, source)
+    return stored
+
+
+def _check_stored_set(stored: dict[str, ShardSet], run: RunDir, loaded, source: ModelSource) -> None:
+    """Every hook's stored activations come from what the stream computes, and hold the same windows."""
     for h, shards in stored.items():
         check_stored(run.activations(h), shards, loaded, source)
     windows = {h: shards.manifest.n_sequences for h, shards in stored.items()}
@@ -294,7 +307,6 @@ def store_heldout(
             f"the stored activations hold different numbers of windows per hook ({windows}); one stream feeds "
             "them all, so they must match. Harvest them together, or train these hooks in another run_dir."
         )
-    return stored
 
 
 def model_stream(

@@ -387,6 +387,17 @@ def test_variants_all_at_other_hooks_than_train_hook(llama_cfg, text_corpus, tmp
     assert set(saved) == {"blocks.2.resid_post/topk-k4-x4", "blocks.2.resid_post/topk-k8-x4"}
 
 
+def test_a_hook_added_to_a_harvested_run_gets_the_windows_it_holds(llama_cfg, text_corpus, tmp_path):
+    """train.source=model in a run with a full harvest at one hook and a variant at another: the new
+    hook stores the same windows (it once stored only holdout_tokens, then refused the mismatch)."""
+    full = HarvestConfig(hooks=[MODEL_HOOK], tokens=20 * 32, context_length=32, batch_size=8, progress=False)
+    harvest_activations(llama_cfg, text_corpus, full, tmp_path)
+    other = "blocks.2.resid_post"
+    saved = train_saes(_model_cfg(variants=[{}, {"hook": other}]), SAE, tmp_path, OFF, _source(llama_cfg, text_corpus))
+    assert set(saved) == {"topk-k4-x4", f"{other}/topk-k4-x4"}
+    assert ShardSet(tmp_path / "activations" / other).manifest.n_sequences == 20
+
+
 def test_training_from_the_model_resumes_after_kill_to_the_same_weights(llama_cfg, text_corpus, tmp_path):
     script = textwrap.dedent(f"""
         import sys
