@@ -83,11 +83,22 @@ def cache_bytes() -> int:
         raise RemoteError(f"{_CACHE_GB}={os.environ[_CACHE_GB]!r} is not a number of GiB; set e.g. {_CACHE_GB}=20") from None
 
 
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
+"""botocore's errors for missing credentials (by name: botocore is s3fs's dependency, not ours)"""
+
+
 def _explain(url: str, err: BaseException) -> str:
     """One line saying what went wrong with the remote and what to change."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "the provider's default endpoint")
     if isinstance(err, ImportError):
         return f"run_dir={url} needs the fsspec backend for its scheme ({err}); install it (s3fs for s3://, gcsfs for gs://)"
+    if isinstance(err, ValueError) and "protocol" in str(err).lower():  # fsspec: "Protocol not known: foo"
+        return f"run_dir={url}: fsspec knows no storage scheme {url.split('://')[0]}:// ({err}); use s3://, gs://, hf:// or a local path"
+    if type(err).__name__ in _NO_CREDENTIALS:
+        return (
+            f"run_dir={url}: no credentials found ({err}); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+            "AWS_PROFILE (or fsspec's configuration)"
+        )
     if isinstance(err, PermissionError):
         return (
             f"run_dir={url}: access denied ({err}); check the credentials (AWS_ACCESS_KEY_ID / "

@@ -437,3 +437,21 @@ def test_nothing_is_s3_specific_any_fsspec_url_works(model_cfg, loaded, tmp_path
     sae = f"sae/{HOOK}/topk-k8-x4/sae.safetensors"
     assert remote[sae] == here[sae]
     assert {k: v for k, v in remote.items() if k.startswith("activations/")} == _files(local, "activations/*/*")
+
+
+def test_missing_credentials_and_unknown_schemes_stop_with_one_line(monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup for credentials
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("SAE_PIPELINE_CACHE", str(tmp_path / "cache"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(RemoteError, match=r"^run_dir=s3://bucket/run: no credentials found .*set AWS_ACCESS_KEY_ID"):
+            RunDir.open("s3://bucket/run")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(RemoteError, match=r"fsspec knows no storage scheme foo:// .*use s3://, gs://, hf:// or a local path"):
+        RunDir.open("foo://bucket/run")
