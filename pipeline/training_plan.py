@@ -193,9 +193,7 @@ def _schedule(
 ) -> tuple[int, int, _Outliers | None]:
     """(batches per epoch of the training split, total steps, the outliers left out)."""
     if stream is not None:
-        if cfg.tokens // cfg.batch_size < 1:
-            raise TrainError(f"train.tokens={cfg.tokens} is less than one batch of {cfg.batch_size}")
-        return 0, cfg.tokens // cfg.batch_size, None
+        return 0, _total_steps(cfg, cfg.tokens), None
     if n_train == 0:
         raise TrainError(
             f"train.holdout_tokens={cfg.holdout_tokens} leaves nothing to train on: the shards hold only "
@@ -214,12 +212,18 @@ def _steps(shards: ShardSet, cfg: TrainConfig, n_train: int, outliers: _Outliers
     per_epoch = eligible // cfg.batch_size
     if per_epoch == 0:
         raise TrainError(
-            f"the training split holds {eligible} tokens, fewer than one batch of {cfg.batch_size}"
+            f"the training split holds {eligible} tokens, fewer than one batch of {cfg.batch_size}; "
+            f"harvest more tokens, or lower train.batch_size or holdout_tokens ({cfg.holdout_tokens})"
         )
-    total_steps = (cfg.tokens or int(cfg.epochs * eligible)) // cfg.batch_size
-    if total_steps < 1:
-        raise TrainError(f"train.tokens={cfg.tokens} is less than one batch of {cfg.batch_size}")
-    return per_epoch, total_steps
+    return per_epoch, _total_steps(cfg, cfg.tokens or int(cfg.epochs * eligible))
+
+
+def _total_steps(cfg: TrainConfig, tokens: int) -> int:
+    """Whole batches in `tokens` training tokens (at least one)."""
+    if tokens < cfg.batch_size:
+        setting = f"train.tokens={cfg.tokens}" if cfg.tokens else f"train.epochs={cfg.epochs} ({tokens} tokens)"
+        raise TrainError(f"{setting} is less than one batch of {cfg.batch_size}; raise it or lower train.batch_size")
+    return tokens // cfg.batch_size
 
 
 def _data_identity(stored: dict[str, ShardSet], stream: ModelStream | None) -> list:

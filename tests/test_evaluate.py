@@ -267,6 +267,8 @@ def test_pareto_plot_collects_other_runs(trained_run, model_cfg, loaded, tmp_pat
     assert len(reports) == 2 * len(collect_reports([RunDir(trained_run)]))
     evaluate_saes(model_cfg, _cfg(tokens=CTX * 2, compare_with=[str(other)]), trained_run, OFF, loaded=loaded)
     assert (trained_run / "eval" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="evaluate.compare_with: .*missing holds no evaluated dictionaries"):
+        evaluate_saes(model_cfg, _cfg(compare_with=[str(tmp_path / "missing")]), trained_run, OFF, loaded=loaded)
 
 
 def test_bad_activations_stop_the_evaluation_with_shard_and_position(

@@ -212,6 +212,10 @@ def test_bad_inputs(run_dir, tmp_path):
         train_saes(_cfg(), SaeConfig(expansion=4, k=4, d_in=32), run_dir, OFF)
     with pytest.raises(TrainError, match="leaves nothing to train on"):
         train_saes(_cfg(holdout_tokens=10**6), SAE, run_dir, OFF)
+    with pytest.raises(TrainError, match="fewer than one batch of 1000000; harvest more tokens, or lower train.batch_size"):
+        train_saes(_cfg(batch_size=10**6), SAE, run_dir, OFF)
+    with pytest.raises(TrainError, match="train.tokens=64 is less than one batch of 128; raise it or lower train.batch_size"):
+        train_saes(_cfg(tokens=64), SAE, run_dir, OFF)
     with pytest.raises(ShardError, match="does not exist; run the harvest stage"):
         train_saes(_cfg(hook="blocks.0.resid_pre"), SAE, run_dir, OFF)
     with pytest.raises(TrainError, match="optimizer"):

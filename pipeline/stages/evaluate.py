@@ -26,7 +26,13 @@ from safetensors.torch import save
 from pipeline.cli import stage_main
 from pipeline.config import to_dataclass
 from pipeline.dictionaries import DictionarySelection, check_model, find_dictionaries
-from pipeline.evaluation import EvaluationSettings, evaluate_dictionaries, held_out, summary_row
+from pipeline.evaluation import (
+    EvaluationError,
+    EvaluationSettings,
+    evaluate_dictionaries,
+    held_out,
+    summary_row,
+)
 from pipeline.fileio import atomic_write, remove_stale_temporaries
 from pipeline.locks import exclusive
 from pipeline.models import LoadedModel, ModelConfig, load_model
@@ -90,6 +96,18 @@ def collect_reports(runs: list[RunDir]) -> list[dict]:
     return [json.loads(path.read_text()) for run in runs for path in run.evaluation_reports()]
 
 
+def _compared_runs(locations: list[str]) -> list[RunDir]:
+    """The runs of evaluate.compare_with, each holding evaluated dictionaries (checked before any compute)."""
+    runs = [RunDir.open(location) for location in locations]
+    for location, other in zip(locations, runs, strict=True):
+        if not other.evaluation_reports():
+            raise EvaluationError(
+                f"evaluate.compare_with: {location} holds no evaluated dictionaries (no eval/<hook>/<sae>/metrics.json); "
+                "run evaluate there first, or fix the path"
+            )
+    return runs
+
+
 def _evaluate_hook_group(
     loaded, run: RunDir, hook_name: str, group, cfg: EvaluateConfig, tracker
 ) -> dict[str, dict]:
@@ -130,6 +148,7 @@ def evaluate_saes(
     """Evaluate the configured dictionaries of `run_dir`; return {"<hook>/<sae>": metrics.json content}."""
     run = RunDir.open(run_dir)
     dictionaries = find_dictionaries(run, cfg.saes, cfg.hook, cfg.force, "evaluate")
+    others = _compared_runs(cfg.compare_with)
     loaded = loaded or load_model(model_cfg)
     check_model(dictionaries, loaded, cfg.force, "evaluate")
     tracker = Tracker(wandb_cfg or WandbConfig(), run.root, "evaluate", {"evaluate": asdict(cfg)}, group=run.location)
@@ -139,7 +158,7 @@ def evaluate_saes(
         group = [d for d in dictionaries if (d.hook, d.writes) == (hook_name, writes)]
         for name, report in _evaluate_hook_group(loaded, run, hook_name, group, cfg, tracker).items():
             reports[f"{hook_name}/{name}"] = report
-    all_reports = collect_reports([run, *map(RunDir.open, cfg.compare_with)])
+    all_reports = collect_reports([run, *others])
     tracker.table("dictionaries", [summary_row(r) for r in reports.values()])  # L0 vs CE recovered, charted by W&B
     if all_reports:
         tracker.log_images({"pareto": pareto_plot([summary_row(r) for r in all_reports], run.pareto_plot)})
