@@ -468,8 +468,8 @@ def harvest_activations(
     n_tokens = sum(r.n_sequences for r in shards.values()) * cfg.context_length
     done = " (all already there: checksums and tokens checked, nothing computed)" if resumed == len(shards) else (
         f" ({resumed} shards resumed)")
-    log.info("harvested %d tokens at %d hooks in %.1fs%s into %s",
-             n_tokens, len(hooks), elapsed, done, ", ".join(map(str, dirs.values())))  # fmt: skip
+    log.info("harvested %d tokens at %d hook%s in %.1fs%s into %s", n_tokens, len(hooks), "s" * (len(hooks) > 1),
+             elapsed, done, ", ".join(map(str, dirs.values())))  # fmt: skip
     if run.remote:
         log.info("uploaded to %s", run.location)
     if wandb_cfg is not None:

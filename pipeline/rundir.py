@@ -178,6 +178,10 @@ class RunDir:
             return [p.parent for p in self._glob(f"sae/*/{name}/{CONFIG_FILE}")]
         return sorted(p for p in self.sae_root.glob(f"*/{name}") if is_dictionary(p))
 
+    def holds_dictionary(self, hook: str, name: str) -> bool:
+        """A complete dictionary (its cfg.json) is at sae/<hook>/<name>, whatever it was trained with."""
+        return self._text(self.sae(hook, name) / CONFIG_FILE) is not None
+
     def trained(self, hook: str, name: str, hash_: str) -> bool:
         directory = self.sae(hook, name)
         weights = directory / WEIGHTS_FILE

@@ -634,7 +634,9 @@ def test_init_from_starts_at_the_saved_dictionary_in_raw_units(run_dir, tmp_path
     caplog.set_level("INFO")
     train_saes(_cfg(lr=1e-12, init_from=str(moved), epochs=1), SAE, other_run, OFF)
     assert "already trained with this configuration" in caplog.text
+    assert "trained with other settings" not in caplog.text
     fresh = Sae.load(train_saes(_cfg(lr=1e-12, seed=1, epochs=1), SAE, other_run, OFF)["topk-k4-x4"])
+    assert "topk-k4-x4 holds a dictionary trained with other settings; this training replaces it" in caplog.text
     assert (fresh.W_dec - saved.W_dec).abs().max() > 0.1  # without init_from: a fresh initialization
 
 

@@ -317,6 +317,10 @@ def train_saes(
             if plan.dist.rank == 0:
                 _remove_checkpoint(plan)  # left by a kill between the final save and its removal
             return {plan.label(i): plan.out_dir(i) for i in indices}
+        for i in indices:
+            if not trained[i] and plan.run.holds_dictionary(plan.hooks[i], plan.sae_cfgs[i].default_name()):
+                log.warning("%s holds a dictionary trained with other settings; this training replaces it when "
+                            "it ends (set sae.name to keep both)", plan.out_dir(i))  # fmt: skip
         return _train(plan, wandb_cfg)
 
 
