@@ -271,18 +271,21 @@ def test_every_architecture_learns(arch):
     assert float(out.terms["fvu"]) < 0.5 * first and float(out.terms["fvu"]) < 0.3
     assert 0 < float(out.l0) < sae.d_sae / 2
     if arch in BATCH_TOPK:
-        assert float(sae.threshold[0]) > 0
         assert abs(float(out.l0) - 6) < 1e-4  # k per token on average over the batch
 
 
-def test_batchtopk_threshold_is_a_running_mean_of_the_smallest_selected_code():
-    sae = _sae("batchtopk")
-    sae._update_threshold(torch.tensor([0.0, 0.5, 0.3, 2.0]))  # the first batch sets it
-    assert torch.all(sae.threshold == 0.3)
-    sae._update_threshold(torch.tensor([0.0, 0.0]))  # no positive code: unchanged
-    assert torch.all(sae.threshold == 0.3)
-    sae._update_threshold(torch.tensor([1.3, 4.0]))
-    torch.testing.assert_close(sae.threshold, torch.full_like(sae.threshold, 0.99 * 0.3 + 0.01 * 1.3))
+@pytest.mark.parametrize("arch", BATCH_TOPK)
+def test_batchtopk_threshold_is_calibrated_to_k_latents_a_token(arch):
+    """The threshold is the mean over batches of the smallest code the batch selection keeps, so that
+    tokens like the sample's get k latents on average."""
+    sae = _sae(arch)
+    sample = torch.randn(4096 + 100, D_IN)  # 4 whole batches of 1024, then a partial one left out
+    sae.calibrate(sample, batch_size=1024)
+    with torch.no_grad():
+        smallest = [batch_topk(sae.pre_acts(x), 6)[0].min() for x in sample[:4096].split(1024)]
+        torch.testing.assert_close(sae.threshold, torch.full_like(sae.threshold, float(torch.stack(smallest).mean())))
+        l0 = (sae.encode(torch.randn(8192, D_IN)) > 0).sum(1).float().mean()
+    assert abs(float(l0) - 6) < 0.3
 
 
 def test_decoder_constraints():

@@ -257,6 +257,11 @@ class Sae(nn.Module):
         iterations from the mean); `inputs`: the inputs of the same tokens, where they differ (transcoders)."""
         self.b_dec.copy_(geometric_median(sample.float()))
 
+    @torch.no_grad()
+    def calibrate(self, sample: torch.Tensor, batch_size: int) -> None:
+        """Set from training tokens [n, d_in], on the final weights, what inference needs besides
+        them (BatchTopK: its threshold); nothing for most architectures."""
+
     def latent_parameters(self) -> list[tuple[nn.Parameter, int]]:
         """The parameters holding one slice per latent, with the axis that indexes the latents."""
         return [(self.W_enc, 1), (self.b_enc, 0), (self.W_dec, 0)]

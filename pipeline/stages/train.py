@@ -95,8 +95,9 @@ def _pinned(x: torch.Tensor, pin: bool) -> torch.Tensor:
     return x.pin_memory() if pin else x
 
 
-def _members(plan: TrainingPlan) -> tuple[list[TrainingMember], dict[str, float]]:
-    """Freshly initialized dictionaries with their optimizers, and each hook's input scale."""
+def _members(plan: TrainingPlan) -> tuple[list[TrainingMember], dict[str, float], dict[str, torch.Tensor]]:
+    """Freshly initialized dictionaries with their optimizers, each hook's input scale, and the
+    sample of training tokens {hook: [n, d_in]} (raw) both were set from."""
     cfg = plan.cfg
     torch.manual_seed(cfg.seed)
     samples = _input_samples(plan)
@@ -117,7 +118,7 @@ def _members(plan: TrainingPlan) -> tuple[list[TrainingMember], dict[str, float]
             # b_dec in the space of what it reconstructs (a transcoder's target), the inputs for what else needs them
             sae.init_from_data(samples[target or hook] * scales[target or hook], samples[hook] * scales[hook])
         members.append(TrainingMember(sae.to(plan.device), cfg))
-    return members, scales
+    return members, scales, samples
 
 
 @torch.no_grad()
@@ -223,10 +224,14 @@ def _checkpoint_due(cfg: TrainConfig, done: int, last_checkpoint: float) -> bool
     return bool(by_steps or by_time)
 
 
-def _save(plan: TrainingPlan, i: int, m: TrainingMember, scales: dict[str, float]) -> tuple[Path, dict]:
-    """Save dictionary i, acting on raw activations, with its held-out metrics."""
+def _save(
+    plan: TrainingPlan, i: int, m: TrainingMember, scales: dict[str, float], sample: torch.Tensor
+) -> tuple[Path, dict]:
+    """Save dictionary i, acting on raw activations, with its held-out metrics; `sample`: raw training
+    tokens of its input hook [n, d_in], for what inference needs set from data (BatchTopK's threshold)."""
     cfg, hook, target = plan.cfg, plan.hooks[i], plan.targets[i]
     sae = copy.deepcopy(m.final_weights())
+    sae.calibrate(sample * scales[hook], cfg.batch_size)
     sae.fold_input_scale(scales[hook], scales[target or hook])
     limit = plan.norm_limit(hook)
     metrics = heldout_metrics(sae, plan.stored[hook], plan.n_train, cfg.exclude_bos, norm_limit=limit,
@@ -276,7 +281,7 @@ def _outputs_locked(plan: TrainingPlan) -> Iterator[None]:
 
 
 def _train(plan: TrainingPlan, wandb_cfg: WandbConfig | None) -> dict[str, Path]:
-    members, scales = _members(plan)
+    members, scales, samples = _members(plan)
     start_step = _resume(plan, members)
     config = {
         "train": asdict(plan.cfg),
@@ -289,7 +294,7 @@ def _train(plan: TrainingPlan, wandb_cfg: WandbConfig | None) -> dict[str, Path]
     saved = {}
     if plan.dist.rank == 0:
         for i, m in enumerate(members):
-            saved[plan.label(i)], metrics = _save(plan, i, m, scales)
+            saved[plan.label(i)], metrics = _save(plan, i, m, scales, samples[plan.hooks[i]])
             tracker.summary({f"{plan.label(i)}/heldout_{k}": v for k, v in metrics.items()})
         _remove_checkpoint(plan)
     tracker.finish()
