@@ -93,6 +93,10 @@ class RunDir:
         """Where the run lives, for messages: its URL or its directory."""
         return self.remote.url if self.remote else str(self.root)
 
+    def where(self, path: Path) -> str:
+        """A path of the run for messages: its URL on a remote run (`path` is then in the mirror)."""
+        return self.remote.url_of(path) if self.remote else str(path)
+
     def _text(self, path: Path) -> str | None:
         """A small file's text, from the remote run when there is one; None when there is none."""
         if self.remote:

@@ -104,9 +104,11 @@ def _killed_harvest(model_cfg, url: str, kill_at: int) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def test_stages_on_s3_match_local_disk(bucket, model_cfg, loaded, tmp_path):
+def test_stages_on_s3_match_local_disk(bucket, model_cfg, loaded, tmp_path, caplog):
     """harvest (killed before shard 6, then resumed), train, evaluate and analyze with run_dir=s3://...
-    write the same bytes to the bucket as the same stages write to a local run directory."""
+    write the same bytes to the bucket as the same stages write to a local run directory; the logs
+    name the outputs by their URL."""
+    caplog.set_level("INFO")
     url, local = f"s3://{bucket}/run", tmp_path / "local"
     corpus = CorpusConfig(name="test", source="files", path=str(TEXT))
     _killed_harvest(model_cfg, url, kill_at=6)
@@ -135,6 +137,7 @@ def test_stages_on_s3_match_local_disk(bucket, model_cfg, loaded, tmp_path):
     features = json.loads(remote[f"features/{HOOK}/topk-k8-x4/features.json"])
     assert features["meta"]["config_hash"] == json.loads(here[f"features/{HOOK}/topk-k8-x4/features.json"])["meta"]["config_hash"]
     assert not any(k.startswith("checkpoints/") for k in remote)  # removed once the dictionary is saved
+    assert f"-> {url}/{sae}\n" in caplog.text and f"-> {url}/eval/{HOOK}/topk-k8-x4\n" in caplog.text
 
 
 def test_a_second_machine_finds_the_outputs_done(bucket, model_cfg, loaded, tmp_path, monkeypatch):

@@ -133,7 +133,7 @@ def _evaluate_hook_group(
             row = summary_row(report)
             tracker.summary({f"{hook_name}/{name}/{k}": v for k, v in row.items() if isinstance(v, float)})
             tracker.log_images({f"{hook_name}/{name}/density": out / "density.png"})
-            log.info("evaluated %s/%s -> %s", hook_name, name, out)
+            log.info("evaluated %s/%s -> %s", hook_name, name, run.where(out))
             reports[name] = report
     return reports
 

@@ -255,7 +255,8 @@ def _save(
         "saved %s: held-out FVU %.4f, L0 %.1f, dead %.2f%% (idle over the last %d training tokens; %.2f%% "
         "silent on the held-out tokens) -> %s",
         plan.label(i), metrics.get("fvu", float("nan")), metrics.get("l0", float("nan")),
-        100 * metrics["dead_fraction"], m.dead_tokens, 100 * metrics.get("silent_fraction", float("nan")), out,
+        100 * metrics["dead_fraction"], m.dead_tokens, 100 * metrics.get("silent_fraction", float("nan")),
+        plan.run.where(out),
     )  # fmt: skip
     return out, metrics
 
