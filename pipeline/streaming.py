@@ -292,7 +292,7 @@ def store_heldout(
         harvest_activations(source.model, source.corpus, only_heldout, run, loaded=loaded)
     if dist.enabled:
         torch_dist.barrier()
-    stored = {h: run.shards(h) for h in hooks}
+    stored = {h: present[h] if h in present else run.shards(h) for h in hooks}  # each opened once
     _check_stored_set(stored, run, loaded, source)
     return stored
 
