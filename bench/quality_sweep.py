@@ -5,6 +5,8 @@ benchmark venv where sparsify and SAELens are installed).
 For every k in --ks and expansion in --expansions, at --tokens training tokens:
   ours       the train stage with its defaults (`python -m pipeline train train.tokens=...`)
   ours-alt   the same with the other optimizer (--alt-optimizer)
+  ours-btk   the same with `sae=batchtopk` (BatchTopK: the top k * batch codes of the whole batch
+             in training, a fixed threshold set on the final weights at inference)
   sparsify   sparsify 1.3's default recipe: SparseCoder, ScheduleFreeWrapper(SignSGD, momentum 0.95)
              at lr 5e-3 / sqrt(d_sae / 2^14), b_dec at the first batch's mean, no AuxK (auxk_alpha 0),
              decoder rows renormalized and their parallel gradient removed every step
@@ -122,13 +124,15 @@ def train_saelens(plan, k: int, expansion: int, out: Path) -> float:
 
 
 def train_ours(
-    run: RunDir, hook: str, ks: list[int], expansion: int, tokens: int, optimizer: str | None
-) -> dict[int, Path]:
+    run: RunDir, hook: str, ks: list[int], expansion: int, tokens: int, optimizer: str | None,
+    architecture: str = "topk",
+) -> dict[int, Path]:  # fmt: skip
     """The train stage, every k in one pass; {k: dictionary directory}."""
     extra = {"optimizer": optimizer} if optimizer else {}
     cfg = TrainConfig(hook=hook, tokens=tokens, progress=False, variants=[{"k": k} for k in ks], **extra)
-    saved = train_saes(cfg, SaeConfig(expansion=expansion), run.root, OFF)
-    return {k: saved[SaeConfig(k=k, expansion=expansion).default_name()] for k in ks}
+    saved = train_saes(cfg, SaeConfig(expansion=expansion, architecture=architecture), run.root, OFF)
+    names = {k: SaeConfig(k=k, expansion=expansion, architecture=architecture).default_name() for k in ks}
+    return {k: saved[name] for k, name in names.items()}
 
 
 def measure(directory: Path, plan) -> dict:
@@ -152,7 +156,7 @@ def _sweep_point(args, run: RunDir, plan, k: int, expansion: int, ours: dict) ->
             continue
         started = time.perf_counter()
         out = run.root / "peers" / f"{method}-k{k}-x{expansion}"
-        if method in ("ours", "ours-alt"):
+        if method in ours:
             out = ours[method][k]
             dead = json.loads((out / "cfg.json").read_text())["metrics"]["dead_fraction"]
         elif method == "sparsify":
@@ -207,7 +211,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=844_000)
     parser.add_argument("--ks", default="16,32,64")
     parser.add_argument("--expansions", default="8,16,32")
-    parser.add_argument("--methods", default="ours,ours-alt,sparsify,saelens")
+    parser.add_argument("--methods", default="ours,ours-btk,ours-alt,sparsify,saelens")
     parser.add_argument("--alt-optimizer", default="adam", help="the optimizer of the ours-alt rows")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument(
@@ -244,6 +248,8 @@ def _train_rows(args, run: RunDir) -> list[dict]:
             alt = RunDir(run.root / f"alt-{args.alt_optimizer}")
             _link_activations(alt, run, args.hook)
             ours["ours-alt"] = train_ours(alt, args.hook, args.ks, expansion, args.tokens, args.alt_optimizer)
+        if "ours-btk" in args.methods:
+            ours["ours-btk"] = train_ours(run, args.hook, args.ks, expansion, args.tokens, None, "batchtopk")
         for k in args.ks:
             plan = plan_training(
                 TrainConfig(hook=args.hook, tokens=args.tokens), SaeConfig(k=k, expansion=expansion), run
