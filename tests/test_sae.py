@@ -302,6 +302,9 @@ def test_decoder_constraints():
 def test_bad_configs():
     with pytest.raises(ValueError, match="k=200 must be smaller than d_sae=96"):
         build_sae(SaeConfig(k=200, expansion=4), D_IN)
+    with pytest.raises(ValueError, match=r"sae.k_aux=96 \(AuxK's dead latents per token\) must be smaller than d_sae=96"):
+        build_sae(SaeConfig(k=8, k_aux=96, expansion=4), D_IN)
+    assert build_sae(SaeConfig(architecture="relu", k_aux=96, expansion=4), D_IN).d_sae == 96  # no AuxK there
     with pytest.raises(ValueError, match="unknown SAE architecture"):
         SaeConfig(architecture="gated")
     with pytest.raises(FileNotFoundError, match="holds no cfg.json"):

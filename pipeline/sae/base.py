@@ -119,6 +119,11 @@ class SaeConfig:
             raise SaeConfigError(
                 f"sae.k={self.k} must be smaller than d_sae={d_sae} (expansion {self.expansion} x d_in {d_in})"
             )
+        if _REGISTRY[self.architecture].uses_k and self.k_aux is not None and self.k_aux >= d_sae:
+            raise SaeConfigError(
+                f"sae.k_aux={self.k_aux} (AuxK's dead latents per token) must be smaller than d_sae={d_sae}; "
+                "lower it or set sae.k_aux=null (2 k)"
+            )
 
     def _check_matryoshka_widths(self, d_sae: int) -> None:
         widths = self.matryoshka_widths
