@@ -46,7 +46,7 @@ def _naive_topk_loss(sae, x, dead, k_aux):
     if sae.cfg.aux_rescale:  # to the input's variance: residual / sqrt(FVU)
         residual = residual * (variance / residual.pow(2).sum(1).mean()).sqrt()
     aux = scale * (z_aux @ sae.W_dec - residual).pow(2).sum(1).mean() / variance
-    return loss + sae.cfg.aux_coefficient * aux, x_hat
+    return loss + sae.cfg.aux_weight() * aux, x_hat
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -68,6 +68,19 @@ def test_auxk_uses_twice_k_dead_latents_unless_set():
     assert SaeConfig(k=16).aux_latents(576) == 32
     assert SaeConfig(k=16, k_aux=300).aux_latents(576) == 300
     assert SaeConfig(architecture="transcoder", k=16, skip=True).aux_latents(576) == 32
+
+
+def test_auxk_weight_follows_the_architectures_rule_unless_set():
+    assert SaeConfig(architecture="topk", k=64).aux_weight() == 0.25
+    assert [SaeConfig(architecture="batchtopk", k=k).aux_weight() for k in (8, 16, 32, 64, 128)] == [0.5, 0.5, 0.5, 1.0, 2.0]
+    assert SaeConfig(architecture="matryoshka_batchtopk", k=64).aux_weight() == 0.25
+    assert SaeConfig(architecture="batchtopk", k=64, aux_coefficient=0.1).aux_weight() == 0.1
+    assert SaeConfig(architecture="batchtopk", k=64, aux_coefficient=0.0).aux_weight() == 0.0
+
+
+def test_saved_config_records_the_auxk_weight_it_trained_with(tmp_path):
+    sae = build_sae(SaeConfig(architecture="batchtopk", k=4, expansion=2), 8)
+    assert sae.config_dict()["aux_coefficient"] == 0.5
 
 
 def test_auxk_of_a_transcoder_without_skip_uses_half_its_input_width():
@@ -139,7 +152,7 @@ def _naive_batch_topk_loss(sae, x, dead, k_aux):
         residual = (x - x_hat).detach()
         residual = residual * (variance / residual.pow(2).sum(1).mean()).sqrt()
         aux = min(int(dead.sum()) / k_aux, 1.0) * (z_aux @ sae.W_dec - residual).pow(2).sum(1).mean() / variance
-        loss = loss + sae.cfg.aux_coefficient * aux
+        loss = loss + sae.cfg.aux_weight() * aux
     return loss, x_hat, z
 
 

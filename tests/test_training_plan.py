@@ -38,6 +38,19 @@ def test_the_auxk_default_enters_the_config_hash_as_its_value(run):
     assert hash_of(SAE) != hash_of(replace(SAE, k_aux=SAE.k))
 
 
+def test_the_auxk_weight_enters_the_config_hash_as_its_value(run):
+    """A null weight is hashed as the number its rule gives, so TopK dictionaries trained when 0.25
+    was the default stay current, and BatchTopK ones trained at 0.25 train again under the rule."""
+
+    def hash_of(sae_cfg):
+        return plan_training(_cfg(), sae_cfg, run).config_hash
+
+    assert hash_of(SAE) == hash_of(replace(SAE, aux_coefficient=0.25))
+    batch = replace(SAE, architecture="batchtopk")
+    assert hash_of(batch) == hash_of(replace(batch, aux_coefficient=0.5))
+    assert hash_of(batch) != hash_of(replace(batch, aux_coefficient=0.25))
+
+
 def test_variants_at_other_hooks_need_the_model_as_source(run):
     with pytest.raises(TrainError, match="need train.source=model"):
         plan_training(_cfg(variants=[{"k": 4}, {"hook": "blocks.2.resid_post"}]), SAE, run)

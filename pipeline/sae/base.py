@@ -55,9 +55,9 @@ class SaeConfig:
     aux_rescale: bool = True
     """AuxK: dead latents model the residual scaled to the input's variance, so that their codes
     reach a live latent's size (false: the residual itself, Gao et al.'s)."""
-    aux_coefficient: float = 0.25
-    """Weight of the AuxK loss (Gao et al. use 1/32 for long runs; short runs need dead latents
-    revived sooner: the README's rule table has the measurements)."""
+    aux_coefficient: float | None = None
+    """Weight of the AuxK loss; null = the architecture's rule (`aux_weight`). Gao et al. use 1/32 for
+    long runs; short runs need dead latents revived sooner (the README's rule table)."""
     l1_coefficient: float = 5.0
     """relu: weight of sum_i |z_i| * ||W_dec,i|| (with inputs normalized to E||x||^2 = d_in)."""
     l0_coefficient: float = 1.0
@@ -98,6 +98,12 @@ class SaeConfig:
             return self.k_aux
         plain_transcoder = _REGISTRY[self.architecture].transcodes and not self.skip
         return d_in // 2 if plain_transcoder else AUX_LATENTS_PER_K * self.k
+
+    def aux_weight(self) -> float:
+        """AuxK's weight: as set, else the architecture's rule in k (`Sae.default_aux_weight`)."""
+        if self.aux_coefficient is not None:
+            return self.aux_coefficient
+        return _REGISTRY[self.architecture].default_aux_weight(self.k)
 
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
@@ -190,6 +196,12 @@ class Sae(nn.Module):
     transcodes: ClassVar[bool] = False
     """Reads the activations at one hook and predicts those at another (`hook_out` in its metadata)
     instead of reconstructing its input."""
+
+    @staticmethod
+    def default_aux_weight(k: int) -> float:
+        """AuxK's weight where sae.aux_coefficient is null: fixed for TopK, whose dead latents it
+        hardly changed at 1.0 (the README's rule table)."""
+        return 0.25
 
     def __init_subclass__(cls, architecture: str, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -326,6 +338,7 @@ class Sae(nn.Module):
         return {
             "format_version": FORMAT_VERSION,
             **asdict(self.cfg),
+            "aux_coefficient": self.cfg.aux_weight(),
             "d_in": self.d_in,
             "d_sae": self.d_sae,
             "decoder_unit_norm": bool(

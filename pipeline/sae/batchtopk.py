@@ -34,6 +34,12 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
     uses_k = True
     has_threshold = True
 
+    @staticmethod
+    def default_aux_weight(k: int) -> float:
+        """k / 64, at least 0.5: a larger weight leaves fewer dead and silent latents, at an FVU cost
+        that falls with k (none at k 64; the README's rule table)."""
+        return max(0.5, k / 64)
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import metrics as M
-from pipeline.sae.base import TrainOutput
+from pipeline.sae.base import Sae, TrainOutput
 from pipeline.sae.batchtopk import BatchTopKSae
 from pipeline.sae.sparse import bag_decode
 from pipeline.sae.topk import AuxRequest, sparse_train_output
@@ -35,6 +35,8 @@ def nested_widths(widths: list[int] | None, d_sae: int) -> list[int]:
 
 
 class MatryoshkaBatchTopKSae(BatchTopKSae, architecture="matryoshka_batchtopk"):
+    default_aux_weight = staticmethod(Sae.default_aux_weight)  # measured at 0.25; BatchTopK's rule is not
+
     def __init__(self, cfg, d_in, meta=None):
         super().__init__(cfg, d_in, meta)
         # the prefix sizes on the weights' device (built per step, a blocking copy to the GPU each time)
