@@ -55,7 +55,7 @@ def dead_topk(
     return masked(~dead_mask, float("-inf")).topk(n, dim=1, sorted=False)
 
 
-CANDIDATES_PER_K = 4
+CANDIDATES_PER_K = 2
 """`batch_topk` sets its floor from each token's CANDIDATES_PER_K * k largest entries."""
 
 
@@ -65,18 +65,26 @@ def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     One search over the whole matrix is a single long selection (10x a per-row top-k on a CPU).
     Instead: the n-th largest of each row's m largest is a floor at or below the batch's n-th largest
-    (it is the n-th largest of a subset), so the entries at or above it hold the n largest; they are
-    n, plus those of rows with more than m above the floor, and the n largest are picked among them."""
+    (it is the n-th largest of a subset), so the entries at or above it hold the n largest. They lie
+    among the rows' candidates, except in rows whose m candidates all reach the floor (a few tokens
+    take far more than k latents); only those rows are searched whole. The n largest are then picked
+    among the entries found."""
     batch, d_sae = pre.shape
     n, m = k * batch, min(d_sae, CANDIDATES_PER_K * k)
-    floor = pre.topk(m, dim=1, sorted=False).values.flatten().topk(n, sorted=False).values.min()
-    flat = pre.flatten().ge(floor).nonzero().squeeze(1)  # ascending
-    values = pre.flatten()[flat]
+    candidates, columns = pre.topk(m, dim=1, sorted=False)  # [batch, m]
+    floor = candidates.flatten().topk(n, sorted=False).values.min()
+    whole = (candidates.min(1).values >= floor).nonzero().squeeze(1)  # rows that may hold more
+    found = candidates >= floor
+    found[whole] = False
+    token = torch.arange(batch, device=pre.device).unsqueeze(1)
+    whole_rows, whole_cols = (pre[whole] >= floor).nonzero().unbind(1)
+    flat = torch.cat([(token * d_sae + columns)[found], whole[whole_rows] * d_sae + whole_cols])
+    values = torch.cat([candidates[found], pre[whole[whole_rows], whole_cols]])
     if len(flat) > n:
         values, kept = values.topk(n, sorted=False)
-        flat, order = flat[kept].sort()
-        values = values[order]
-    return values, flat
+        flat = flat[kept]
+    flat, order = flat.sort()
+    return values[order], flat
 
 
 def split_flat(flat: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
