@@ -192,6 +192,6 @@ def one_dictionary(run: RunDir, chosen: OneDictionary, stage: str, error: type[E
     if len(found) != 1:
         raise error(
             f"{stage}.sae={chosen.sae} names {len(found)} dictionaries ({', '.join(d.name for d in found)}); "
-            f"name one, e.g. {stage}.sae=" + (found[0].name if found else "topk-k32-x16")
+            f"name one, e.g. {stage}.sae=" + (found[0].name if found else "batchtopk-k32-x16")
         )
     return found[0]

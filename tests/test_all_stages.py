@@ -33,10 +33,10 @@ def _mtimes(run_dir: Path) -> dict:
 
 def test_all_stages_run_in_order_and_rerun_skips_finished_work(tmp_path, trained_llama_dir, capsys):
     run_all(_config(tmp_path, trained_llama_dir))
-    sae_dir = tmp_path / "sae" / "blocks.1.resid_post" / "topk-k8-x4"
+    sae_dir = tmp_path / "sae" / "blocks.1.resid_post" / "batchtopk-k8-x4"
     assert (sae_dir / "sae.safetensors").exists()
-    assert (tmp_path / "eval" / "blocks.1.resid_post" / "topk-k8-x4" / "metrics.json").exists()
-    index = tmp_path / "features" / "blocks.1.resid_post" / "topk-k8-x4" / "index.html"
+    assert (tmp_path / "eval" / "blocks.1.resid_post" / "batchtopk-k8-x4" / "metrics.json").exists()
+    index = tmp_path / "features" / "blocks.1.resid_post" / "batchtopk-k8-x4" / "index.html"
     assert index.exists() and str(index) in capsys.readouterr().out
     before = _mtimes(tmp_path)
     assert len(before) == 4
@@ -54,9 +54,9 @@ def test_all_stages_on_a_dictionary_trained_from_the_model(tmp_path, trained_lla
     run_all(_config(tmp_path, trained_llama_dir, "train.source=model", "train.tokens=2560", "train.buffer_tokens=1024"))
     assert "harvest: skipped" in caplog.text
     assert ShardSet(tmp_path / "activations" / "blocks.1.resid_post").n_tokens == 256
-    report = json.loads((tmp_path / "eval" / "blocks.1.resid_post" / "topk-k8-x4" / "metrics.json").read_text())
+    report = json.loads((tmp_path / "eval" / "blocks.1.resid_post" / "batchtopk-k8-x4" / "metrics.json").read_text())
     assert report["metrics"]["reconstruction_quality"]["explained_variance"] > 0
-    assert (tmp_path / "features" / "blocks.1.resid_post" / "topk-k8-x4" / "index.html").exists()
+    assert (tmp_path / "features" / "blocks.1.resid_post" / "batchtopk-k8-x4" / "index.html").exists()
 
 
 def test_the_trained_hook_must_be_harvested(tmp_path, trained_llama_dir):
@@ -67,7 +67,7 @@ def test_the_trained_hook_must_be_harvested(tmp_path, trained_llama_dir):
     # ... unless training computes its activations: it stores the held-out split of its own hook
     run_all(_config(tmp_path, trained_llama_dir, "train.hook=blocks.0.resid_post", "train.source=model",
                     "train.tokens=1280", "train.buffer_tokens=1280", "analyze.detail_features=0"))  # fmt: skip
-    assert (tmp_path / "eval" / "blocks.0.resid_post" / "topk-k8-x4" / "metrics.json").exists()
+    assert (tmp_path / "eval" / "blocks.0.resid_post" / "batchtopk-k8-x4" / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("experiment", ["demo", "smollm2_full", "gpu_pythia160m"])
@@ -112,5 +112,5 @@ def test_all_stages_with_the_explain_step(tmp_path, trained_llama_dir):
                     "explain.explain_examples=3", "explain.score_examples=2", "explain.max_tokens=3",
                     "explain.progress=false", "model@explainer_model=hub", f"explainer_model.path={explainer}",
                     "explainer_model.dtype=float32", "explainer_model.device=cpu"))  # fmt: skip
-    report = tmp_path / "run" / "features" / "blocks.1.resid_post" / "topk-k8-x4" / "explanations.json"
+    report = tmp_path / "run" / "features" / "blocks.1.resid_post" / "batchtopk-k8-x4" / "explanations.json"
     assert len(json.loads(report.read_text())["features"]) == 2

@@ -339,7 +339,7 @@ def test_command_line_with_offline_wandb(run_dir):
         env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (run_dir / "sae" / HOOK / "topk-k4-x4" / "cfg.json").exists()
+    assert (run_dir / "sae" / HOOK / "batchtopk-k4-x4" / "cfg.json").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
@@ -500,7 +500,7 @@ def test_train_from_the_model_on_the_command_line(llama_cfg, text_corpus, tmp_pa
            "harvest.context_length=32", "wandb.mode=disabled"]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert Sae.load(tmp_path / "sae" / MODEL_HOOK / "topk-k4-x4").config_dict()["training_source"] == "model"
+    assert Sae.load(tmp_path / "sae" / MODEL_HOOK / "batchtopk-k4-x4").config_dict()["training_source"] == "model"
 
 
 def test_outliers_are_left_out_of_training_and_of_its_heldout_metrics(tmp_path):

@@ -39,7 +39,7 @@ class SaeConfigError(PipelineError, ValueError):
 class SaeConfig:
     """Architecture and size of one dictionary, with its architecture-specific loss settings."""
 
-    architecture: str = "topk"
+    architecture: str = "batchtopk"
     """A registered architecture (`architectures()`): relu | topk | batchtopk | jumprelu |
     matryoshka_batchtopk | transcoder."""
     d_in: int | None = None
@@ -71,7 +71,7 @@ class SaeConfig:
     skip: bool = False
     """transcoder: add a learned linear map of the input to the prediction (a skip transcoder)."""
     name: str | None = None
-    """Directory name under sae/<hook>/; default like `topk-k32-x16`."""
+    """Directory name under sae/<hook>/; default like `batchtopk-k32-x16`."""
 
     def __post_init__(self) -> None:
         if self.architecture not in _REGISTRY:

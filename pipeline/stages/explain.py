@@ -1,6 +1,6 @@
 """Explain stage: a sentence for each analyzed feature, written and scored by a language model.
 
-    python -m pipeline explain run_dir=outputs/demo explain.sae=topk-k32-x8 explain.features=100
+    python -m pipeline explain run_dir=outputs/demo explain.sae=batchtopk-k32-x8 explain.features=100
     python -m pipeline explain ... explain.backend=endpoint explain.endpoint=http://localhost:8000/v1 \\
         explain.endpoint_model=<served model>                     # vLLM, llama.cpp's server, ...
 

@@ -1,7 +1,7 @@
 """Relevance stage: which features a task relies on, ranked, and the ranking checked.
 
-    python -m pipeline relevance run_dir=outputs/demo relevance.sae=topk-k32-x8 corpus=stdlib_source
-    open outputs/demo/relevance/blocks.9.resid_post/topk-k32-x8/stdlib_source/relevance.html
+    python -m pipeline relevance run_dir=outputs/demo relevance.sae=batchtopk-k32-x8 corpus=stdlib_source
+    open outputs/demo/relevance/blocks.9.resid_post/batchtopk-k32-x8/stdlib_source/relevance.html
 
 The task is a corpus (`corpus=`, e.g. the fine-tuning text), cut into windows as harvest cuts them.
 Every feature gets the attribution-patching estimate of how much the task's next-token loss changes

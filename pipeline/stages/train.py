@@ -1,6 +1,6 @@
 """Train stage: fit one or several SAEs on harvested activations, all on the same activation stream.
 
-    python -m pipeline train sae=topk sae.k=32 sae.expansion=16 run_dir=outputs/demo
+    python -m pipeline train sae=batchtopk sae.k=32 sae.expansion=16 run_dir=outputs/demo
     python -m pipeline train 'train.variants=[{k: 16}, {k: 64}]'     # a sweep, data read once
     python -m pipeline train train.source=model train.tokens=100000000   # no shards stored
 
