@@ -35,7 +35,8 @@ def nested_widths(widths: list[int] | None, d_sae: int) -> list[int]:
 
 
 class MatryoshkaBatchTopKSae(BatchTopKSae, architecture="matryoshka_batchtopk"):
-    default_aux_weight = staticmethod(Sae.default_aux_weight)  # measured at 0.25; BatchTopK's rule is not
+    # AuxK's weight stays 0.25: its figures are measured there, and BatchTopK's rule is untested on it
+    default_aux_weight = staticmethod(Sae.default_aux_weight)
 
     def __init__(self, cfg, d_in, meta=None):
         super().__init__(cfg, d_in, meta)
