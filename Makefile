@@ -74,7 +74,7 @@ format:
 	$(PYTHON) -m venv --system-site-packages .bench-venv
 	.bench-venv/bin/pip install sae-lens eai-sparsify
 
-# Dictionary quality over k x width: this project's TopK (its default), BatchTopK and Adam rows against
+# Dictionary quality over k x width: this project's BatchTopK (its default), TopK and Adam rows against
 # sparsify's and SAELens' default recipes, on the default activations and batches (harvested first if
 # missing; ~4 h on 2 CPU cores, resumable: finished peers
 # are kept in outputs/bench-quality/rows.jsonl and this project's dictionaries by the train stage).

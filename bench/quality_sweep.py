@@ -3,10 +3,11 @@ default recipes, on the same harvested shards, batches and budget (`make bench-q
 benchmark venv where sparsify and SAELens are installed).
 
 For every k in --ks and expansion in --expansions, at --tokens training tokens:
-  ours       the train stage with its defaults (`python -m pipeline train train.tokens=...`)
+  ours       the train stage with `sae=topk` and every other setting at its default (TopK, the
+             default architecture until 2026-11-28)
   ours-alt   the same with the other optimizer (--alt-optimizer)
-  ours-btk   the same with `sae=batchtopk` (BatchTopK: the top k * batch codes of the whole batch
-             in training, a fixed threshold set on the final weights at inference)
+  ours-btk   the train stage with its defaults (`sae=batchtopk`: the top k * batch codes of the whole
+             batch in training, a fixed threshold set on the final weights at inference)
   sparsify   sparsify 1.3's default recipe: SparseCoder, ScheduleFreeWrapper(SignSGD, momentum 0.95)
              at lr 5e-3 / sqrt(d_sae / 2^14), b_dec at the first batch's mean, no AuxK (auxk_alpha 0),
              decoder rows renormalized and their parallel gradient removed every step

@@ -21,6 +21,10 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{"hook": HOOK, "batch_size": 128, "holdout_tokens": 256, "progress": False, **kw})
 
 
+def _hash_of(run: RunDir, sae_cfg: SaeConfig) -> str:
+    return plan_training(_cfg(), sae_cfg, run).config_hash
+
+
 @pytest.fixture
 def run(tmp_path) -> RunDir:
     make_shard_set(tmp_path / "activations" / HOOK)
@@ -30,25 +34,17 @@ def run(tmp_path) -> RunDir:
 def test_the_auxk_default_enters_the_config_hash_as_its_value(run):
     """k_aux null is hashed as the 2 k it means, so dictionaries trained under the old default
     (null meaning d_in / 2) train again and an explicit 2 k is the same training."""
-
-    def hash_of(sae_cfg):
-        return plan_training(_cfg(), sae_cfg, run).config_hash
-
-    assert hash_of(SAE) == hash_of(replace(SAE, k_aux=2 * SAE.k))
-    assert hash_of(SAE) != hash_of(replace(SAE, k_aux=SAE.k))
+    assert _hash_of(run, SAE) == _hash_of(run, replace(SAE, k_aux=2 * SAE.k))
+    assert _hash_of(run, SAE) != _hash_of(run, replace(SAE, k_aux=SAE.k))
 
 
 def test_the_auxk_weight_enters_the_config_hash_as_its_value(run):
     """A null weight is hashed as the number its rule gives, so TopK dictionaries trained when 0.25
     was the default stay current, and BatchTopK ones trained at 0.25 train again under the rule."""
-
-    def hash_of(sae_cfg):
-        return plan_training(_cfg(), sae_cfg, run).config_hash
-
-    assert hash_of(SAE) == hash_of(replace(SAE, aux_coefficient=0.25))
+    assert _hash_of(run, SAE) == _hash_of(run, replace(SAE, aux_coefficient=0.25))
     batch = replace(SAE, architecture="batchtopk")
-    assert hash_of(batch) == hash_of(replace(batch, aux_coefficient=0.5))
-    assert hash_of(batch) != hash_of(replace(batch, aux_coefficient=0.25))
+    assert _hash_of(run, batch) == _hash_of(run, replace(batch, aux_coefficient=0.5))
+    assert _hash_of(run, batch) != _hash_of(run, replace(batch, aux_coefficient=0.25))
 
 
 def test_variants_at_other_hooks_need_the_model_as_source(run):
