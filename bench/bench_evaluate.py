@@ -47,7 +47,7 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--hook", default="blocks.9.resid_post")
-    parser.add_argument("--dtype", default="bfloat16", help="model compute dtype")
+    parser.add_argument("--dtype", default="auto", help="model compute dtype (auto: bf16 where the hardware has it)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--expansion", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each is kept")

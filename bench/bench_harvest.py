@@ -41,7 +41,7 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--hooks", default="blocks.9.resid_post")
-    parser.add_argument("--dtype", default="bfloat16", help="model compute dtype")
+    parser.add_argument("--dtype", default="auto", help="model compute dtype (auto: bf16 where the hardware has it)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating timing rounds; the best of each is kept"

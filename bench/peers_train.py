@@ -63,12 +63,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     args = parser.parse_args()
     torch.manual_seed(0)
     data = synthetic_activations(BATCH * args.steps)
     heldout = synthetic_activations(8192, seed=1)
     for name, make in [("sae-lens", run_saelens), ("sparsify", run_sparsify)]:
-        for dtype in ("float32", "bfloat16"):
+        for dtype in args.dtypes.split(","):
 
             def autocast(dtype=dtype):
                 return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()

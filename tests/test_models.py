@@ -36,6 +36,31 @@ def test_under_torchrun_cuda_means_this_process_gpu(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_only_where_matrices_multiply_natively_in_it(monkeypatch, native):
+    from pipeline import models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    assert models.resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    assert models.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert models.resolve_dtype("auto", torch.device("mps")) == torch.float32
+    assert models.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16  # an explicit choice stands
+    assert ModelConfig().dtype == "auto"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_forced_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog, llama_cfg, native):
+    from dataclasses import replace
+
+    from pipeline import models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="pipeline.models"):
+        loaded = load_model(replace(llama_cfg, dtype="bfloat16"))
+    assert loaded.dtype == torch.bfloat16
+    assert ("set model.dtype=auto" in caplog.text) is not native
+
+
 def test_device_map_places_the_model_with_accelerate_and_inputs_follow_its_embedding(llama_cfg, text_corpus, tmp_path):
     from dataclasses import replace
 
