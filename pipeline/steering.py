@@ -151,7 +151,7 @@ def steering_report(loaded: LoadedModel, hook: HookPoint, sae, latent: int, mode
         steered = next_token_logprobs(loaded, hook, edit, prompts, reads)
         shifts = next_token_shift(plain.logprobs, steered)
         steps.append({"scale": scale, "texts": generate(loaded, hook, edit, prompts, max_new_tokens, reads),
-                      "kl": [round(s.kl, 4) for s in shifts],
+                      "kl": [float(f"{s.kl:.4g}") for s in shifts],  # significant digits: a small edit keeps its KL
                       "risen": [[[t, round(p, 4)] for t, p in s.risen] for s in shifts],
                       "promoted_rise": round(promoted_rise(plain.logprobs, steered, promoted), 4)})  # fmt: skip
     return {"feature": latent, "mode": mode, "unit": round(unit, 4), "prompts": prompts,

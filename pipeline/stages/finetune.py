@@ -3,9 +3,10 @@ base-versus-fine-tuned comparison (compare.py; `make compare-demo`).
 
     python -m pipeline finetune finetune.out=outputs/finetuned-model finetune.steps=30 finetune.save_every=10
 
-Next-token loss on packed windows of the corpus, AdamW, bf16 autocast on CPU and GPU. The result
-loads with `model=hub model.path=<out>` in every stage; with `save_every`, the model of every N-th
-step is kept too, at `<out>/checkpoints/step-<N>/`, for the track stage (features step by step).
+Next-token loss on packed windows of the corpus, AdamW, bf16 autocast where the hardware has bf16
+(a GPU, a CPU with native bf16; `resolve_dtype`). The result loads with `model=hub model.path=<out>`
+in every stage; with `save_every`, the model of every N-th step is kept too, at
+`<out>/checkpoints/step-<N>/`, for the track stage (features step by step).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pipeline.corpus import CorpusConfig, iter_texts, load_documents, pack_windo
 from pipeline.fileio import atomic_write
 from pipeline.finetune_checkpoints import CHECKPOINTS, DONE, step_dir
 from pipeline.locks import exclusive
-from pipeline.models import ModelConfig, load_model
+from pipeline.models import ModelConfig, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,14 @@ def _save(model: torch.nn.Module, loaded, directory: Path, settings: str) -> Non
 
 
 def _train(cfg: FinetuneConfig, loaded, save_step: Callable[[int, torch.nn.Module], None]) -> torch.nn.Module:
-    """`cfg.steps` AdamW steps of next-token loss on packed windows of the corpus (bf16 autocast);
+    """`cfg.steps` AdamW steps of next-token loss on packed windows of the corpus (bf16 autocast where native);
     `save_step(step, model)` after every save_every-th step but the last."""
     torch.manual_seed(cfg.seed)
     model = loaded.model.float().train().requires_grad_(True)
     texts = iter_texts(load_documents(cfg.corpus), cfg.corpus.text_field)
     windows = pack_windows(texts, loaded.tokenizer, cfg.context_length, "window")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    use_bf16 = loaded.device.type == "cuda" or torch.backends.mkldnn.is_available()
+    use_bf16 = resolve_dtype("auto", loaded.device) == torch.bfloat16  # where bf16 matmuls are native
     bar = tqdm(range(cfg.steps), desc="finetune", unit="step", disable=not cfg.progress)
     for step in bar:
         batch = torch.stack(list(itertools.islice(windows, cfg.batch_size))).to(loaded.device, torch.long)
