@@ -20,12 +20,12 @@ test:
 test-slow:
 	$(PYTHON) -m pytest -q -m slow
 
-# The main job on the embedded defaults: SmolLM2-135M activations of Python's docs, then a TopK SAE.
-# The whole pipeline on the embedded model and corpus: the fast demo preset (~3.5 min on 2 CPU cores) ...
+# The main job on the embedded defaults: SmolLM2-135M activations of Python's docs, then a BatchTopK SAE.
+# The whole pipeline on the embedded model and corpus: the fast demo preset (3.5-8 min on 2 CPU cores) ...
 run:
 	$(PYTHON) -m pipeline all experiment=demo
 
-# ... and the full default configuration (the whole corpus, 16x TopK; ~11 min on 2 CPU cores).
+# ... and the full default configuration (the whole corpus, 16x BatchTopK; ~20 min on 2 CPU cores).
 run-full:
 	$(PYTHON) -m pipeline all
 
