@@ -21,7 +21,7 @@ import torch
 
 from pipeline.corpus import CorpusConfig
 from pipeline.harvesting import HarvestConfig, harvest_activations
-from pipeline.models import ModelConfig, load_model
+from pipeline.models import ModelConfig, dtype_name, load_model
 from pipeline.sae import SaeConfig, build_sae
 from pipeline.shards import ShardSet
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes
@@ -86,7 +86,7 @@ def main() -> None:
     n = tokens.numel()
     eval_s, bare_s = min(eval_times), min(bare_times)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, device {loaded.device}, {args.dtype}")  # fmt: skip
+          f"torch {torch.__version__}, device {loaded.device}, {dtype_name(loaded.dtype)}")  # fmt: skip
     print(
         f"evaluate {args.hook}, one {args.expansion}x TopK dictionary, {n} tokens in batches of {args.batch_size}"
     )

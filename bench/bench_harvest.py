@@ -20,7 +20,7 @@ import torch
 from pipeline.corpus import CorpusConfig, pydoc_documents
 from pipeline.harvesting import HarvestConfig, harvest_activations
 from pipeline.hooks import capture_activations, validate_hooks
-from pipeline.models import ModelConfig, load_model
+from pipeline.models import ModelConfig, dtype_name, load_model
 from pipeline.shards import ShardSet
 
 
@@ -81,7 +81,7 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     print(
-        f"model: SmolLM2-135M ({args.dtype}), hooks {args.hooks}, {n} tokens, batch {cfg.batch_size}x{cfg.context_length}"
+        f"model: SmolLM2-135M ({dtype_name(loaded.dtype)}), hooks {args.hooks}, {n} tokens, batch {cfg.batch_size}x{cfg.context_length}"
     )
     print(f"{'':28}{'tokens/s':>10}")
     print(f"{'bare truncated forward':28}{n / bare_s:>10,.0f}")

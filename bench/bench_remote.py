@@ -28,8 +28,8 @@ import torch
 from bench_stream import timed_training
 
 from pipeline.corpus import CorpusConfig
-from pipeline.harvesting import HarvestConfig, harvest_activations
-from pipeline.models import ModelConfig, load_model
+from pipeline.harvesting import HarvestConfig, harvest_activations, storage_dtype
+from pipeline.models import ModelConfig, dtype_name, load_model
 from pipeline.training import TrainConfig
 
 HOOK = "blocks.9.resid_post"
@@ -74,7 +74,8 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["SAE_PIPELINE_CACHE"] = str(Path(tmp) / "cache")
-            shard_bytes = harvest.sequences_per_shard * harvest.context_length * (loaded.d_model * 2 + 4)
+            item = storage_dtype(harvest.dtype, loaded).itemsize  # fp32 on a CPU without native bf16
+            shard_bytes = harvest.sequences_per_shard * harvest.context_length * (loaded.d_model * item + 4)
             os.environ["SAE_PIPELINE_CACHE_GB"] = str(8 * shard_bytes / 2**30)
             fsspec.filesystem("s3").mkdir("bench")
             local, url = Path(tmp) / "local", "s3://bench/run"
@@ -87,7 +88,7 @@ def main() -> None:
         server.wait(timeout=30)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; S3: moto's server on localhost")  # fmt: skip
-    print(f"model: SmolLM2-135M ({args.dtype}) {HOOK}; {args.tokens} tokens in shards of "
+    print(f"model: SmolLM2-135M ({dtype_name(loaded.dtype)}) {HOOK}; {args.tokens} tokens in shards of "
           f"{harvest.sequences_per_shard} windows; cache: 8 shards; train.shuffle_shards={train.shuffle_shards}")  # fmt: skip
     print(f"{'':24}{'local s':>10}{'s3:// s':>10}{'s3 / local tok/s':>18}")
     print(f"{'harvest':24}{harvest_local:>10.1f}{harvest_s3:>10.1f}{harvest_local / harvest_s3:>18.3f}")

@@ -29,7 +29,7 @@ from bench_harvest import bare_forward
 from pipeline.corpus import CorpusConfig
 from pipeline.harvesting import HarvestConfig, corpus_windows, forward_shard, harvest_activations
 from pipeline.hooks import validate_hooks
-from pipeline.models import ModelConfig, load_model
+from pipeline.models import ModelConfig, dtype_name, load_model
 from pipeline.sae import Sae, SaeConfig
 from pipeline.shards import Manifest, ShardSet, ShardWriter, shard_name, write_manifest
 from pipeline.stages import train as train_stage
@@ -105,7 +105,7 @@ def main() -> None:
     bare_rate = streamed[:, 1:].numel() / bare_s  # trained-on tokens (BOS excluded) per second
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")  # fmt: skip
-    print(f"model: SmolLM2-135M ({args.dtype}) {HOOK}; dictionary: {SaeConfig().default_name()}, "
+    print(f"model: SmolLM2-135M ({dtype_name(loaded.dtype)}) {HOOK}; dictionary: {SaeConfig().default_name()}, "
           f"{args.tokens} training tokens, held-out {shards_metrics['heldout_tokens']} tokens")  # fmt: skip
     print(f"{'':34}{'tokens/s':>10}{'held-out FVU':>14}")
     print(f"{'bare truncated forward':34}{bare_rate:>10,.0f}")
