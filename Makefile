@@ -25,7 +25,7 @@ test-slow:
 run:
 	$(PYTHON) -m pipeline all experiment=demo
 
-# ... and the full default configuration (the whole corpus, 16x BatchTopK; ~20 min on 2 CPU cores).
+# ... and the full default configuration (the whole corpus, 16x BatchTopK; 20-40 min on 2 CPU cores).
 run-full:
 	$(PYTHON) -m pipeline all
 
