@@ -8,9 +8,13 @@ never fires on the 32k held-out tokens. At k 16 and 32x a latent fires once in 1
 average, so a rarely firing latent falls under both windows by chance. This counts, for each
 dictionary, the firings of every latent over a longer span (the last --span training tokens and the
 held-out split) and prints the share of latents that never fire there and that fire at most 10 and
-30 times: latents that are rare against ones that are unused. With --draws N it also prints, for
-each dictionary, the share of latents idle over N random draws of --window training tokens (the
-saved dictionary counted as the training window counts the dictionary it trains).
+30 times: latents that are rare against ones that are unused. It also prints the spread of the
+firing rates (the rate of the latent at the 5 % and 50 % quantile, over the mean rate k / d_sae) and
+the share of latents that a random --window of tokens would leave idle if each latent fired at its
+counted rate independently (Poisson): the dead share the dictionary's own frequency spread implies.
+With --draws N it also prints, for each dictionary, the share of latents idle over N random draws of
+--window training tokens (the saved dictionary counted as the training window counts the dictionary
+it trains).
 """
 
 from __future__ import annotations
@@ -40,6 +44,18 @@ def firing_counts(sae: Sae, shards: ShardSet, start: int, batch_size: int = 4096
             x = shards.gather(idx).float()
             stats.update(x, *sae(x))
     return stats.fire_count, stats.n
+
+
+def expected_idle(counts: torch.Tensor, n: int, window: int) -> float:
+    """The share of latents idle over a random `window` of tokens if each fires independently at its
+    rate counts / n (Poisson): mean of exp(-window x rate)."""
+    return float(torch.exp(-window * counts.double() / n).mean())
+
+
+def rate_quantiles(counts: torch.Tensor, quantiles: tuple[float, ...] = (0.05, 0.5)) -> list[float]:
+    """The firing rate at each quantile of the latents, over the mean rate."""
+    rates = counts.double()
+    return torch.quantile(rates / rates.mean(), torch.tensor(quantiles, dtype=torch.float64)).tolist()
 
 
 def idle_over_draws(sae: Sae, shards: ShardSet, held_out: int, window: int, draws: int, seed: int = 1) -> list[float]:
@@ -81,11 +97,14 @@ def main() -> None:
     shards = ShardSet(run.activations(args.hook))
     held_out = heldout_start(shards.n_tokens, shards.manifest.context_length, TrainConfig().holdout_tokens)
     start = max(0, held_out - args.span)
-    print("| dictionary | k | d_sae | expected firings | never | ≤ 10 | ≤ 30 |\n|---|---|---|---|---|---|---|")
+    print(f"| dictionary | k | d_sae | expected firings | never | ≤ 10 | ≤ 30 | rate / mean at 5 % / 50 % "
+          f"| Poisson idle over {args.window} |\n|---|---|---|---|---|---|---|---|---|")
     for name, directory in _dictionaries(run.root, args.hook, args.names).items():
         sae = Sae.load(directory)
         counts, n = firing_counts(sae, shards, start)
         shares = [f"{float((counts <= limit).float().mean()) * 100:.2f} %" for limit in (0, 10, 30)]
+        low, median = rate_quantiles(counts)
+        shares += [f"{low:.2f} / {median:.2f}", f"{expected_idle(counts, n, args.window) * 100:.2f} %"]
         print(f"| {name} | {sae.cfg.k} | {sae.d_sae} | {n * sae.cfg.k // sae.d_sae} | " + " | ".join(shares) + " |")
         if args.draws:
             idle = idle_over_draws(sae, shards, held_out, args.window, args.draws)
