@@ -9,9 +9,10 @@ average, so a rarely firing latent falls under both windows by chance. This coun
 dictionary, the firings of every latent over a longer span (the last --span training tokens and the
 held-out split) and prints the share of latents that never fire there and that fire at most 10 and
 30 times: latents that are rare against ones that are unused. It also prints the spread of the
-firing rates (the rate of the latent at the 5 % and 50 % quantile, over the mean rate k / d_sae) and
-the share of latents that a random --window of tokens would leave idle if each latent fired at its
-counted rate independently (Poisson): the dead share the dictionary's own frequency spread implies.
+firing rates (the rate of the latent at the 5 % and 50 % quantile, over the mean counted rate, about
+k / d_sae) and the share of latents that a random --window of tokens would leave idle if each latent
+fired at its counted rate independently (Poisson): the dead share the dictionary's own frequency
+spread implies.
 With --draws N it also prints, for each dictionary, the share of latents idle over N random draws of
 --window training tokens (the saved dictionary counted as the training window counts the dictionary
 it trains).
@@ -53,7 +54,7 @@ def expected_idle(counts: torch.Tensor, n: int, window: int) -> float:
 
 
 def rate_quantiles(counts: torch.Tensor, quantiles: tuple[float, ...] = (0.05, 0.5)) -> list[float]:
-    """The firing rate at each quantile of the latents, over the mean rate."""
+    """The firing rate at each quantile of the latents, over the mean of the counted rates."""
     rates = counts.double()
     return torch.quantile(rates / rates.mean(), torch.tensor(quantiles, dtype=torch.float64)).tolist()
 
@@ -102,10 +103,10 @@ def main() -> None:
     for name, directory in _dictionaries(run.root, args.hook, args.names).items():
         sae = Sae.load(directory)
         counts, n = firing_counts(sae, shards, start)
-        shares = [f"{float((counts <= limit).float().mean()) * 100:.2f} %" for limit in (0, 10, 30)]
+        cells = [f"{float((counts <= limit).float().mean()) * 100:.2f} %" for limit in (0, 10, 30)]
         low, median = rate_quantiles(counts)
-        shares += [f"{low:.2f} / {median:.2f}", f"{expected_idle(counts, n, args.window) * 100:.2f} %"]
-        print(f"| {name} | {sae.cfg.k} | {sae.d_sae} | {n * sae.cfg.k // sae.d_sae} | " + " | ".join(shares) + " |")
+        cells += [f"{low:.2f} / {median:.2f}", f"{expected_idle(counts, n, args.window) * 100:.2f} %"]
+        print(f"| {name} | {sae.cfg.k} | {sae.d_sae} | {n * sae.cfg.k // sae.d_sae} | " + " | ".join(cells) + " |")
         if args.draws:
             idle = idle_over_draws(sae, shards, held_out, args.window, args.draws)
             print(f"  {name}: idle over {args.draws} random draws of {args.window} training tokens: "
