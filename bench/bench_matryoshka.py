@@ -46,14 +46,12 @@ ABSORBING_SHARE, ABSORBING_COSINE = 0.4, 0.025
 
 
 def train_both(run_dir: Path, expansion: int, k: int) -> dict[str, Sae]:
-    """Both dictionaries: those already in the run directory (e.g. from `python -m pipeline train
-    'train.variants=[{architecture: batchtopk}, {architecture: matryoshka_batchtopk}]'`), or trained."""
+    """Both dictionaries, trained unless the run directory holds them trained with today's defaults
+    (the train stage's own check: e.g. from `python -m pipeline train
+    'train.variants=[{architecture: batchtopk}, {architecture: matryoshka_batchtopk}]'`)."""
     variants = [{"architecture": "batchtopk"}, {"architecture": "matryoshka_batchtopk"}]
-    names = [f"{v['architecture']}-k{k}-x{expansion}" for v in variants]
-    found = {name: run_dir / "sae" / HOOK / name for name in names}
-    if not all((path / "cfg.json").exists() for path in found.values()):
-        found = train_stage.train_saes(TrainConfig(hook=HOOK, variants=variants, progress=False),
-                                       SaeConfig(expansion=expansion, k=k), run_dir, WandbConfig(mode="disabled"))  # fmt: skip
+    found = train_stage.train_saes(TrainConfig(hook=HOOK, variants=variants, progress=False),
+                                   SaeConfig(expansion=expansion, k=k), run_dir, WandbConfig(mode="disabled"))  # fmt: skip
     return {name: Sae.load(path) for name, path in found.items()}
 
 
