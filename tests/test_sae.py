@@ -73,7 +73,7 @@ def test_auxk_uses_twice_k_dead_latents_unless_set():
 def test_auxk_weight_follows_the_architectures_rule_unless_set():
     assert SaeConfig(architecture="topk", k=64).aux_weight() == 0.25
     assert [SaeConfig(architecture="batchtopk", k=k).aux_weight() for k in (8, 16, 32, 64, 128)] == [0.5, 0.5, 0.5, 1.0, 2.0]
-    assert SaeConfig(architecture="matryoshka_batchtopk", k=64).aux_weight() == 0.25
+    assert [SaeConfig(architecture="matryoshka_batchtopk", k=k).aux_weight() for k in (8, 16, 31, 32, 64)] == [0.25, 0.25, 0.25, 2.0, 2.0]
     assert SaeConfig(architecture="batchtopk", k=64, aux_coefficient=0.1).aux_weight() == 0.1
     assert SaeConfig(architecture="batchtopk", k=64, aux_coefficient=0.0).aux_weight() == 0.0
 
