@@ -46,7 +46,7 @@ ABSORBING_SHARE, ABSORBING_COSINE = 0.4, 0.025
 
 
 def train_both(run_dir: Path, expansion: int, k: int) -> dict[str, Sae]:
-    """Both dictionaries, trained unless the run directory holds them trained with today's defaults
+    """Both dictionaries, trained unless the run directory holds them trained with these settings
     (the train stage's own check: e.g. from `python -m pipeline train
     'train.variants=[{architecture: batchtopk}, {architecture: matryoshka_batchtopk}]'`)."""
     variants = [{"architecture": "batchtopk"}, {"architecture": "matryoshka_batchtopk"}]
