@@ -76,8 +76,8 @@ format:
 
 # Dictionary quality over k x width: this project's BatchTopK (its default), TopK and Adam rows against
 # sparsify's and SAELens' default recipes, on the default activations and batches (harvested first if
-# missing; ~4 h on 2 CPU cores, resumable: finished peers
-# are kept in outputs/bench-quality/rows.jsonl and this project's dictionaries by the train stage).
+# missing; ~4 h on 2 CPU cores, resumable: finished peers are kept in outputs/bench-quality/rows.jsonl,
+# trained again only for other activations or batches, and this project's dictionaries by the train stage).
 bench-quality: .bench-venv/bin/python
 	$(PYTHON) -m pipeline harvest
 	.bench-venv/bin/python bench/quality_sweep.py

@@ -18,10 +18,11 @@ stage's held-out split, dead fraction over the train stage's dead window (the la
 training tokens), and CE loss recovered from the evaluate stage on the same held-out windows.
 Prints the table, writes <out>/results.json and <out>/pareto.png.
 
-Resumable and splittable: every measured row is appended to <out>/rows.jsonl and peers found there
-are not trained again (this project's dictionaries are kept by the train stage itself), so parts of
-the sweep can run in separate processes with --skip-ce and `--report` then adds CE loss recovered,
-the table and the plot for every row.
+Resumable and splittable: every measured row is appended to <out>/rows.jsonl and peers found there,
+trained on the same activations, split and batches, are not trained again (this project's
+dictionaries are kept by the train stage itself), so parts of the sweep can run in separate
+processes with --skip-ce and `--report` then adds CE loss recovered, the table and the plot for
+every row.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from default_model import default_model  # noqa: E402
 
 from pipeline.plots import pareto_plot  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.rundir import RunDir, config_hash  # noqa: E402
 from pipeline.sae import Sae, SaeConfig  # noqa: E402
 from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes  # noqa: E402
 from pipeline.stages.train import train_saes  # noqa: E402
@@ -150,11 +151,21 @@ def _cached_rows(run: RunDir) -> dict[tuple, dict]:
     return {(r["method"], r["k"], r["expansion"]): r for r in rows}
 
 
+def batches_key(plan) -> str:
+    """What a peer's training depends on besides its method, k and width: the activations, the split
+    and the batches. A peer's row measured under another key is trained again, not reused."""
+    manifest = plan.shards.manifest
+    return config_hash({"activations": [manifest.weights_hash, [r.sha256 for r in manifest.shards]],
+                        "n_train": plan.n_train, "steps": plan.total_steps, "batch_size": plan.cfg.batch_size,
+                        "seed": plan.cfg.seed})  # fmt: skip
+
+
 def _sweep_point(args, run: RunDir, plan, k: int, expansion: int, ours: dict) -> list[dict]:
-    rows, cached = [], _cached_rows(run)
+    rows, cached, key = [], _cached_rows(run), batches_key(plan)
     for method in args.methods:
-        if method in ("sparsify", "saelens") and (method, k, expansion) in cached:
-            rows.append(cached[(method, k, expansion)])
+        earlier = cached.get((method, k, expansion))
+        if method in ("sparsify", "saelens") and earlier is not None and earlier.get("batches") == key:
+            rows.append(earlier)
             continue
         started = time.perf_counter()
         out = run.root / "peers" / f"{method}-k{k}-x{expansion}"
@@ -166,7 +177,7 @@ def _sweep_point(args, run: RunDir, plan, k: int, expansion: int, ours: dict) ->
         else:
             dead = train_saelens(plan, k, expansion, out)
         row = {"method": method, "k": k, "expansion": expansion, "dir": str(out), "dead_fraction": dead,
-               **measure(out, plan), "train_seconds": round(time.perf_counter() - started)}  # fmt: skip
+               **measure(out, plan), "train_seconds": round(time.perf_counter() - started), "batches": key}  # fmt: skip
         print(json.dumps(row), flush=True)
         with open(run.root / "rows.jsonl", "a") as cache:
             cache.write(json.dumps(row) + "\n")
@@ -232,11 +243,15 @@ def _arguments() -> argparse.Namespace:
 
 
 def _link_activations(run: RunDir, source: RunDir, hook: str) -> None:
-    """Let `run` read `source`'s activations of `hook` (a symlink, made once)."""
-    link = run.activations(hook)
+    """Let `run` read `source`'s activations of `hook` (a symlink, re-pointed when `source` changes;
+    the train stage and `batches_key` then train every dictionary again on the new activations)."""
+    link, target = run.activations(hook), source.activations(hook).resolve()
+    if link.is_symlink() and link.resolve() != target:
+        print(f"{run.root} read the activations of {link.resolve()}; now {target}", flush=True)
+        link.unlink()
     if not link.exists():
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(source.activations(hook).resolve())
+        link.symlink_to(target)
 
 
 def _train_rows(args, run: RunDir) -> list[dict]:
