@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from default_model import default_model  # noqa: E402
-from quality_sweep import dead_fraction, sparsify_optimizer  # noqa: E402  (bench/: the peer recipe, one definition)
+from quality_sweep import batches_key, dead_fraction, sparsify_optimizer  # noqa: E402  (bench/: the peer recipe, one definition)
 
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.sae import Sae, SaeConfig  # noqa: E402
@@ -79,8 +79,15 @@ def _as_run_dictionary(directory: Path, run: RunDir, name: str, dead: float, pla
     metrics = heldout_metrics(sae, plan.stored[plan.cfg.hook], plan.n_train, plan.cfg.exclude_bos,
                               target=plan.stored[plan.cfg.hook_out])  # fmt: skip
     sae.meta.update(model_id=plan.shards.manifest.model_id, hook=plan.cfg.hook, hook_out=plan.cfg.hook_out,
-                    training_split_tokens=plan.n_train, metrics={**metrics, "dead_fraction": dead})  # fmt: skip
+                    training_split_tokens=plan.n_train, metrics={**metrics, "dead_fraction": dead},
+                    batches=batches_key(plan))  # fmt: skip
     return sae.save(run.sae(plan.cfg.hook, name))
+
+
+def _trained_on(directory: Path, plan) -> bool:
+    """Whether a peer's dictionary there was trained on the plan's activations and batches."""
+    config = directory / "cfg.json"
+    return config.exists() and json.loads(config.read_text()).get("batches") == batches_key(plan)
 
 
 def _row(name: str, report: dict, directory: Path) -> dict:
@@ -110,7 +117,7 @@ def main() -> None:
     for skip in (False, True):
         name = f"sparsify-transcoder{'-skip' if skip else ''}-k{args.k}-x{args.expansion}"
         peer = run.root / "peers" / name / f"layers.{args.layer}.mlp"  # sparsify's own layout
-        if not (run.sae(hook, name) / "cfg.json").exists():  # trained by an earlier run of this benchmark
+        if not _trained_on(run.sae(hook, name), plan):  # by an earlier run of this benchmark
             dead = train_sparsify(plan, args.k, args.expansion, skip, peer)
             _as_run_dictionary(peer, run, name, dead, plan)
         dictionaries[name] = run.sae(hook, name)

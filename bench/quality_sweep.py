@@ -154,10 +154,9 @@ def _cached_rows(run: RunDir) -> dict[tuple, dict]:
 def batches_key(plan) -> str:
     """What a peer's training depends on besides its method, k and width: the activations, the split
     and the batches. A peer's row measured under another key is trained again, not reused."""
-    manifest = plan.shards.manifest
-    return config_hash({"activations": [manifest.weights_hash, [r.sha256 for r in manifest.shards]],
-                        "n_train": plan.n_train, "steps": plan.total_steps, "batch_size": plan.cfg.batch_size,
-                        "seed": plan.cfg.seed})  # fmt: skip
+    activations = {hook: [s.manifest.weights_hash, [r.sha256 for r in s.manifest.shards]] for hook, s in plan.stored.items()}
+    return config_hash({"activations": activations, "n_train": plan.n_train, "steps": plan.total_steps,
+                        "batch_size": plan.cfg.batch_size, "seed": plan.cfg.seed})  # fmt: skip
 
 
 def _sweep_point(args, run: RunDir, plan, k: int, expansion: int, ours: dict) -> list[dict]:
