@@ -46,7 +46,7 @@ from pipeline.stages.evaluate import EvaluateConfig, evaluate_saes  # noqa: E402
 from pipeline.stages.train import train_saes  # noqa: E402
 from pipeline.tracking import WandbConfig  # noqa: E402
 from pipeline.training import TrainConfig, heldout_metrics, training_batches  # noqa: E402
-from pipeline.training_plan import plan_training  # noqa: E402
+from pipeline.training_plan import data_identity, plan_training  # noqa: E402
 
 OFF = WandbConfig(mode="disabled")
 
@@ -154,9 +154,8 @@ def _cached_rows(run: RunDir) -> dict[tuple, dict]:
 def batches_key(plan) -> str:
     """What a peer's training depends on besides its method, k and width: the activations, the split
     and the batches. A peer's row measured under another key is trained again, not reused."""
-    activations = {hook: [s.manifest.weights_hash, [r.sha256 for r in s.manifest.shards]] for hook, s in plan.stored.items()}
-    return config_hash({"activations": activations, "n_train": plan.n_train, "steps": plan.total_steps,
-                        "batch_size": plan.cfg.batch_size, "seed": plan.cfg.seed})  # fmt: skip
+    return config_hash({"data": data_identity(plan.stored, plan.stream), "n_train": plan.n_train,
+                        "steps": plan.total_steps, "batch_size": plan.cfg.batch_size, "seed": plan.cfg.seed})  # fmt: skip
 
 
 def _sweep_point(args, run: RunDir, plan, k: int, expansion: int, ours: dict) -> list[dict]:
@@ -189,8 +188,7 @@ def ce_recovered(rows: list[dict], run: RunDir, hook: str, eval_tokens: int) -> 
     cfg = EvaluateConfig(
         saes=[r["dir"] for r in rows], hook=hook, force=True, tokens=eval_tokens, progress=False
     )
-    reports = evaluate_saes(default_model(),
-                            cfg, run.root, OFF)  # fmt: skip
+    reports = evaluate_saes(default_model(), cfg, run.root, OFF)
     for row in rows:
         metrics = reports[f"{hook}/{Path(row['dir']).name}"]["metrics"]
         row["ce_loss_score"] = metrics["model_performance_preservation"]["ce_loss_score"]

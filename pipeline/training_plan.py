@@ -227,8 +227,8 @@ def _total_steps(cfg: TrainConfig, tokens: int) -> int:
     return tokens // cfg.batch_size
 
 
-def _data_identity(stored: dict[str, ShardSet], stream: ModelStream | None) -> list:
-    """What the training data depends on, for the config hash."""
+def data_identity(stored: dict[str, ShardSet], stream: ModelStream | None) -> list:
+    """What the training data depends on, for the config hash (and the benchmarks' peer keys)."""
     data = [[s.manifest.weights_hash, [r.sha256 for r in s.manifest.shards]] for s in stored.values()]
     return data if stream is None else [*data, "model", stream.first_window, stream.forward_batch]
 
@@ -264,7 +264,7 @@ def plan_training(cfg: TrainConfig, sae_cfg: SaeConfig, run: RunDir, source: Mod
                 "dead_tokens": _dead_windows(cfg, sae_cfgs, shards.d_model),
             },
             "saes": [_sae_hashed(c, shards.d_model) for c in sae_cfgs],
-            "data": _data_identity(stored, stream),
+            "data": data_identity(stored, stream),
             **({"init": initial_digest} if initial is not None else {}),
         }
     )
