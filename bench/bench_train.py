@@ -117,6 +117,53 @@ def measure(make, data, heldout, dtype, steps, warmup) -> dict:
     return {"tokens_per_s": tok_s, "fvu": heldout_fvu(finish(), heldout)}
 
 
+def peer_rows(
+    peer_python: str, steps: int, warmup: int, dtypes: tuple[str, ...]
+) -> dict[tuple[str, str], dict]:
+    """The peers' rows {(impl, dtype): row}, measured by peers_train.py in the venv of `peer_python`."""
+    peers = subprocess.run(
+        [
+            peer_python,
+            str(Path(__file__).with_name("peers_train.py")),
+            f"--steps={steps}",
+            f"--warmup={warmup}",
+            f"--dtypes={','.join(dtypes)}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if peers.returncode:
+        print(f"peer benchmark failed:\n{peers.stderr[-2000:]}", file=sys.stderr)
+    # the libraries print notices of their own; the rows are the JSON lines
+    rows = (json.loads(line) for line in peers.stdout.splitlines() if line.startswith("{"))
+    return {(row["impl"], row["dtype"]): row for row in rows}
+
+
+def print_table(
+    results: dict[tuple[str, str], dict], dtypes: tuple[str, ...], steps: int, warmup: int
+) -> None:
+    peaks = {dtype: matmul_peak(getattr(torch, dtype)) for dtype in dtypes}
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    if len(dtypes) == 1:
+        print("bf16 rows left out: this CPU has no native bf16 (pipeline.models.cpu_has_native_bf16)")
+    print(
+        f"TopK d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, Adam, {steps} steps ({steps - warmup} timed)"
+    )
+    print("matmul peak: " + ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items()))
+    width = max(len(impl) for impl, _ in results)
+    for dtype in dtypes:
+        mine = results[("this project", dtype)]["tokens_per_s"]
+        print(f"\n{dtype:{width}} {'tokens/s':>10} {'ours/it':>8} {'% peak':>7} {'held-out FVU':>13}")
+        for (impl, d), row in results.items():
+            if d != dtype:
+                continue
+            peak = row["tokens_per_s"] * ENCODER_FLOP_PER_TOKEN / peaks[dtype]
+            print(
+                f"{impl:{width}} {row['tokens_per_s']:>10,.0f} {mine / row['tokens_per_s']:>8.2f} {100 * peak:>6.0f}% {row['fvu']:>13.3f}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,6 +174,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peer-python", help="python of a venv with sae-lens and eai-sparsify installed")
     args = parser.parse_args()
+    if args.peer_python and not Path(args.peer_python).exists():
+        parser.error(
+            f"--peer-python {args.peer_python} does not exist: `make .bench-venv/bin/python` builds the peers' venv"
+        )
 
     data = synthetic_activations(BATCH * args.steps)
     heldout = synthetic_activations(8192, seed=1)
@@ -143,44 +194,8 @@ def main() -> None:
             partial(ours, architecture=arch), data, heldout, "float32", args.steps, args.warmup
         )
     if args.peer_python:
-        peers = subprocess.run(
-            [
-                args.peer_python,
-                str(Path(__file__).with_name("peers_train.py")),
-                f"--steps={args.steps}",
-                f"--warmup={args.warmup}",
-                f"--dtypes={','.join(dtypes)}",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        for line in peers.stdout.splitlines():
-            if not line.startswith("{"):  # the libraries print notices of their own
-                continue
-            row = json.loads(line)
-            results[(row["impl"], row["dtype"])] = row
-        if peers.returncode:
-            print(f"peer benchmark failed:\n{peers.stderr[-2000:]}", file=sys.stderr)
-
-    peaks = {dtype: matmul_peak(getattr(torch, dtype)) for dtype in dtypes}
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    if len(dtypes) == 1:
-        print("bf16 rows left out: this CPU has no native bf16 (pipeline.models.cpu_has_native_bf16)")
-    print(
-        f"TopK d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, Adam, {args.steps} steps ({args.steps - args.warmup} timed)"
-    )
-    print("matmul peak: " + ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items()))
-    for dtype in dtypes:
-        mine = results[("this project", dtype)]["tokens_per_s"]
-        print(f"\n{dtype:10} {'tokens/s':>10} {'ours/it':>8} {'% peak':>7} {'held-out FVU':>13}")
-        for (impl, d), row in results.items():
-            if d != dtype:
-                continue
-            peak = row["tokens_per_s"] * ENCODER_FLOP_PER_TOKEN / peaks[dtype]
-            print(
-                f"{impl:22} {row['tokens_per_s']:>10,.0f} {mine / row['tokens_per_s']:>8.2f} {100 * peak:>6.0f}% {row['fvu']:>13.3f}"
-            )
+        results.update(peer_rows(args.peer_python, args.steps, args.warmup, dtypes))
+    print_table(results, dtypes, args.steps, args.warmup)
 
 
 if __name__ == "__main__":
