@@ -46,7 +46,7 @@ def _naive_topk_loss(sae, x, dead, k_aux):
     if sae.cfg.aux_rescale:  # to the input's variance: residual / sqrt(FVU)
         residual = residual * (variance / residual.pow(2).sum(1).mean()).sqrt()
     aux = scale * (z_aux @ sae.W_dec - residual).pow(2).sum(1).mean() / variance
-    return loss + sae.cfg.aux_weight() * aux, x_hat
+    return loss + sae.cfg.aux_weight(sae.d_in) * aux, x_hat
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -71,11 +71,21 @@ def test_auxk_uses_twice_k_dead_latents_unless_set():
 
 
 def test_auxk_weight_follows_the_architectures_rule_unless_set():
-    assert SaeConfig(architecture="topk", k=64).aux_weight() == 0.25
-    assert [SaeConfig(architecture="batchtopk", k=k).aux_weight() for k in (8, 16, 32, 64, 128)] == [0.5, 0.5, 0.5, 1.0, 2.0]
-    assert [SaeConfig(architecture="matryoshka_batchtopk", k=k).aux_weight() for k in (8, 16, 31, 32, 64)] == [0.25, 0.25, 0.25, 2.0, 2.0]
-    assert SaeConfig(architecture="batchtopk", k=64, aux_coefficient=0.1).aux_weight() == 0.1
-    assert SaeConfig(architecture="batchtopk", k=64, aux_coefficient=0.0).aux_weight() == 0.0
+    assert SaeConfig(architecture="topk", k=64).aux_weight(576) == 0.25
+    assert [SaeConfig(architecture="batchtopk", k=k).aux_weight(576) for k in (8, 16, 32, 64, 128)] == [0.5, 0.5, 0.5, 1.0, 2.0]
+    assert SaeConfig(architecture="batchtopk", k=64, aux_coefficient=0.1).aux_weight(576) == 0.1
+    assert SaeConfig(architecture="batchtopk", k=64, aux_coefficient=0.0).aux_weight(576) == 0.0
+
+
+def test_matryoshka_auxk_weight_follows_the_expected_firing_rate():
+    def weight(k, expansion=None, d_sae=None):
+        return SaeConfig(architecture="matryoshka_batchtopk", k=k, expansion=expansion or 16, d_sae=d_sae).aux_weight(576)
+
+    # 2 where d_sae / k <= 200 (a latent expected to fire at least once in 200 tokens), else 0.25
+    assert [weight(32, e) for e in (8, 16, 32)] == [2.0, 0.25, 0.25]
+    assert [weight(64, e) for e in (8, 16, 32)] == [2.0, 2.0, 0.25]
+    assert [weight(16, e) for e in (4, 8, 16)] == [2.0, 0.25, 0.25]
+    assert weight(10, d_sae=2000) == 2.0 and weight(10, d_sae=2001) == 0.25  # d_sae, when set, over expansion
 
 
 def test_saved_config_records_the_auxk_weight_it_trained_with(tmp_path):
@@ -152,7 +162,7 @@ def _naive_batch_topk_loss(sae, x, dead, k_aux):
         residual = (x - x_hat).detach()
         residual = residual * (variance / residual.pow(2).sum(1).mean()).sqrt()
         aux = min(int(dead.sum()) / k_aux, 1.0) * (z_aux @ sae.W_dec - residual).pow(2).sum(1).mean() / variance
-        loss = loss + sae.cfg.aux_weight() * aux
+        loss = loss + sae.cfg.aux_weight(sae.d_in) * aux
     return loss, x_hat, z
 
 
@@ -492,7 +502,7 @@ def test_signum_average_weights_step_t_by_t_to_the_power():
             weights.append(t**power * lr * lr)
         opt.eval_params()
         expected = sum(w * zt for w, zt in zip(weights, iterates, strict=True)) / sum(weights)
-        assert float(p) == pytest.approx(expected, abs=1e-6)
+        assert p.item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_signum_resumes_a_checkpoint_from_before_the_weighting():

@@ -99,11 +99,11 @@ class SaeConfig:
         plain_transcoder = _REGISTRY[self.architecture].transcodes and not self.skip
         return d_in // 2 if plain_transcoder else AUX_LATENTS_PER_K * self.k
 
-    def aux_weight(self) -> float:
-        """AuxK's weight: as set, else the architecture's rule in k (`Sae.default_aux_weight`)."""
+    def aux_weight(self, d_in: int) -> float:
+        """AuxK's weight: as set, else the architecture's rule in k and d_sae (`Sae.default_aux_weight`)."""
         if self.aux_coefficient is not None:
             return self.aux_coefficient
-        return _REGISTRY[self.architecture].default_aux_weight(self.k)
+        return _REGISTRY[self.architecture].default_aux_weight(self.k, self.width(d_in))
 
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
@@ -198,7 +198,7 @@ class Sae(nn.Module):
     instead of reconstructing its input."""
 
     @staticmethod
-    def default_aux_weight(k: int) -> float:
+    def default_aux_weight(k: int, d_sae: int) -> float:
         """AuxK's weight where sae.aux_coefficient is null: fixed for TopK, whose dead latents it
         hardly changed at 1.0 (the README's rule table)."""
         return 0.25
@@ -338,7 +338,7 @@ class Sae(nn.Module):
         return {
             "format_version": FORMAT_VERSION,
             **asdict(self.cfg),
-            "aux_coefficient": self.cfg.aux_weight(),
+            "aux_coefficient": self.cfg.aux_weight(self.d_in),
             "d_in": self.d_in,
             "d_sae": self.d_sae,
             "decoder_unit_norm": bool(

@@ -35,7 +35,7 @@ class BatchTopKSae(Sae, architecture="batchtopk"):
     has_threshold = True
 
     @staticmethod
-    def default_aux_weight(k: int) -> float:
+    def default_aux_weight(k: int, d_sae: int) -> float:
         """k / 64, at least 0.5: a larger weight leaves fewer dead and silent latents, at an FVU cost
         that falls with k (none at k 64; the README's rule table)."""
         return max(0.5, k / 64)
