@@ -441,5 +441,5 @@ def test_a_transcoders_latents_are_analyzed_and_act_at_its_output(transcoder_run
     for record in detailed:
         top = record["top"][0]
         x = shards.gather(torch.tensor([top["window"] * ctx + top["position"]])).float()
-        assert top["activation"] == pytest.approx(float(sae.encode(x)[0, record["id"]]), abs=1e-3)
+        assert top["activation"] == pytest.approx(sae.encode(x)[0, record["id"]].item(), abs=1e-3)
         assert all(len(e["loss"]) == len(e["ids"]) for e in _shown(record))
