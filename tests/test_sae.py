@@ -78,8 +78,8 @@ def test_auxk_weight_follows_the_architectures_rule_unless_set():
 
 
 def test_matryoshka_auxk_weight_follows_the_expected_firing_rate():
-    def weight(k, expansion=None, d_sae=None):
-        return SaeConfig(architecture="matryoshka_batchtopk", k=k, expansion=expansion or 16, d_sae=d_sae).aux_weight(576)
+    def weight(k, expansion=16, d_sae=None):
+        return SaeConfig(architecture="matryoshka_batchtopk", k=k, expansion=expansion, d_sae=d_sae).aux_weight(576)
 
     # 2 where d_sae / k <= 200 (a latent expected to fire at least once in 200 tokens), else 0.25
     assert [weight(32, e) for e in (8, 16, 32)] == [2.0, 0.25, 0.25]
