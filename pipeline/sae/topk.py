@@ -89,12 +89,14 @@ class AuxRequest:
     """The dead latents [d_sae] bool, or None: no AuxK this step (none dead, or weight 0)."""
     n_dead: torch.Tensor
     k_aux: int
+    weight: float
+    """AuxK's weight in the loss, resolved once per step."""
 
     @classmethod
     def of(cls, sae: Sae, dead_mask: torch.Tensor) -> AuxRequest:
-        n_dead = dead_mask.sum()
-        use = bool(n_dead > 0) and sae.cfg.aux_weight(sae.d_in) > 0  # one host sync, only to skip work
-        return cls(dead_mask if use else None, n_dead, sae.cfg.aux_latents(sae.d_in))
+        n_dead, weight = dead_mask.sum(), sae.cfg.aux_weight(sae.d_in)
+        use = bool(n_dead > 0) and weight > 0  # one host sync, only to skip work
+        return cls(dead_mask if use else None, n_dead, sae.cfg.aux_latents(sae.d_in), weight)
 
     def add_to(self, loss: torch.Tensor, terms: dict, sae: Sae, target: torch.Tensor, x_hat: torch.Tensor,
                aux_values: torch.Tensor, aux_indices: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, dict]:  # fmt: skip
@@ -103,7 +105,7 @@ class AuxRequest:
             return loss, terms
         e_hat = sparse_decode(aux_values, aux_indices, sae.W_dec)
         aux = auxk_loss(target, x_hat, e_hat, self.n_dead, self.k_aux, variance, sae.cfg.aux_rescale)
-        return loss + sae.cfg.aux_weight(sae.d_in) * aux, {**terms, "auxk": aux.detach()}
+        return loss + self.weight * aux, {**terms, "auxk": aux.detach()}
 
 
 def sparse_train_output(x_hat: torch.Tensor, loss: torch.Tensor, terms: dict, values: torch.Tensor,
