@@ -3,7 +3,7 @@ the data order, the reductions across processes and the held-out metrics. The tr
 (stages/train.py) puts these together; anything else that trains dictionaries can too.
 
 Under `torchrun`, every process takes a slice of each global batch; gradients are averaged and the
-FVU denominator and the fired-latent masks are reduced over all processes, so N processes compute
+FVU denominator and the latents' firing counts are reduced over all processes, so N processes compute
 what one process would (gloo on CPU, NCCL on GPU).
 """
 
@@ -234,13 +234,13 @@ def _average_gradients(sae: Sae, dist: Dist) -> None:
             p.grad.div_(dist.world)
 
 
-def _fired_anywhere(fired: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """A latent fired if it fired in any process' slice of the batch."""
+def _fired_in_batch(fired: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """On how many tokens of the whole batch, all processes' slices, each latent fired [d_sae]."""
     if not dist.enabled:
         return fired
-    fired_int = fired.to(torch.int32)
-    torch_dist.all_reduce(fired_int, op=torch_dist.ReduceOp.MAX)
-    return fired_int.bool()
+    fired = fired.to(torch.int32)
+    torch_dist.all_reduce(fired, op=torch_dist.ReduceOp.SUM)
+    return fired
 
 
 # ---------------------------------------------------------------- data
@@ -380,7 +380,9 @@ def make_step(m: TrainingMember, cfg: TrainConfig, dist: Dist, device: torch.dev
         m.opt.step()
         m.opt.zero_grad(set_to_none=True)
         m.constrain()
-        m.since_fired.add_(cfg.batch_size).masked_fill_(_fired_anywhere(out.fired, dist), 0)
+        fired = _fired_in_batch(out.fired, dist)
+        m.since_fired.add_(cfg.batch_size).masked_fill_(fired > 0, 0)
+        sae.observe_firing(fired, cfg.batch_size)
         m.accumulate(
             {**out.terms, "loss": out.loss.detach(), "l0": out.l0.detach(), "dead": dead.float().mean()}
         )

@@ -51,8 +51,12 @@ def _dead_windows(cfg: TrainConfig, sae_cfgs: list[SaeConfig], d_in: int) -> int
 def _sae_hashed(c: SaeConfig, d_in: int) -> dict:
     """A dictionary's settings in the config hash, with AuxK's weight and k_aux resolved: their
     defaults changed (a fixed 0.25 before the rule in k; d_in / 2 before 2 k), so a dictionary
-    trained under an old one trains again, and one whose setting only moved to the rule does not."""
-    settings = {**_hashed(c, _SAE_HASHED_WHEN_SET), "aux_coefficient": c.aux_weight(d_in)}
+    trained under an old one trains again, and one whose setting only moved to the rule does not.
+    The balanced selection's exponent enters where it is not 0 (added later: 0 is the earlier
+    selection)."""
+    settings = {**_hashed(c, _SAE_HASHED_WHEN_SET, {"balance"}), "aux_coefficient": c.aux_weight(d_in)}
+    if c.balance_exponent(d_in):
+        settings["balance"] = c.balance_exponent(d_in)
     if c.active_per_token() is not None:
         settings["k_aux"] = c.aux_latents(d_in)
     return settings

@@ -20,6 +20,7 @@ def test_roundtrip_restores_weights_optimizer_and_counters(tmp_path, optimizer):
     m.sae.W_enc.sum().backward()
     m.opt.step()
     m.since_fired.fill_(7)
+    m.sae.firing_rate.uniform_()  # BatchTopK's firing rates: training state that resumes too
     save_checkpoint(path, [m], step=5, state={"config_hash": "abc", "scale": 2.0})
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # one file: whole or absent
 

@@ -37,6 +37,7 @@ PAIR = {"base": "a", "other": "b"}
         (TrainConfig, TrainError, "checkpoint_every", -5),
         (SaeConfig, SaeConfigError, "k", 0),
         (SaeConfig, SaeConfigError, "aux_coefficient", -0.5),
+        (SaeConfig, SaeConfigError, "balance", -0.25),
         (SaeConfig, SaeConfigError, "jumprelu_bandwidth", 0.0),
         (EvaluationSettings, EvaluationError, "batch_size", 0),
         (EvaluationSettings, EvaluationError, "holdout_tokens", -1),

@@ -6,6 +6,7 @@ import torch
 from pipeline.metrics import token_variance
 from pipeline.optim import Signum, lr_multiplier
 from pipeline.sae import Sae, SaeConfig, architectures, build_sae
+from pipeline.sae.batchtopk import BALANCE_CLIP
 from pipeline.sae.sparse import (
     CANDIDATES_PER_K,
     GATHER_DEAD_SHARE,
@@ -149,10 +150,13 @@ def test_sparse_kernels_against_dense(device):
 
 
 def _naive_batch_topk_loss(sae, x, dead, k_aux):
-    """Dense reference of BatchTopK / Matryoshka training: dense codes, prefixes and AuxK, autograd."""
+    """Dense reference of BatchTopK / Matryoshka training: dense codes (chosen by ReLU(pre) times the
+    selection weights, where balanced), prefixes and AuxK, autograd."""
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    values, flat = pre.relu().flatten().topk(sae.cfg.k * len(x))
-    z = torch.zeros_like(pre).flatten().scatter(0, flat, values).view_as(pre)
+    weights = sae.selection_weights()
+    scores = pre.relu() if weights is None else pre.relu() * weights
+    flat = scores.flatten().topk(sae.cfg.k * len(x)).indices
+    z = torch.zeros_like(pre).flatten().scatter(0, flat, pre.relu().flatten()[flat]).view_as(pre)
     variance = token_variance(x)
     fvus = [(x - z[:, :w] @ sae.W_dec[:w] - sae.b_dec).pow(2).sum(1).mean() / variance for w in sae.nested_widths()]
     loss, x_hat = torch.stack(fvus).mean(), z @ sae.W_dec + sae.b_dec
@@ -167,10 +171,12 @@ def _naive_batch_topk_loss(sae, x, dead, k_aux):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("balance", [0.0, 0.5])
 @pytest.mark.parametrize("n_dead", [0, 5, 60])
 @pytest.mark.parametrize("arch", BATCH_TOPK)
-def test_sparse_batch_topk_training_matches_dense_reference(arch, n_dead, device):
-    sae = _sae(arch).to(device)
+def test_sparse_batch_topk_training_matches_dense_reference(arch, n_dead, balance, device):
+    sae = _sae(arch, balance=balance).to(device)
+    sae.firing_rate.uniform_(0, 2 * sae.cfg.k / sae.d_sae)  # rates far apart: the weights reorder the choice
     x = torch.randn(64, D_IN, device=device)
     x[3] *= 20  # a token far larger than the others takes more than CANDIDATES_PER_K * k latents
     out, fast, dead = _training_step_gradients(sae, x, n_dead)
@@ -179,7 +185,7 @@ def test_sparse_batch_topk_training_matches_dense_reference(arch, n_dead, device
     assert int((z[3] > 0).sum()) > CANDIDATES_PER_K * sae.cfg.k
     torch.testing.assert_close(out.loss, ref_loss)
     torch.testing.assert_close(out.x_hat, ref_hat)
-    torch.testing.assert_close(out.fired, (z > 0).any(0))
+    torch.testing.assert_close(out.fired, (z > 0).sum(0, dtype=torch.int32))
     torch.testing.assert_close(out.l0, (z > 0).sum(1).float().mean())
     for name, p in sae.named_parameters():
         torch.testing.assert_close(fast[name], p.grad, msg=name, atol=1e-5, rtol=1e-4)
@@ -309,6 +315,73 @@ def test_batchtopk_threshold_is_calibrated_to_k_latents_a_token(arch):
         torch.testing.assert_close(sae.threshold, torch.full_like(sae.threshold, float(torch.stack(smallest).mean())))
         l0 = (sae.encode(torch.randn(8192, D_IN)) > 0).sum(1).float().mean()
     assert abs(float(l0) - 6) < 0.3
+
+
+def test_balanced_thresholds_select_as_the_weighted_batch_selection_does():
+    """With balanced selection each latent's threshold is the calibrated score over its weight: a
+    rarely firing latent fires at a smaller code than a frequent one, and tokens still get k latents."""
+    sae = _sae("batchtopk", balance=0.5)
+    sae.firing_rate.copy_(torch.linspace(0.1, 2.0, sae.d_sae) * sae.cfg.k / sae.d_sae)
+    sample = torch.randn(4096, D_IN)
+    sae.calibrate(sample, batch_size=1024)
+    weights = sae.selection_weights()
+    with torch.no_grad():
+        smallest = [batch_topk(sae.pre_acts(x) * weights, 6)[0].min() for x in sample.split(1024)]
+        torch.testing.assert_close(sae.threshold * weights, torch.full_like(weights, float(torch.stack(smallest).mean())))
+        l0 = (sae.encode(torch.randn(8192, D_IN)) > 0).sum(1).float().mean()
+    assert float(sae.threshold[0]) < float(sae.threshold[-1])  # the rarest latent fires at the smallest code
+    assert abs(float(l0) - 6) < 0.3
+
+
+def test_selection_weights_favour_rare_latents_within_the_clip():
+    sae = _sae("batchtopk", balance=0.25)
+    mean = sae.cfg.k / sae.d_sae
+    sae.firing_rate.fill_(mean)
+    torch.testing.assert_close(sae.selection_weights(), torch.ones(sae.d_sae))  # equal rates: the plain selection
+    sae.firing_rate[:3] = torch.tensor([0.0, mean / 1000, mean / 4])
+    weights = sae.selection_weights()
+    assert float(weights[0]) == float(weights[1]) == pytest.approx(BALANCE_CLIP**0.25, rel=0.01)  # clipped
+    assert 1 < float(weights[2]) < float(weights[1]) and float(weights[3:].max()) < 1
+    assert _sae("batchtopk", balance=0.0).selection_weights() is None
+    assert _sae("matryoshka_batchtopk").selection_weights() is None  # nested: 0 by default
+
+
+def test_firing_rates_follow_the_batches_over_a_horizon_in_firings_not_steps():
+    """Rates move toward each batch's counts; a smaller batch moves them less a step, so that the
+    same tokens move them as far whatever the batch size."""
+    small, large = _sae("batchtopk"), _sae("batchtopk")
+    counts = torch.zeros(small.d_sae, dtype=torch.int32)
+    counts[0] = 1024  # latent 0 fires on every token, the others never
+    for _ in range(8):
+        small.observe_firing(counts // 4, 256)
+    for _ in range(2):
+        large.observe_firing(counts, 1024)
+    torch.testing.assert_close(small.firing_rate, large.firing_rate)
+    assert float(large.firing_rate[0]) > 0.5 and float(large.firing_rate[1:].max()) < 6 / 96
+    for _ in range(200):
+        large.observe_firing(counts, 1024)
+    torch.testing.assert_close(large.firing_rate[0], torch.tensor(1.0))
+
+
+def test_balance_is_for_batch_selection_only():
+    with pytest.raises(ValueError, match=r"sae.balance=0.5 weighs BatchTopK's batch selection, but 'topk'"):
+        SaeConfig(architecture="topk", balance=0.5)
+    assert SaeConfig(architecture="topk", balance=0.0).balance_exponent(576) == 0.0
+    assert SaeConfig(architecture="matryoshka_batchtopk", balance=0.5).balance_exponent(576) == 0.5
+    assert SaeConfig(architecture="matryoshka_batchtopk", k=16, expansion=32).balance_exponent(576) == 0.0
+
+
+def test_batchtopk_balances_where_an_average_latent_fires_rarely():
+    """0.25 where d_sae / k >= 400 (an average latent fires less than once in 400 tokens), else 0."""
+
+    def exponent(k, expansion=16, d_sae=None, balance=None):
+        return SaeConfig(k=k, expansion=expansion, d_sae=d_sae, balance=balance).balance_exponent(576)
+
+    assert [exponent(16, e) for e in (8, 16, 32)] == [0.0, 0.25, 0.25]
+    assert [exponent(32, e) for e in (8, 16, 32)] == [0.0, 0.0, 0.25]
+    assert [exponent(64, e) for e in (8, 16, 32)] == [0.0, 0.0, 0.0]
+    assert exponent(10, d_sae=4000) == 0.25 and exponent(10, d_sae=3999) == 0.0  # d_sae, when set, over expansion
+    assert exponent(64, balance=0.5) == 0.5  # set: as set
 
 
 def test_decoder_constraints():

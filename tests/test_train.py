@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -135,13 +135,18 @@ def test_rerun_skips_finished_training(run_dir, caplog):
 _FAKE_CLOCK = "import itertools, pipeline.stages.train as t; t.time.perf_counter = itertools.count(0, 60).__next__"
 
 
+BALANCED = SaeConfig(architecture="batchtopk", expansion=4, k=4, balance=0.25)
+
+
 @pytest.mark.parametrize(
-    ("schedule", "clock"),
-    [("checkpoint_every=4, checkpoint_minutes=0", ""), ("checkpoint_every=0, checkpoint_minutes=2", _FAKE_CLOCK)],
-    ids=["by-steps", "by-minutes"],
-)
-def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_factory, schedule, clock):
-    """kill -9 at step 10 (after a checkpoint), re-run: the final weights equal an uninterrupted run's."""
+    ("schedule", "clock", "sae"),
+    [("checkpoint_every=4, checkpoint_minutes=0", "", SAE), ("checkpoint_every=0, checkpoint_minutes=2", _FAKE_CLOCK, SAE),
+     ("checkpoint_every=4, checkpoint_minutes=0", "", BALANCED)],
+    ids=["by-steps", "by-minutes", "balanced-batchtopk"],
+)  # fmt: skip
+def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_factory, schedule, clock, sae):
+    """kill -9 at step 10 (after a checkpoint), re-run: the final weights equal an uninterrupted run's
+    (balanced BatchTopK: its firing rates resume too, or the selection and the thresholds differ)."""
     script = textwrap.dedent(f"""
         import sys
         from pipeline.sae import SaeConfig
@@ -151,22 +156,34 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_facto
         {clock}
         cfg = TrainConfig(hook={HOOK!r}, batch_size=128, holdout_tokens=256, epochs=10, lr=3e-3,
                           lr_warmup_steps=2, dead_tokens=512, log_every=5, {schedule}, progress=False)
-        train_saes(cfg, SaeConfig(architecture="topk", expansion=4, k=4), sys.argv[1], WandbConfig(mode="disabled"))
+        train_saes(cfg, SaeConfig(**{asdict(sae)!r}), sys.argv[1], WandbConfig(mode="disabled"))
     """)
     env = {**os.environ, KILL_VARIABLE: "train.step:10"}
     proc = subprocess.run([sys.executable, "-c", script, str(run_dir)], cwd=REPO, env=env, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     (checkpoint,) = _checkpoints(run_dir)
     assert _checkpoint_step(checkpoint) == 8 if clock == "" else 0 < _checkpoint_step(checkpoint) <= 10
-    assert not (run_dir / "sae" / HOOK / "topk-k4-x4" / "sae.safetensors").exists()
+    name = sae.default_name()
+    assert not (run_dir / "sae" / HOOK / name / "sae.safetensors").exists()
 
-    resumed = train_saes(_cfg(checkpoint_every=4), SAE, run_dir, OFF)["topk-k4-x4"]
+    resumed = train_saes(_cfg(checkpoint_every=4), sae, run_dir, OFF)[name]
     assert _checkpoints(run_dir) == []
     fresh_dir = tmp_path_factory.mktemp("fresh")
     make_shard_set(fresh_dir / "activations" / HOOK)
-    fresh = train_saes(_cfg(checkpoint_every=4), SAE, fresh_dir, OFF)["topk-k4-x4"]
+    fresh = train_saes(_cfg(checkpoint_every=4), sae, fresh_dir, OFF)[name]
     for name, tensor in _weights(fresh).items():
         torch.testing.assert_close(_weights(resumed)[name], tensor, msg=name, rtol=0, atol=0)
+
+
+def test_a_balanced_batchtopk_saves_a_threshold_per_latent_and_keeps_k_latents_a_token(run_dir):
+    """The thresholds differ by the latents' firing rates in training (plain BatchTopK: one value);
+    held-out tokens still get about k latents."""
+    balanced = train_saes(_cfg(), BALANCED, run_dir, OFF)[BALANCED.default_name()]
+    plain = train_saes(_cfg(), replace(BALANCED, balance=0.0, name="plain"), run_dir, OFF)["plain"]
+    assert _weights(balanced)["threshold"].unique().numel() > 1
+    assert _weights(plain)["threshold"].unique().numel() == 1
+    metrics = json.loads((balanced / "cfg.json").read_text())
+    assert metrics["balance"] == 0.25 and abs(metrics["metrics"]["l0"] - 4) < 0.6
 
 
 def test_checkpoints_of_other_settings_live_side_by_side(run_dir, monkeypatch, caplog, tmp_path_factory):

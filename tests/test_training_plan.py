@@ -47,6 +47,18 @@ def test_the_auxk_weight_enters_the_config_hash_as_its_value(run):
     assert _hash_of(run, batch) != _hash_of(run, replace(batch, aux_coefficient=0.25))
 
 
+def test_the_balanced_selection_enters_the_config_hash_where_it_is_not_zero(run):
+    """Dictionaries the rule leaves at 0 (the selection before the setting) keep their hash; where it
+    balances, it is hashed as its value, so earlier BatchTopK dictionaries there train again."""
+    assert _hash_of(run, SAE) == _hash_of(run, replace(SAE, balance=0.0))
+    batch = replace(SAE, architecture="batchtopk")  # d_sae / k = 16: the rule gives 0
+    assert _hash_of(run, batch) == _hash_of(run, replace(batch, balance=0.0))
+    assert _hash_of(run, batch) != _hash_of(run, replace(batch, balance=0.25))
+    rare = replace(batch, k=1, d_sae=400)  # d_sae / k = 400: the rule gives 0.25
+    assert _hash_of(run, rare) == _hash_of(run, replace(rare, balance=0.25))
+    assert _hash_of(run, rare) != _hash_of(run, replace(rare, balance=0.0))
+
+
 def test_variants_at_other_hooks_need_the_model_as_source(run):
     with pytest.raises(TrainError, match="need train.source=model"):
         plan_training(_cfg(variants=[{"k": 4}, {"hook": "blocks.2.resid_post"}]), SAE, run)

@@ -58,6 +58,11 @@ class SaeConfig:
     aux_coefficient: float | None = None
     """Weight of the AuxK loss; null = the architecture's rule (`aux_weight`). Gao et al. use 1/32 for
     long runs; short runs need dead latents revived sooner (the README's rule table)."""
+    balance: float | None = None
+    """batchtopk: the exponent a of each latent's selection weight (rate / mean rate)^-a, so that
+    rarely firing latents win places in the batch selection more easily and frequent ones less;
+    inference keeps it as a threshold per latent. null = the architecture's rule (`balance_exponent`);
+    0: Bussmann et al.'s selection by the pre-activation alone."""
     l1_coefficient: float = 5.0
     """relu: weight of sum_i |z_i| * ||W_dec,i|| (with inputs normalized to E||x||^2 = d_in)."""
     l0_coefficient: float = 1.0
@@ -81,8 +86,13 @@ class SaeConfig:
         check_settings(
             self, "sae", SaeConfigError,
             positive=("expansion", "d_in", "d_sae", "k", "k_aux", "jumprelu_bandwidth", "jumprelu_init_threshold"),
-            non_negative=("aux_coefficient", "l1_coefficient", "l0_coefficient"),
+            non_negative=("aux_coefficient", "balance", "l1_coefficient", "l0_coefficient"),
         )  # fmt: skip
+        if self.balance and not _REGISTRY[self.architecture].selects_per_batch:
+            raise SaeConfigError(
+                f"sae.balance={self.balance} weighs BatchTopK's batch selection, but {self.architecture!r} "
+                "selects no codes over the batch; drop it or choose sae=batchtopk"
+            )
         if self.skip and not _REGISTRY[self.architecture].transcodes:
             raise SaeConfigError(
                 f"sae.skip=true adds a skip term to a transcoder, but this is {self.architecture!r}; "
@@ -104,6 +114,13 @@ class SaeConfig:
         if self.aux_coefficient is not None:
             return self.aux_coefficient
         return _REGISTRY[self.architecture].default_aux_weight(self.k, self.width(d_in))
+
+    def balance_exponent(self, d_in: int) -> float:
+        """The selection weight's exponent: as set, else the architecture's rule in k and d_sae
+        (`Sae.default_balance`)."""
+        if self.balance is not None:
+            return self.balance
+        return _REGISTRY[self.architecture].default_balance(self.k, self.width(d_in))
 
     def width(self, d_in: int) -> int:
         return self.d_sae or self.expansion * d_in
@@ -170,7 +187,8 @@ class TrainOutput(NamedTuple):
     terms: dict[str, torch.Tensor]
     """Named loss terms, for logging (detached)."""
     fired: torch.Tensor
-    """Which latents were active anywhere in the batch: bool [d_sae] (for dead-latent tracking)."""
+    """On how many of the batch's tokens each latent was active: int32 [d_sae] (dead-latent tracking,
+    firing rates)."""
     l0: torch.Tensor
     """Mean active latents per token."""
 
@@ -180,7 +198,7 @@ def dense_train_output(
 ) -> TrainOutput:
     """TrainOutput of an architecture that computes dense codes [batch, d_sae]."""
     active = codes > 0
-    return TrainOutput(x_hat, loss, terms, active.any(0), active.sum(1).float().mean())
+    return TrainOutput(x_hat, loss, terms, active.sum(0, dtype=torch.int32), active.sum(1).float().mean())
 
 
 class Sae(nn.Module):
@@ -196,12 +214,20 @@ class Sae(nn.Module):
     transcodes: ClassVar[bool] = False
     """Reads the activations at one hook and predicts those at another (`hook_out` in its metadata)
     instead of reconstructing its input."""
+    selects_per_batch: ClassVar[bool] = False
+    """Training picks the codes over the whole batch (BatchTopK), which `cfg.balance` can weigh."""
 
     @staticmethod
     def default_aux_weight(k: int, d_sae: int) -> float:
         """AuxK's weight where sae.aux_coefficient is null: fixed for TopK, whose dead latents it
         hardly changed at 1.0 (the README's rule table)."""
         return 0.25
+
+    @staticmethod
+    def default_balance(k: int, d_sae: int) -> float:
+        """The balanced selection's exponent where sae.balance is null: 0, the plain selection (only
+        BatchTopK selects over the batch)."""
+        return 0.0
 
     def __init_subclass__(cls, architecture: str, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -256,6 +282,10 @@ class Sae(nn.Module):
         (AuxK revives them); `variance`: mean over all processes' tokens of ||x - mean(x)||^2 (the FVU
         denominator); `sparsity_scale` in [0, 1] warms a sparsity penalty up."""
         raise NotImplementedError
+
+    def observe_firing(self, counts: torch.Tensor, tokens: int) -> None:
+        """After a training step: each latent fired on counts [d_sae] of the batch's `tokens` (all
+        processes'). Nothing here; BatchTopK follows its latents' firing rates."""
 
     # ------------------------------------------------------------ init and constraints
 
@@ -339,6 +369,7 @@ class Sae(nn.Module):
             "format_version": FORMAT_VERSION,
             **asdict(self.cfg),
             "aux_coefficient": self.cfg.aux_weight(self.d_in),
+            "balance": self.cfg.balance_exponent(self.d_in),
             "d_in": self.d_in,
             "d_sae": self.d_sae,
             "decoder_unit_norm": bool(

@@ -36,6 +36,12 @@ def nested_widths(widths: list[int] | None, d_sae: int) -> list[int]:
 
 class MatryoshkaBatchTopKSae(BatchTopKSae, architecture="matryoshka_batchtopk"):
     @staticmethod
+    def default_balance(k: int, d_sae: int) -> float:
+        """0: not measured for nested dictionaries, whose loss asks the first latents to carry the
+        frequent directions; their selection stays Bussmann et al.'s unless sae.balance is set."""
+        return 0.0
+
+    @staticmethod
     def default_aux_weight(k: int, d_sae: int) -> float:
         """2 where a latent is expected to fire at least once in 200 tokens (d_sae / k <= 200: k 32 at
         8x and k 64 at 8x and 16x of a 576-wide model), 0.25 where it fires more rarely. Where it fires

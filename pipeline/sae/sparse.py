@@ -94,11 +94,17 @@ def split_flat(flat: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tens
 
 class _SparseEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, per_batch: bool, dead_mask, k_aux: int):
+    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, per_batch: bool, dead_mask, k_aux: int, select_weights):
         x_c = x - b_dec
         pre = torch.addmm(b_enc, x_c, W_enc)  # [batch, d_sae]
         # per token: [batch, k]; per batch: [batch * k] flat indices (row * d_sae + col), ascending
-        values, indices = batch_topk(pre, k) if per_batch else pre.topk(k, dim=1, sorted=False)
+        if not per_batch:
+            values, indices = pre.topk(k, dim=1, sorted=False)
+        elif select_weights is None:
+            values, indices = batch_topk(pre, k)
+        else:  # chosen by weighted score, coded by pre itself
+            indices = batch_topk(pre * select_weights, k)[1]
+            values = pre.flatten()[indices]
         if dead_mask is not None and k_aux > 0:
             aux_values, aux_indices = dead_topk(pre, dead_mask, k_aux, overwrite=True)  # pre is not needed after
             aux_values = aux_values.clamp_min(0)  # ReLU
@@ -130,7 +136,7 @@ class _SparseEncode(torch.autograd.Function):
             grad_W_enc = (_transposed_csr(rows, cols, grads, (batch, d_sae)) @ x_c).t()  # [d_in, d_sae]
         # x - b_dec feeds every token: d loss / d b_dec = -sum_t G[t] W_enc^T = -W_enc @ colsum(G)
         grad_b_dec = -(W_enc.to(grads.dtype) @ grad_b_enc) if ctx.needs_input_grad[1] else None
-        return None, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None, None
+        return None, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None, None, None
 
 
 def topk_encode(
@@ -142,14 +148,16 @@ def topk_encode(
     dead_mask: torch.Tensor | None = None,
     k_aux: int = 0,
     per_batch: bool = False,
+    select_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest ReLU(pre) per token, and of the k_aux largest dead ones.
 
     x: [batch, d_in] data (no gradient is returned for it); returns [batch, k] and [batch, k_aux].
     per_batch (BatchTopK): the batch * k largest over the whole batch instead, as values and flat
-    indices (token * d_sae + latent, ascending) [batch * k].
+    indices (token * d_sae + latent, ascending) [batch * k]; with select_weights [d_sae], the entries
+    of the largest pre * select_weights (balanced selection), their values still pre.
     """
-    return _SparseEncode.apply(x, b_dec, W_enc, b_enc, k, per_batch, dead_mask, k_aux)
+    return _SparseEncode.apply(x, b_dec, W_enc, b_enc, k, per_batch, dead_mask, k_aux, select_weights)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:

@@ -115,4 +115,4 @@ def sparse_train_output(x_hat: torch.Tensor, loss: torch.Tensor, terms: dict, va
     # counted by index_add, not latents[active]: a boolean-mask gather waits for the GPU every step
     fired = torch.zeros(d_sae, dtype=torch.int32, device=latents.device)
     fired.index_add_(0, latents.flatten(), active.flatten().to(torch.int32))
-    return TrainOutput(x_hat, loss, terms, fired > 0, active.sum().float() / batch)
+    return TrainOutput(x_hat, loss, terms, fired, active.sum().float() / batch)
