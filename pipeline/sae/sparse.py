@@ -102,7 +102,7 @@ class _SparseEncode(torch.autograd.Function):
             values, indices = pre.topk(k, dim=1, sorted=False)
         elif select_weights is None:
             values, indices = batch_topk(pre, k)
-        else:  # chosen by weighted score, coded by pre itself
+        else:  # chosen by weighted score (one more [batch, d_sae] matrix for the search), coded by pre itself
             indices = batch_topk(pre * select_weights, k)[1]
             values = pre.flatten()[indices]
         if dead_mask is not None and k_aux > 0:
