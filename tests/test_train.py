@@ -171,8 +171,8 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(run_dir, tmp_path_facto
     fresh_dir = tmp_path_factory.mktemp("fresh")
     make_shard_set(fresh_dir / "activations" / HOOK)
     fresh = train_saes(_cfg(checkpoint_every=4), sae, fresh_dir, OFF)[name]
-    for name, tensor in _weights(fresh).items():
-        torch.testing.assert_close(_weights(resumed)[name], tensor, msg=name, rtol=0, atol=0)
+    for tensor_name, tensor in _weights(fresh).items():
+        torch.testing.assert_close(_weights(resumed)[tensor_name], tensor, msg=tensor_name, rtol=0, atol=0)
 
 
 def test_a_balanced_batchtopk_saves_a_threshold_per_latent_and_keeps_k_latents_a_token(run_dir):
