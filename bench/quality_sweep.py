@@ -7,7 +7,8 @@ For every k in --ks and expansion in --expansions, at --tokens training tokens:
              default architecture until 2026-11-28)
   ours-alt   the same with the other optimizer (--alt-optimizer)
   ours-btk   the train stage with its defaults (`sae=batchtopk`: the top k * batch codes of the whole
-             batch in training, a fixed threshold set on the final weights at inference)
+             batch in training, balanced by the latents' firing rates where d_sae / k >= 400, and
+             thresholds set on the final weights at inference)
   sparsify   sparsify 1.3's default recipe: SparseCoder, ScheduleFreeWrapper(SignSGD, momentum 0.95)
              at lr 5e-3 / sqrt(d_sae / 2^14), b_dec at the first batch's mean, no AuxK (auxk_alpha 0),
              decoder rows renormalized and their parallel gradient removed every step
