@@ -55,8 +55,8 @@ def _sae_hashed(c: SaeConfig, d_in: int) -> dict:
     The balanced selection's exponent enters where it is not 0 (added later: 0 is the earlier
     selection)."""
     settings = {**_hashed(c, _SAE_HASHED_WHEN_SET, {"balance"}), "aux_coefficient": c.aux_weight(d_in)}
-    if c.balance_exponent(d_in):
-        settings["balance"] = c.balance_exponent(d_in)
+    if balance := c.balance_exponent(d_in):
+        settings["balance"] = balance
     if c.active_per_token() is not None:
         settings["k_aux"] = c.aux_latents(d_in)
     return settings
